@@ -1,0 +1,51 @@
+#!/bin/bash
+# PID 1 of the test VM: mount, load modules, run the scenarios named on the kernel command line
+# (um.scenarios=a,b um.timeout=SECS), report each with a marker line the host parses, power off.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs -o size=90% tmp /tmp
+mount -t tmpfs run /run
+mkdir -p /var/lock /dev/pts && mount -t devpts devpts /dev/pts
+ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
+for m in $(cat /modules.load); do
+    insmod "/lib/modules/$m.ko" || echo "@@WARN insmod $m failed"
+done
+
+arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -n 1; }
+scenarios=$(arg um.scenarios | tr ',' ' ')
+per_timeout=$(arg um.timeout); per_timeout=${per_timeout:-300}
+echo "@@KERNEL $(uname -r) cpus=$(nproc) mem_kb=$(awk '/MemTotal/{print $2}' /proc/meminfo)"
+
+devices() { ls /dev/ublkb* /dev/ublkc* 2>/dev/null | tr '\n' ' '; }
+for s in $scenarios; do
+    echo "@@BEGIN $s"
+    start=$(date +%s)
+    if [ ! -f "/scenarios/$s.sh" ]; then
+        echo "no such scenario: $s"; rc=127
+    else
+        mkdir -p "/tmp/$s"
+        (cd "/tmp/$s" && SCENARIO=$s WORK=/tmp/$s exec timeout -k 10 "$per_timeout" bash /scenarios/$s.sh) 2>&1
+        rc=$?
+        [ $rc -eq 124 ] && echo "scenario timed out after ${per_timeout}s"
+    fi
+    # Nothing may outlive a scenario: daemons and devices left behind are failures.
+    if pkill -x ublk-mirror 2>/dev/null; then
+        echo "scenario left a ublk-mirror daemon running"
+        [ $rc -eq 0 ] && rc=1
+        sleep 2
+    fi
+    left=$(devices)
+    if [ -n "$left" ]; then
+        echo "scenario left ublk devices behind: $left"
+        [ $rc -eq 0 ] && rc=1
+        for c in /dev/ublkc*; do [ -e "$c" ] && ublk-mirror delete --force --dev-id "${c#/dev/ublkc}" >/dev/null 2>&1; done
+    fi
+    rm -rf "/tmp/$s"
+    if [ $rc -eq 0 ]; then r=PASS; else r=FAIL; fi
+    echo "@@RESULT $s $r $(( $(date +%s) - start ))s rc=$rc"
+done
+echo "@@ALLDONE"
+sync
+poweroff -f

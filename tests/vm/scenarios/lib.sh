@@ -1,0 +1,50 @@
+# Helpers sourced by every scenario. A scenario is a bash script that exits 0 on success;
+# it runs in its own empty directory $WORK (tmpfs in the VM) and must stop what it starts.
+set -euo pipefail
+
+log() { echo "[$(date +%T)] $*"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+
+# make_image PATH SIZE: a sparse image (fallocate is much faster than dd under TCG).
+make_image() { rm -f "$1"; fallocate -l "$2" "$1"; }
+
+# start_daemon IMAGE [serve args...]: starts ublk-mirror in the background and waits until the
+# device is live. Sets DEV (/dev/ublkbN), DEV_ID, DAEMON_PID, DAEMON_LOG.
+start_daemon() {
+    local img=$1; shift
+    DAEMON_LOG=$WORK/daemon.$RANDOM.log
+    local fifo=$WORK/ready.$RANDOM
+    mkfifo "$fifo"
+    ublk-mirror serve --image "$img" --ready-fd 3 "$@" 3>"$fifo" >"$DAEMON_LOG.out" 2>"$DAEMON_LOG" &
+    DAEMON_PID=$!
+    local line=""
+    read -r -t 60 line < "$fifo" || true
+    rm -f "$fifo"
+    if [[ $line != READY=1* ]]; then
+        cat "$DAEMON_LOG" >&2
+        fail "daemon did not become ready (got '$line')"
+    fi
+    DEV=${line#*DEVICE=}
+    DEV_ID=${DEV#/dev/ublkb}
+    [ -b "$DEV" ] || fail "$DEV is not a block device"
+    log "daemon $DAEMON_PID serves $DEV"
+}
+
+# stop_daemon [SIGNAL]: signals the daemon, waits, and requires exit 0 and no device left.
+stop_daemon() {
+    local sig=${1:-TERM} rc=0
+    kill -"$sig" "$DAEMON_PID"
+    wait "$DAEMON_PID" || rc=$?
+    [ $rc -eq 0 ] || { cat "$DAEMON_LOG" >&2; fail "daemon exited $rc after SIG$sig"; }
+    [ ! -e "$DEV" ] || fail "$DEV still exists after the daemon exited"
+    [ ! -e "/dev/ublkc$DEV_ID" ] || fail "/dev/ublkc$DEV_ID still exists after the daemon exited"
+    log "daemon stopped cleanly"
+}
+
+# exit_stat NAME: a counter from the daemon's "stats at exit" log line.
+exit_stat() {
+    grep -o "stats at exit: .*" "$DAEMON_LOG" | tr ' ' '\n' | sed -n "s/^$1=//p"
+}
+
+# sysfs_queue ATTR: /sys/block/ublkbN/queue/ATTR of the current device.
+sysfs_queue() { cat "/sys/block/$(basename "$DEV")/queue/$1"; }

@@ -1,0 +1,198 @@
+//! The ublk device's life: add it, describe it to the kernel, serve it, stop it, delete it.
+//!
+//! Order matters for "no orphaned devices": everything that can fail because of user input is
+//! checked before ADD_DEV; after ADD_DEV, the `UblkCtrl` owns the device and deletes it when
+//! dropped, and a graceful stop is STOP_DEV (queues keep serving what is in flight), then the
+//! queue threads end, then DEL_DEV.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::mpsc::Receiver;
+use std::sync::Mutex;
+
+use anyhow::{anyhow, bail, Context, Result};
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::UblkDev;
+use libublk::{sys, UblkError, UblkFlags};
+
+use crate::image::Image;
+use crate::local_leg::IMAGE_FIXED_FD;
+use crate::queue::{run_queue, QueueContext};
+use crate::readiness::Readiness;
+use crate::stats::Snapshot;
+use crate::StopReason;
+
+pub const UBLK_CONTROL: &str = "/dev/ublk-control";
+
+/// How the device is shaped; from the command line.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    /// -1: let the driver pick.
+    pub dev_id: i32,
+    pub queues: u16,
+    pub depth: u16,
+    pub max_io_bytes: u32,
+    pub label: String,
+}
+
+/// Fails with instructions when this kernel has no ublk driver loaded.
+pub fn check_driver() -> Result<()> {
+    if Path::new(UBLK_CONTROL).exists() {
+        return Ok(());
+    }
+    bail!(
+        "the ublk driver is not loaded ({UBLK_CONTROL} is missing): run `modprobe ublk_drv` \
+         (Linux 6.0 or later built with CONFIG_BLK_DEV_UBLK)"
+    )
+}
+
+/// Serves `image` on a new ublk device until a stop is requested on `stop_rx`.
+/// Returns the request counters at exit.
+pub fn serve(
+    image: &Image,
+    cfg: &DeviceConfig,
+    ctx: QueueContext,
+    stop_rx: Receiver<StopReason>,
+    readiness: Readiness,
+) -> Result<Snapshot> {
+    let ctrl = UblkCtrlBuilder::default()
+        .name("ublk-mirror")
+        .id(cfg.dev_id)
+        .nr_queues(cfg.queues)
+        .depth(cfg.depth)
+        .io_buf_bytes(cfg.max_io_bytes)
+        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .build()
+        .map_err(|e| add_dev_error(e, cfg.dev_id))?;
+    let dev_id = ctrl.dev_info().dev_id;
+    log::info!(
+        "added ublk device {dev_id} ({} queues, depth {}, max io {} bytes)",
+        cfg.queues,
+        cfg.depth,
+        cfg.max_io_bytes
+    );
+
+    let stats = ctx.stats.clone();
+    let init = |dev: &mut UblkDev| init_target(dev, image);
+    let queue_fn = move |qid: u16, dev: &UblkDev| run_queue(qid, dev, &ctx);
+    // The device fn runs on this thread once the device is live; it blocks until a stop is
+    // requested and then sends STOP_DEV, which ends the queues and so `run_target`.
+    let stop_rx = Mutex::new(stop_rx);
+    let label = cfg.label.clone();
+    let on_live = move |ctrl: &UblkCtrl| {
+        let bdev = ctrl.get_bdev_path();
+        println!("{bdev}");
+        log::info!("serving {bdev} [{label}]");
+        readiness.ready(&bdev);
+        let reason = match stop_rx.lock() {
+            Ok(rx) => rx.recv().unwrap_or(StopReason::ChannelClosed),
+            Err(_) => StopReason::ChannelClosed,
+        };
+        log::info!("stopping {bdev}: {reason}");
+        readiness.stopping();
+        if let Err(e) = ctrl.kill_dev() {
+            log::error!("STOP_DEV of {bdev} failed: {e}");
+        }
+    };
+    let run = ctrl.run_target(init, queue_fn, on_live);
+
+    if let Err(e) = image.sync() {
+        log::error!("final fdatasync of {} failed: {e}", image.path.display());
+    }
+    let totals = stats.snapshot();
+    // Delete even when run_target failed: an added device must not outlive its daemon.
+    let del = ctrl.del_dev();
+    run.map_err(|e| anyhow!("serving ublk device {dev_id} failed: {e}"))?;
+    del.map_err(|e| anyhow!("DEL_DEV of ublk device {dev_id} failed: {e}"))?;
+    log::info!("ublk device {dev_id} deleted");
+    Ok(totals)
+}
+
+fn add_dev_error(e: UblkError, dev_id: i32) -> anyhow::Error {
+    match e {
+        UblkError::OtherError(errno) if errno == -libc::EEXIST => {
+            anyhow!("ublk device id {dev_id} is already in use; pick another --dev-id or omit it")
+        }
+        UblkError::OtherError(errno) if errno == -libc::EPERM || errno == -libc::EACCES => {
+            anyhow!("not permitted to add a ublk device (need CAP_SYS_ADMIN): errno {}", -errno)
+        }
+        other => anyhow!("adding the ublk device failed: {other}"),
+    }
+}
+
+/// Describes the device to the kernel: size, block sizes, cache and FUA, discard limits.
+fn init_target(dev: &mut UblkDev, image: &Image) -> Result<(), UblkError> {
+    let max_io_bytes = dev.dev_info.max_io_buf_bytes;
+    let tgt = &mut dev.tgt;
+    // Index IMAGE_FIXED_FD in every queue ring's registered files.
+    if tgt.nr_fds as u32 != IMAGE_FIXED_FD {
+        return Err(UblkError::InvalidVal);
+    }
+    tgt.fds[tgt.nr_fds as usize] = image.file.as_raw_fd();
+    tgt.nr_fds += 1;
+    tgt.dev_size = image.size;
+
+    let lbs_shift = image.logical_block.trailing_zeros() as u8;
+    // Discards and write-zeroes are single fallocate calls; 1 GiB bounds one request's latency.
+    let max_zero_sectors: u32 = (1 << 30) >> 9;
+    tgt.params = sys::ublk_params {
+        types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD,
+        basic: sys::ublk_param_basic {
+            // A volatile cache makes the kernel send FLUSH; FUA makes it pass FUA writes
+            // through instead of turning them into write + flush.
+            attrs: sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA,
+            logical_bs_shift: lbs_shift,
+            physical_bs_shift: 12.max(lbs_shift),
+            io_opt_shift: 12.max(lbs_shift),
+            io_min_shift: lbs_shift,
+            max_sectors: max_io_bytes >> 9,
+            dev_sectors: image.size >> 9,
+            ..Default::default()
+        },
+        discard: sys::ublk_param_discard {
+            discard_alignment: 0,
+            discard_granularity: image.logical_block.max(4096),
+            max_discard_sectors: max_zero_sectors,
+            max_write_zeroes_sectors: max_zero_sectors,
+            max_discard_segments: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    dev.set_target_json(serde_json_value(image));
+    Ok(())
+}
+
+/// Exported by libublk in the device's JSON file under /run, for `ublk-mirror delete` and
+/// anyone inspecting a device.
+fn serde_json_value(image: &Image) -> serde_json::Value {
+    serde_json::json!({
+        "image": image.path.display().to_string(),
+        "direct_io": image.direct,
+    })
+}
+
+/// `ublk-mirror delete`: remove a device whose daemon is gone.
+pub fn delete(dev_id: u32, force: bool) -> Result<()> {
+    check_driver()?;
+    let id = i32::try_from(dev_id).context("device id out of range")?;
+    let ctrl = UblkCtrl::new_simple(id).map_err(|e| match e {
+        UblkError::OtherError(errno) if errno == -libc::ENODEV || errno == -libc::ENOENT => {
+            anyhow!("ublk device {dev_id} does not exist")
+        }
+        other => anyhow!("cannot open ublk device {dev_id}: {other}"),
+    })?;
+    let info = ctrl.dev_info();
+    let pid = info.ublksrv_pid;
+    if pid > 0 && Path::new(&format!("/proc/{pid}")).exists() && !force {
+        bail!(
+            "ublk device {dev_id} is still served by pid {pid}; stop that daemon (SIGTERM) \
+             instead, or pass --force to delete it anyway"
+        );
+    }
+    // STOP_DEV first: harmless when the kernel already stopped it, needed when it did not.
+    let _ = ctrl.kill_dev();
+    ctrl.del_dev()
+        .map_err(|e| anyhow!("DEL_DEV of ublk device {dev_id} failed: {e}"))?;
+    Ok(())
+}

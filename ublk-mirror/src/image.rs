@@ -1,0 +1,250 @@
+//! The local raw image: open it once with the right flags, lock it, and learn its geometry.
+//!
+//! Everything that can be wrong with an image is found here, before a ublk device exists, so
+//! that bad input never leaves a device behind.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Whether to bypass the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DirectMode {
+    /// O_DIRECT, or fail.
+    On,
+    /// Buffered I/O through the page cache.
+    Off,
+    /// O_DIRECT when the filesystem allows it, buffered (with a warning) otherwise.
+    Auto,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image {path}: cannot open: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("image {path}: the filesystem refuses O_DIRECT ({source}); use --direct auto or off")]
+    DirectRefused { path: PathBuf, source: io::Error },
+    #[error("image {path}: not a regular file (raw image files only)")]
+    NotRegular { path: PathBuf },
+    #[error("image {path}: is empty (0 bytes); create it first, e.g. `fallocate -l 1G {path}`")]
+    Empty { path: PathBuf },
+    #[error("image {path}: size {size} is not a multiple of the {block}-byte logical block size")]
+    Unaligned { path: PathBuf, size: u64, block: u32 },
+    #[error(
+        "image {path}: locked by another process (another ublk-mirror daemon or nbd-proxy \
+         export holds it); refusing to serve it twice"
+    )]
+    Locked { path: PathBuf },
+    #[error("image {path}: cannot lock: {source}")]
+    Lock { path: PathBuf, source: io::Error },
+    #[error("image {path}: cannot stat: {source}")]
+    Stat { path: PathBuf, source: io::Error },
+}
+
+/// An open, exclusively locked raw image.
+#[derive(Debug)]
+pub struct Image {
+    pub file: File,
+    pub path: PathBuf,
+    pub size: u64,
+    /// O_DIRECT is in effect.
+    pub direct: bool,
+    /// The smallest I/O unit the device may advertise: O_DIRECT's offset alignment, at least 512.
+    pub logical_block: u32,
+}
+
+impl Image {
+    /// Opens `path` read-write and close-on-exec, takes an exclusive OFD lock, and checks that it
+    /// is a usable, non-empty regular file whose size is whole logical blocks.
+    pub fn open(path: &Path, mode: DirectMode) -> Result<Image, ImageError> {
+        let (file, direct) = open_file(path, mode)?;
+        let meta = file.metadata().map_err(|source| ImageError::Stat {
+            path: path.to_owned(),
+            source,
+        })?;
+        if !meta.file_type().is_file() {
+            return Err(ImageError::NotRegular {
+                path: path.to_owned(),
+            });
+        }
+        lock_exclusive(&file).map_err(|source| match source.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => ImageError::Locked {
+                path: path.to_owned(),
+            },
+            _ => ImageError::Lock {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+        let size = meta.len();
+        if size == 0 {
+            return Err(ImageError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        let logical_block = if direct {
+            dio_offset_align(path).max(512)
+        } else {
+            512
+        };
+        if size % u64::from(logical_block) != 0 {
+            return Err(ImageError::Unaligned {
+                path: path.to_owned(),
+                size,
+                block: logical_block,
+            });
+        }
+        Ok(Image {
+            file,
+            path: path.to_owned(),
+            size,
+            direct,
+            logical_block,
+        })
+    }
+
+    /// Makes everything written so far durable; used at shutdown.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+fn open_file(path: &Path, mode: DirectMode) -> Result<(File, bool), ImageError> {
+    let open = |direct: bool| {
+        let mut flags = libc::O_CLOEXEC;
+        if direct {
+            flags |= libc::O_DIRECT;
+        }
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(flags)
+            .open(path)
+    };
+    let open_err = |source| ImageError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    match mode {
+        DirectMode::Off => open(false).map(|f| (f, false)).map_err(open_err),
+        DirectMode::On => match open(true) {
+            Ok(f) => Ok((f, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(ImageError::DirectRefused {
+                path: path.to_owned(),
+                source: e,
+            }),
+            Err(e) => Err(open_err(e)),
+        },
+        DirectMode::Auto => match open(true) {
+            Ok(f) => Ok((f, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                log::warn!(
+                    "image {}: the filesystem refuses O_DIRECT; falling back to buffered I/O \
+                     (slower, and the page cache holds a second copy of the data)",
+                    path.display()
+                );
+                open(false).map(|f| (f, false)).map_err(open_err)
+            }
+            Err(e) => Err(open_err(e)),
+        },
+    }
+}
+
+/// An open-file-description lock belongs to this open file, not to the process: it is released
+/// when the fd is closed and it conflicts with every other open of the image, in this process
+/// or another (a POSIX record lock would not conflict within one process).
+fn lock_exclusive(file: &File) -> io::Result<()> {
+    // SAFETY: flock is plain old data; all-zero is a valid value that we then fill in.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock.l_start = 0;
+    lock.l_len = 0; // the whole file, however it grows
+    const F_OFD_SETLK: libc::c_int = 37;
+    // SAFETY: the fd is open for the duration of the call and `lock` is a valid flock.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), F_OFD_SETLK, &lock) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// O_DIRECT's required file-offset alignment, from statx(STATX_DIOALIGN); 0 when the kernel or
+/// filesystem does not say (then 512 is the conventional safe answer).
+fn dio_offset_align(path: &Path) -> u32 {
+    let Ok(cpath) = CString::new(path.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: statx is plain old data; all-zero is valid and the kernel fills it in.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: cpath is a valid NUL-terminated string and stx a valid, writable statx buffer.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            cpath.as_ptr(),
+            0,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return 0;
+    }
+    stx.stx_dio_offset_align
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn image_of(len: usize) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("tempfile");
+        f.write_all(&vec![0u8; len]).expect("write");
+        f
+    }
+
+    #[test]
+    fn opens_and_measures_a_good_image() {
+        let f = image_of(1 << 20);
+        let img = Image::open(f.path(), DirectMode::Auto).expect("open");
+        assert_eq!(img.size, 1 << 20);
+        assert!(img.logical_block >= 512 && img.logical_block.is_power_of_two());
+    }
+
+    #[test]
+    fn refuses_empty_and_unaligned_images() {
+        let empty = image_of(0);
+        assert!(matches!(
+            Image::open(empty.path(), DirectMode::Off),
+            Err(ImageError::Empty { .. })
+        ));
+        let odd = image_of(1000);
+        assert!(matches!(
+            Image::open(odd.path(), DirectMode::Off),
+            Err(ImageError::Unaligned { size: 1000, .. })
+        ));
+    }
+
+    #[test]
+    fn second_open_of_a_locked_image_is_refused() {
+        let f = image_of(4096);
+        let first = Image::open(f.path(), DirectMode::Off).expect("first open");
+        let second = Image::open(f.path(), DirectMode::Off);
+        assert!(matches!(second, Err(ImageError::Locked { .. })), "{second:?}");
+        drop(first);
+        Image::open(f.path(), DirectMode::Off).expect("lock released with the fd");
+    }
+
+    #[test]
+    fn missing_image_names_the_path() {
+        let err = Image::open(Path::new("/nonexistent/x.img"), DirectMode::Auto)
+            .expect_err("missing image must fail");
+        assert!(err.to_string().contains("/nonexistent/x.img"), "{err}");
+    }
+}

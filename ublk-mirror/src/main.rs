@@ -1,0 +1,237 @@
+//! `ublk-mirror`: serve a raw image as /dev/ublkbN (and, during a migration, mirror its writes
+//! to an NBD target).
+//!
+//! Reading order for the data path: `queue.rs` (one tag's request loop) -> `request.rs` (the
+//! typed request) -> `local_leg.rs` (the image I/O) -> back to `queue.rs` for the completion.
+//! `device.rs` is the device's life around it.
+
+mod device;
+mod error;
+mod image;
+mod local_leg;
+mod queue;
+mod readiness;
+mod request;
+mod stats;
+
+use std::io::Write;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::device::DeviceConfig;
+use crate::image::{DirectMode, Image};
+use crate::queue::QueueContext;
+use crate::readiness::Readiness;
+use crate::stats::Stats;
+
+#[derive(Parser)]
+#[command(
+    name = "ublk-mirror",
+    version,
+    about = "Serve a raw disk image as a Linux ublk block device (/dev/ublkbN)",
+    long_about = "Serve a raw disk image as a Linux ublk block device (/dev/ublkbN), one daemon \
+                  per virtual disk. Every request is served from the local image with io_uring.\n\n\
+                  Logging: RUST_LOG=debug|info|warn (default info), to stderr."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create /dev/ublkbN backed by IMAGE and serve it until SIGTERM/SIGINT.
+    ///
+    /// Prints the device path on stdout once the device is live. On SIGTERM or SIGINT the device
+    /// is stopped (requests in flight complete), the image is fdatasync'ed and the device is
+    /// deleted; the exit status is 0.
+    Serve(ServeArgs),
+    /// Delete a ublk device whose daemon is gone (e.g. after a crash).
+    Delete {
+        /// Device id N of /dev/ublkbN.
+        #[arg(long)]
+        dev_id: u32,
+        /// Delete even if the daemon that serves it is still running.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Raw image file to serve (size must be a multiple of 512 bytes).
+    #[arg(long)]
+    image: PathBuf,
+    /// Device id N for /dev/ublkbN; the driver picks a free one if omitted.
+    #[arg(long)]
+    dev_id: Option<u32>,
+    /// Number of hardware queues, each served by its own thread and io_uring.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=32))]
+    queues: u16,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    depth: u16,
+    /// Largest request in bytes (the kernel splits larger ones); a multiple of 4096.
+    #[arg(long, default_value_t = 512 * 1024)]
+    max_io: u32,
+    /// O_DIRECT on the image: on, off, or auto (on if the filesystem allows it).
+    #[arg(long, value_enum, default_value_t = DirectMode::Auto)]
+    direct: DirectMode,
+    /// Free text (e.g. the VM and disk uuid) shown in every log line.
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Write "READY=1 DEVICE=/dev/ublkbN" to this inherited fd, then close it, once live.
+    #[arg(long)]
+    ready_fd: Option<RawFd>,
+    /// Control socket path (control plane: not implemented yet; accepted so scripts can be
+    /// written against the final interface, and refused if given).
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+/// Why the device is being stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Signal(i32),
+    QueueFailed(u16),
+    ChannelClosed,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Signal(libc::SIGTERM) => write!(f, "SIGTERM"),
+            StopReason::Signal(libc::SIGINT) => write!(f, "SIGINT"),
+            StopReason::Signal(s) => write!(f, "signal {s}"),
+            StopReason::QueueFailed(q) => write!(f, "queue {q} failed"),
+            StopReason::ChannelClosed => write!(f, "stop channel closed"),
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let label = match &cli.command {
+        Command::Serve(a) => a.label.clone(),
+        Command::Delete { .. } => String::new(),
+    };
+    init_logging(&label);
+    let res = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Delete { dev_id, force } => device::delete(dev_id, force).map(|()| {
+            println!("deleted ublk device {dev_id}");
+        }),
+    };
+    if let Err(e) = res {
+        log::error!("{e:#}");
+        eprintln!("ublk-mirror: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(label: &str) {
+    let tag = if label.is_empty() {
+        format!("ublk-mirror[{}]", std::process::id())
+    } else {
+        format!("ublk-mirror[{}][{label}]", std::process::id())
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(move |buf, record| {
+            writeln!(
+                buf,
+                "{} {} {tag}: {}",
+                buf.timestamp_millis(),
+                record.level(),
+                record.args()
+            )
+        })
+        .init();
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    if let Some(sock) = &args.control {
+        anyhow::bail!(
+            "--control {}: the control socket is not implemented yet",
+            sock.display()
+        );
+    }
+    if args.max_io % 4096 != 0 || args.max_io == 0 || args.max_io > (8 << 20) {
+        anyhow::bail!(
+            "--max-io {}: must be a multiple of 4096, at most 8 MiB",
+            args.max_io
+        );
+    }
+    let image = Image::open(&args.image, args.direct)?;
+    log::info!(
+        "image {}: {} bytes, {} I/O, logical block {}",
+        image.path.display(),
+        image.size,
+        if image.direct { "direct" } else { "buffered" },
+        image.logical_block
+    );
+    device::check_driver()?;
+    let readiness = Readiness::new(args.ready_fd)?;
+    private_mount_namespace();
+
+    let (stop_tx, stop_rx) = mpsc::channel();
+    forward_signals(stop_tx.clone())?;
+    let stats = Stats::new(usize::from(args.queues));
+    let cfg = DeviceConfig {
+        dev_id: args.dev_id.map_or(-1, |id| id as i32),
+        queues: args.queues,
+        depth: args.depth,
+        max_io_bytes: args.max_io,
+        label: args.label,
+    };
+    let ctx = QueueContext {
+        stats,
+        stop: stop_tx,
+    };
+    let totals = device::serve(&image, &cfg, ctx, stop_rx, readiness)?;
+    log::info!("stats at exit: {totals}");
+    Ok(())
+}
+
+/// SIGTERM and SIGINT become a stop request; handled on a thread, never in a signal handler.
+fn forward_signals(stop: mpsc::Sender<StopReason>) -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+        .context("installing SIGTERM/SIGINT handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if stop.send(StopReason::Signal(sig)).is_err() {
+                    return;
+                }
+            }
+        })
+        .context("spawning the signal thread")?;
+    Ok(())
+}
+
+/// A process that has /dev/ublkbN mounted in our mount namespace can deadlock our exit (an
+/// unmount there waits for I/O only we could serve). A private namespace keeps other mounts out.
+fn private_mount_namespace() {
+    // SAFETY: unshare and mount take no pointers we own beyond the NUL-terminated literals.
+    let ok = unsafe {
+        libc::unshare(libc::CLONE_NEWNS) == 0
+            && libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) == 0
+    };
+    if !ok {
+        log::warn!(
+            "cannot enter a private mount namespace ({}); do not mount this daemon's device \
+             in its own namespace",
+            std::io::Error::last_os_error()
+        );
+    }
+}
