@@ -8,6 +8,7 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs -o size=90% tmp /tmp
 mount -t tmpfs run /run
 mkdir -p /var/lock /dev/pts && mount -t devpts devpts /dev/pts
+ln -s /proc/self/fd /dev/fd
 ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up
 for m in $(cat /modules.load); do
     insmod "/lib/modules/$m.ko" || echo "@@WARN insmod $m failed"

@@ -55,6 +55,9 @@ pub fn serve(
     stop_rx: Receiver<StopReason>,
     readiness: Readiness,
 ) -> Result<Snapshot> {
+    if cfg.dev_id >= 0 {
+        check_id_free(cfg.dev_id)?;
+    }
     let ctrl = UblkCtrlBuilder::default()
         .name("ublk-mirror")
         .id(cfg.dev_id)
@@ -108,13 +111,29 @@ pub fn serve(
     Ok(totals)
 }
 
+/// Refuses an explicit device id that already exists, *before* ADD_DEV.
+///
+/// This is not only for a nicer message: when ADD_DEV fails, libublk 0.4.8 drops its
+/// half-built control object, whose destructor sends DEL_DEV for the requested id, which
+/// deletes the other daemon's live device. The check leaves a window between it and ADD_DEV
+/// (two daemons started at once with the same id); orchestrators should not race on ids.
+fn check_id_free(dev_id: i32) -> Result<()> {
+    if Path::new(&format!("/sys/class/ublk-char/ublkc{dev_id}")).exists() {
+        bail!("ublk device id {dev_id} is already in use; pick another --dev-id or omit it");
+    }
+    Ok(())
+}
+
 fn add_dev_error(e: UblkError, dev_id: i32) -> anyhow::Error {
     match e {
         UblkError::OtherError(errno) if errno == -libc::EEXIST => {
             anyhow!("ublk device id {dev_id} is already in use; pick another --dev-id or omit it")
         }
         UblkError::OtherError(errno) if errno == -libc::EPERM || errno == -libc::EACCES => {
-            anyhow!("not permitted to add a ublk device (need CAP_SYS_ADMIN): errno {}", -errno)
+            anyhow!(
+                "not permitted to add a ublk device (need CAP_SYS_ADMIN): errno {}",
+                -errno
+            )
         }
         other => anyhow!("adding the ublk device failed: {other}"),
     }

@@ -24,24 +24,28 @@ pub enum DirectMode {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("image {path}: cannot open: {source}")]
+    #[error("image {path}: cannot open")]
     Open { path: PathBuf, source: io::Error },
-    #[error("image {path}: the filesystem refuses O_DIRECT ({source}); use --direct auto or off")]
+    #[error("image {path}: the filesystem refuses O_DIRECT; use --direct auto or off")]
     DirectRefused { path: PathBuf, source: io::Error },
     #[error("image {path}: not a regular file (raw image files only)")]
     NotRegular { path: PathBuf },
     #[error("image {path}: is empty (0 bytes); create it first, e.g. `fallocate -l 1G {path}`")]
     Empty { path: PathBuf },
     #[error("image {path}: size {size} is not a multiple of the {block}-byte logical block size")]
-    Unaligned { path: PathBuf, size: u64, block: u32 },
+    Unaligned {
+        path: PathBuf,
+        size: u64,
+        block: u32,
+    },
     #[error(
         "image {path}: locked by another process (another ublk-mirror daemon or nbd-proxy \
          export holds it); refusing to serve it twice"
     )]
     Locked { path: PathBuf },
-    #[error("image {path}: cannot lock: {source}")]
+    #[error("image {path}: cannot lock")]
     Lock { path: PathBuf, source: io::Error },
-    #[error("image {path}: cannot stat: {source}")]
+    #[error("image {path}: cannot stat")]
     Stat { path: PathBuf, source: io::Error },
 }
 
@@ -236,7 +240,10 @@ mod tests {
         let f = image_of(4096);
         let first = Image::open(f.path(), DirectMode::Off).expect("first open");
         let second = Image::open(f.path(), DirectMode::Off);
-        assert!(matches!(second, Err(ImageError::Locked { .. })), "{second:?}");
+        assert!(
+            matches!(second, Err(ImageError::Locked { .. })),
+            "{second:?}"
+        );
         drop(first);
         Image::open(f.path(), DirectMode::Off).expect("lock released with the fd");
     }

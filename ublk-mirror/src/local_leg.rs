@@ -80,9 +80,12 @@ impl LocalLeg {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &buf[done..];
-            let mut op =
-                opcode::Write::new(types::Fixed(IMAGE_FIXED_FD), rest.as_ptr(), len_u32(rest.len()))
-                    .offset(offset + done as u64);
+            let mut op = opcode::Write::new(
+                types::Fixed(IMAGE_FIXED_FD),
+                rest.as_ptr(),
+                len_u32(rest.len()),
+            )
+            .offset(offset + done as u64);
             if fua {
                 op = op.rw_flags(libc::RWF_DSYNC);
             }

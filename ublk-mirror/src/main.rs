@@ -127,7 +127,6 @@ fn main() {
         }),
     };
     if let Err(e) = res {
-        log::error!("{e:#}");
         eprintln!("ublk-mirror: error: {e:#}");
         std::process::exit(1);
     }

@@ -154,7 +154,13 @@ mod tests {
             true,
         );
         stats.queue(1).record(&Request::Flush, true);
-        stats.queue(1).record(&Request::Read { offset: 0, len: 512 }, false);
+        stats.queue(1).record(
+            &Request::Read {
+                offset: 0,
+                len: 512,
+            },
+            false,
+        );
         let s = stats.snapshot();
         assert_eq!((s.writes, s.write_bytes, s.fua_writes), (1, 4096, 1));
         assert_eq!((s.flushes, s.reads, s.errors), (1, 0, 1));

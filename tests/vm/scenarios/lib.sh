@@ -1,6 +1,8 @@
 # Helpers sourced by every scenario. A scenario is a bash script that exits 0 on success;
 # it runs in its own empty directory $WORK (tmpfs in the VM) and must stop what it starts.
 set -euo pipefail
+# A command failing under set -e names itself, so no scenario fails silently.
+trap 'echo "FAIL: ${BASH_SOURCE[0]##*/}:$LINENO: \`$BASH_COMMAND\` exited $?" >&2' ERR
 
 log() { echo "[$(date +%T)] $*"; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
