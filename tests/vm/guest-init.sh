@@ -1,7 +1,7 @@
 #!/bin/bash
 # PID 1 of the test VM: mount, load modules, run the scenarios named on the kernel command line
 # (um.scenarios=a,b um.timeout=SECS), report each with a marker line the host parses, power off.
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+export PATH=/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev

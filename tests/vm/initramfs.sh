@@ -18,12 +18,13 @@ for applet in $("$root/bin/busybox" --list); do
     [ -e "$root/bin/$applet" ] || ln -s busybox "$root/bin/$applet"
 done
 
-# Copy an ELF (or any file) and, for ELFs, every library ldd names, keeping their paths.
+# Copy an ELF (or any file) to the same path in the guest, or to DEST, and for ELFs every
+# library ldd names, keeping their paths.
 add_file() {
-    local f=$1
-    [ -e "$root$f" ] && return
-    mkdir -p "$root$(dirname "$f")"
-    cp -L "$f" "$root$f"
+    local f=$1 dest=${2:-$1}
+    [ -e "$root$dest" ] && return
+    mkdir -p "$root$(dirname "$dest")"
+    cp -L "$f" "$root$dest"
     if file_is_elf "$f"; then
         ldd "$f" 2>/dev/null | awk '/=> \//{print $3} /^\t\/lib/{print $1}' | while read -r lib; do
             [ -e "$root$lib" ] || { mkdir -p "$root$(dirname "$lib")"; cp -L "$lib" "$root$lib"; }
@@ -76,11 +77,12 @@ while read -r m; do
     [ -n "$m" ] && add_module "$m"
 done < "$here/guest-modules.txt"
 
-# The project's binaries (release build), scenarios and init.
-for b in "$repo"/target/release/ublk-mirror "$repo"/target/release/nbd-proxy "$repo"/target/release/ublk-mirror-ctl; do
-    [ -x "$b" ] && add_file "$b" && ln -sf "$b" "$root/bin/$(basename "$b")"
-done
+# The project's binaries (release build) in /usr/local/bin: never under their host path, which
+# may be below /tmp, where the guest mounts a tmpfs.
 [ -x "$repo/target/release/ublk-mirror" ] || { echo "initramfs.sh: build first: cargo build --release" >&2; exit 1; }
+for b in ublk-mirror nbd-proxy ublk-mirror-ctl; do
+    [ -x "$repo/target/release/$b" ] && add_file "$repo/target/release/$b" "/usr/local/bin/$b"
+done
 cp "$here"/scenarios/*.sh "$root/scenarios/"
 cp "$here/guest-init.sh" "$root/init"
 chmod +x "$root/init"
