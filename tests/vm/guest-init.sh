@@ -20,6 +20,12 @@ per_timeout=$(arg um.timeout); per_timeout=${per_timeout:-300}
 echo "@@KERNEL $(uname -r) cpus=$(nproc) mem_kb=$(awk '/MemTotal/{print $2}' /proc/meminfo)"
 
 devices() { ls /dev/ublkb* /dev/ublkc* 2>/dev/null | tr '\n' ' '; }
+daemons() {
+    local p
+    for p in /proc/[0-9]*; do
+        [ "$(readlink "$p/exe" 2>/dev/null)" = /usr/local/bin/ublk-mirror ] && echo -n "${p#/proc/} "
+    done
+}
 for s in $scenarios; do
     echo "@@BEGIN $s"
     start=$(date +%s)
@@ -32,16 +38,21 @@ for s in $scenarios; do
         [ $rc -eq 124 ] && echo "scenario timed out after ${per_timeout}s"
     fi
     # Nothing may outlive a scenario: daemons and devices left behind are failures.
-    if pkill -x ublk-mirror 2>/dev/null; then
-        echo "scenario left a ublk-mirror daemon running"
+    left_pids=$(daemons)
+    if [ -n "$left_pids" ]; then
+        echo "scenario left ublk-mirror daemons running: $left_pids"
         [ $rc -eq 0 ] && rc=1
-        sleep 2
+        kill -TERM $left_pids 2>/dev/null
+        for _ in $(seq 20); do [ -z "$(daemons)" ] && break; sleep 0.5; done
+        [ -n "$(daemons)" ] && kill -KILL $(daemons) 2>/dev/null
     fi
     left=$(devices)
     if [ -n "$left" ]; then
         echo "scenario left ublk devices behind: $left"
         [ $rc -eq 0 ] && rc=1
-        for c in /dev/ublkc*; do [ -e "$c" ] && ublk-mirror delete --force --dev-id "${c#/dev/ublkc}" >/dev/null 2>&1; done
+        for c in /dev/ublkc*; do
+            [ -e "$c" ] && timeout 30 ublk-mirror delete --force --dev-id "${c#/dev/ublkc}" >/dev/null 2>&1
+        done
     fi
     rm -rf "/tmp/$s"
     if [ $rc -eq 0 ]; then r=PASS; else r=FAIL; fi

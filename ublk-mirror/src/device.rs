@@ -104,7 +104,11 @@ pub fn serve(
     }
     let totals = stats.snapshot();
     // Delete even when run_target failed: an added device must not outlive its daemon.
-    let del = ctrl.del_dev();
+    let del = match ctrl.del_dev() {
+        // Someone else (`ublk-mirror delete --force`) deleted it first: the goal is met.
+        Err(UblkError::OtherError(e)) if e == -libc::ENODEV || e == -libc::ENOENT => Ok(0),
+        other => other,
+    };
     run.map_err(|e| anyhow!("serving ublk device {dev_id} failed: {e}"))?;
     del.map_err(|e| anyhow!("DEL_DEV of ublk device {dev_id} failed: {e}"))?;
     log::info!("ublk device {dev_id} deleted");

@@ -98,6 +98,8 @@ struct ServeArgs {
 pub enum StopReason {
     Signal(i32),
     QueueFailed(u16),
+    /// A queue ended without a stop request: the device was stopped from outside.
+    QueueStopped(u16),
     ChannelClosed,
 }
 
@@ -108,6 +110,12 @@ impl std::fmt::Display for StopReason {
             StopReason::Signal(libc::SIGINT) => write!(f, "SIGINT"),
             StopReason::Signal(s) => write!(f, "signal {s}"),
             StopReason::QueueFailed(q) => write!(f, "queue {q} failed"),
+            StopReason::QueueStopped(q) => {
+                write!(
+                    f,
+                    "queue {q} stopped (device stopped from outside the daemon)"
+                )
+            }
             StopReason::ChannelClosed => write!(f, "stop channel closed"),
         }
     }

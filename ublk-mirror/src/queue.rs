@@ -73,7 +73,10 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
             let _ = ctx.stop.send(StopReason::QueueFailed(qid));
         }
     }));
+    // Whoever stopped the device (us, or STOP_DEV from another process such as `ublk-mirror
+    // delete --force`), the daemon must follow: it holds the char device until it exits.
     log::debug!("queue {qid}: stopped");
+    let _ = ctx.stop.send(StopReason::QueueStopped(qid));
 }
 
 /// One tag's loop. Returns `Err(QueueIsDown)` when the device stops, which is the normal end.

@@ -41,3 +41,14 @@ stop_daemon
 rc=0; ublk-mirror delete --dev-id 77 2> "$WORK/err" || rc=$?
 [ $rc -ne 0 ] || fail "delete of a missing device succeeded"
 log "delete of a missing device: $(cat "$WORK/err")"
+
+# delete --force under a live daemon: the device goes, and the daemon notices and exits
+# instead of holding the char device forever (which would hang DEL_DEV).
+start_daemon "$WORK/good.img"
+timeout 30 ublk-mirror delete --force --dev-id "$DEV_ID" || fail "delete --force of a live device failed or hung"
+for _ in $(seq 60); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.5; done
+kill -0 "$DAEMON_PID" 2>/dev/null && fail "daemon still running after its device was deleted"
+wait "$DAEMON_PID" || true
+grep -q "stopped from outside" "$DAEMON_LOG" || { cat "$DAEMON_LOG"; fail "daemon did not say why it stopped"; }
+[ ! -e "$DEV" ] && [ ! -e "/dev/ublkc$DEV_ID" ] || fail "device left after delete --force"
+log "delete --force of a live device: daemon exited, device gone"
