@@ -1,5 +1,13 @@
-//! NBD protocol, server and connect-and-hand-off.
+//! NBD for ublk-mirror: the protocol (NetworkBlockDevice `doc/proto.md`), a client, and (with
+//! the `server` feature) the server behind `nbd-proxy serve`.
 //!
-//! Not implemented yet: this crate is a placeholder in the workspace layout. The protocol library,
-//! `nbd-proxy serve` and `nbd-proxy connect` are tracked by the NBD issue. It deliberately exports
-//! nothing, so no code can come to depend on a half-built protocol.
+//! - [`proto`]: the wire format, without I/O; every decoder validates and returns typed errors.
+//! - [`client`]: the handshake over any blocking stream, and a pipelined connection.
+//! - [`address`]: `tcp:HOST:PORT` and `unix:PATH` endpoints.
+//! - `server`: exports image files to many concurrent, pipelined clients.
+
+pub mod address;
+pub mod client;
+pub mod proto;
+#[cfg(feature = "server")]
+pub mod server;

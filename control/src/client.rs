@@ -1,0 +1,105 @@
+//! The orchestrator's side: connect to a daemon's control socket and send requests.
+
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::BorrowedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use crate::protocol::{Command, NegotiatedNbd, Reply, Request, MAX_FD_NAME, MAX_LINE, VERSION};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("control socket {path}: {source}")]
+    Connect { path: String, source: io::Error },
+    #[error("control socket I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("the daemon closed the control connection without replying")]
+    Closed,
+    #[error("malformed reply from the daemon: {0}")]
+    BadReply(String),
+    #[error("the daemon refused: {message} ({code})")]
+    Refused { code: String, message: String },
+    #[error("invalid request: {0}")]
+    Invalid(&'static str),
+}
+
+pub struct Client {
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+    next_id: u64,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Client {
+            stream,
+            reader,
+            next_id: 1,
+        })
+    }
+
+    /// Passes `fd` under `name`: the line and the fd go in one sendmsg, so the daemon binds
+    /// the fd to exactly this request.
+    pub fn pass_fd(
+        &mut self,
+        name: &str,
+        fd: BorrowedFd<'_>,
+        nbd: Option<NegotiatedNbd>,
+    ) -> Result<serde_json::Value, ClientError> {
+        if name.is_empty() || name.len() > MAX_FD_NAME {
+            return Err(ClientError::Invalid("fd names are 1 to 64 bytes"));
+        }
+        let line = self.encode(Command::PassFd {
+            name: name.to_owned(),
+            nbd,
+        })?;
+        crate::fdpass::send_with_fd(&self.stream, line.as_bytes(), fd)?;
+        self.read_reply()
+    }
+
+    fn encode(&mut self, command: Command) -> Result<String, ClientError> {
+        let req = Request {
+            v: VERSION,
+            id: self.next_id,
+            command,
+        };
+        self.next_id += 1;
+        let mut line =
+            serde_json::to_string(&req).map_err(|e| ClientError::BadReply(e.to_string()))?;
+        line.push('\n');
+        if line.len() > MAX_LINE {
+            return Err(ClientError::Invalid("request longer than the line limit"));
+        }
+        Ok(line)
+    }
+
+    fn read_reply(&mut self) -> Result<serde_json::Value, ClientError> {
+        let mut line = String::new();
+        let n = (&mut self.reader)
+            .take(MAX_LINE as u64)
+            .read_line(&mut line)?;
+        if n == 0 {
+            return Err(ClientError::Closed);
+        }
+        let reply: Reply = serde_json::from_str(line.trim_end())
+            .map_err(|e| ClientError::BadReply(e.to_string()))?;
+        if reply.ok {
+            Ok(reply.result.unwrap_or(serde_json::Value::Null))
+        } else {
+            let e = reply.error.unwrap_or(crate::protocol::ErrorBody {
+                code: "unknown".into(),
+                message: "no error body".into(),
+            });
+            Err(ClientError::Refused {
+                code: e.code,
+                message: e.message,
+            })
+        }
+    }
+}

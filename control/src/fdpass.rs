@@ -1,0 +1,113 @@
+//! Passing one fd with a message over a Unix stream socket (SCM_RIGHTS), exactly.
+//!
+//! A stream has no message boundaries, so the rules are: the sender sends a request line and
+//! its fd in one sendmsg; the receiver always reads with recvmsg with room for exactly one fd
+//! (close-on-exec), and learns from each read whether an fd came with it and whether the
+//! control data was truncated (then any fd is closed and the request rejected).
+
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+/// One sendmsg carrying `data` and one fd as SCM_RIGHTS.
+pub fn send_with_fd(sock: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
+    let raw = fd.as_raw_fd();
+    // SAFETY: CMSG_SPACE is a pure computation on a constant size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    // u64 storage keeps the control buffer aligned for cmsghdr.
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero is valid and filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` bytes we own, enough for one cmsghdr with one int,
+    // so CMSG_FIRSTHDR is non-null and CMSG_DATA is inside the buffer.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), raw);
+    }
+    // SAFETY: msg and everything it points to (iov, data, cbuf) live across the call.
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (n as usize) < data.len() {
+        // The fd went with the first part; send the rest of the line plainly.
+        (&*sock).write_all(&data[n as usize..])?;
+    }
+    Ok(())
+}
+
+/// What one recvmsg returned.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes read into the buffer; 0 at end of stream.
+    pub len: usize,
+    /// The fd that came with these bytes, if any (close-on-exec).
+    pub fd: Option<OwnedFd>,
+    /// The sender passed more control data than room for one fd: reject the request. Any fd
+    /// that did fit is closed already.
+    pub truncated: bool,
+}
+
+/// One recvmsg with room for one fd.
+pub fn recv_with_fd(sock: &UnixStream, buf: &mut [u8]) -> io::Result<Received> {
+    // SAFETY: CMSG_SPACE is a pure computation on a constant size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain old data; all-zero is valid and filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg points at buffers we own that live across the call.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fd = None;
+    // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_FIRSTHDR/NXTHDR walk only
+    // within that buffer, and CMSG_DATA of an SCM_RIGHTS header holds fds we now own.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                let header = libc::CMSG_LEN(0) as usize;
+                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header)
+                    / std::mem::size_of::<libc::c_int>();
+                for i in 0..count {
+                    let raw = std::ptr::read_unaligned(data.add(i));
+                    let owned = OwnedFd::from_raw_fd(raw);
+                    if fd.is_none() {
+                        fd = Some(owned);
+                    } // else: dropped, i.e. closed
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    if truncated {
+        fd = None;
+    }
+    Ok(Received {
+        len: n as usize,
+        fd,
+        truncated,
+    })
+}

@@ -1,0 +1,299 @@
+//! `nbd-proxy serve`: export image files over NBD (the migration's destination side).
+//! `nbd-proxy connect`: dial an NBD export and hand the connected socket to a ublk-mirror
+//! daemon's control socket (the source side).
+
+mod handoff;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use nbd_proxy::address::{Address, Stream};
+use nbd_proxy::server::{Export, Server, ServerConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "nbd-proxy",
+    version,
+    about = "NBD export of image files, and the source side's connect-and-hand-off",
+    long_about = "NBD export of image files (the migration's destination side), and the source \
+                  side's connect-and-hand-off to a ublk-mirror daemon.\n\n\
+                  Logging: RUST_LOG=debug|info|warn (default info), to stderr."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Export image files over NBD until SIGTERM/SIGINT.
+    ///
+    /// Advertises FLUSH, FUA, TRIM, WRITE_ZEROES (with FAST_ZERO) and CAN_MULTI_CONN; FLUSH and
+    /// FUA reach stable storage (fdatasync) before the reply; TRIM and WRITE_ZEROES read back as
+    /// zeros. Prints "listening on ADDRESS" on stdout once it accepts connections.
+    Serve(ServeArgs),
+    /// Connect to an NBD export and pass the connected socket to a ublk-mirror daemon.
+    Connect(ConnectArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// NAME=PATH of an image to export; repeat for several.
+    #[arg(long = "export", value_name = "NAME=PATH")]
+    exports: Vec<String>,
+    /// tcp:ADDR:PORT or unix:PATH.
+    #[arg(long)]
+    listen: Address,
+    /// Export every image read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Allow a TCP listen address that is not loopback. Without TLS anyone who can reach the
+    /// port can write the exported disks.
+    #[arg(long)]
+    insecure_listen: bool,
+    /// Unix socket for adding and removing exports at run time, one command per line:
+    /// `add NAME=PATH [ro]`, `remove NAME` (flushes, drains and closes its connections, then
+    /// releases the image), `list`. Each is answered with one line, `ok ...` or `error ...`.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Seconds a client has to finish the handshake.
+    #[arg(long, default_value_t = 10)]
+    handshake_timeout: u64,
+    /// Connections at once; more are refused.
+    #[arg(long, default_value_t = 64)]
+    max_connections: usize,
+    /// Requests executed concurrently per connection.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// TEST ONLY: delay each request by a random 0..=MS milliseconds so replies come back out
+    /// of order.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    reorder_jitter: u64,
+}
+
+#[derive(clap::Args)]
+struct ConnectArgs {
+    /// The NBD server: tcp:ADDR:PORT or unix:PATH.
+    #[arg(long)]
+    to: Address,
+    /// Export name on the server.
+    #[arg(long, default_value = "")]
+    export: String,
+    /// The ublk-mirror daemon's control socket.
+    #[arg(long)]
+    handoff: PathBuf,
+    /// Name under which the daemon stores the socket (referenced later by `mirror-start NAME`).
+    #[arg(long)]
+    name: String,
+    /// Complete the NBD handshake here (through NBD_OPT_GO) and hand off a socket already in
+    /// the transmission phase, with the export's size and flags. By default the daemon runs the
+    /// handshake itself on the socket it receives.
+    #[arg(long)]
+    negotiate: bool,
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let res = match Cli::parse().command {
+        Command::Serve(a) => serve(a),
+        Command::Connect(a) => handoff::connect(&a.to, &a.export, &a.handoff, &a.name, a.negotiate),
+    };
+    if let Err(e) = res {
+        eprintln!("nbd-proxy: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn parse_export(spec: &str, read_only: bool) -> Result<Export> {
+    let (name, path) = spec
+        .split_once('=')
+        .with_context(|| format!("--export {spec:?}: expected NAME=PATH"))?;
+    Ok(Export::open(name, path.as_ref(), read_only)?)
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    let config = ServerConfig {
+        handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
+        max_connections: args.max_connections.max(1),
+        workers_per_connection: args.workers.clamp(1, 64),
+        reorder_jitter_ms: args.reorder_jitter,
+        ..ServerConfig::default()
+    };
+    if args.reorder_jitter > 0 {
+        log::warn!(
+            "--reorder-jitter {} ms: test mode, requests are delayed at random",
+            args.reorder_jitter
+        );
+    }
+    let server = Server::new(config);
+    for spec in &args.exports {
+        server.add_export(parse_export(spec, args.read_only)?)?;
+    }
+    let listener = match &args.listen {
+        Address::Tcp(a) => {
+            let addrs: Vec<_> = a
+                .to_socket_addrs()
+                .with_context(|| format!("resolving {a}"))?
+                .collect();
+            if !args.insecure_listen && addrs.iter().any(|s| !s.ip().is_loopback()) {
+                bail!(
+                    "--listen tcp:{a} is not a loopback address: without TLS anyone who reaches \
+                     it can write the exported disks; pass --insecure-listen to do it anyway"
+                );
+            }
+            Listener::Tcp(
+                TcpListener::bind(addrs.as_slice()).with_context(|| format!("binding {a}"))?,
+            )
+        }
+        Address::Unix(p) => {
+            remove_stale_socket(p)?;
+            Listener::Unix(
+                UnixListener::bind(p).with_context(|| format!("binding {}", p.display()))?,
+                p.clone(),
+            )
+        }
+    };
+    let shown = match &listener {
+        Listener::Tcp(l) => format!("tcp:{}", l.local_addr()?),
+        Listener::Unix(_, p) => format!("unix:{}", p.display()),
+    };
+    if let Some(path) = &args.control {
+        start_control(server.clone(), path.clone(), args.read_only)?;
+    }
+    install_shutdown(server.clone(), &listener, args.control.clone())?;
+    println!("listening on {shown}");
+    std::io::stdout().flush()?;
+    log::info!("listening on {shown}");
+    loop {
+        let (stream, peer) = match &listener {
+            Listener::Tcp(l) => match l.accept() {
+                Ok((s, peer)) => {
+                    let _ = s.set_nodelay(true);
+                    (Stream::Tcp(s), peer.to_string())
+                }
+                Err(e) => {
+                    log::warn!("accept: {e}");
+                    continue;
+                }
+            },
+            Listener::Unix(l, p) => match l.accept() {
+                Ok((s, _)) => (Stream::Unix(s), format!("unix:{}", p.display())),
+                Err(e) => {
+                    log::warn!("accept: {e}");
+                    continue;
+                }
+            },
+        };
+        let server = server.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nbd-conn".into())
+            .spawn(move || server.serve_connection(stream, &peer));
+        if let Err(e) = spawned {
+            log::error!("cannot start a connection thread: {e}");
+        }
+    }
+}
+
+/// A socket file nobody listens on (left by a killed process) is replaced; a live one is not.
+fn remove_stale_socket(p: &std::path::Path) -> Result<()> {
+    if p.exists() {
+        if UnixStream::connect(p).is_ok() {
+            bail!("{} is in use by a running server", p.display());
+        }
+        std::fs::remove_file(p).with_context(|| format!("removing stale {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// SIGTERM/SIGINT: stop taking requests, answer what is in flight, flush, exit 0.
+fn install_shutdown(
+    server: Arc<Server>,
+    listener: &Listener,
+    control: Option<PathBuf>,
+) -> Result<()> {
+    let sock = match listener {
+        Listener::Unix(_, p) => Some(p.clone()),
+        Listener::Tcp(_) => None,
+    };
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+        .context("installing signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                log::info!("signal {sig}: shutting down (finishing requests in flight)");
+                server.shutdown(Duration::from_secs(30));
+                for p in sock.iter().chain(control.iter()) {
+                    let _ = std::fs::remove_file(p);
+                }
+                log::info!("shut down");
+                std::process::exit(0);
+            }
+        })?;
+    Ok(())
+}
+
+fn start_control(server: Arc<Server>, path: PathBuf, read_only: bool) -> Result<()> {
+    remove_stale_socket(&path)?;
+    let l = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in l.incoming().flatten() {
+                let server = server.clone();
+                let _ = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || {
+                        let Ok(w) = conn.try_clone() else { return };
+                        let mut w = w;
+                        for line in BufReader::new(conn).take(1 << 20).lines() {
+                            let Ok(line) = line else { return };
+                            let answer = control_command(&server, line.trim(), read_only);
+                            if writeln!(w, "{answer}").is_err() {
+                                return;
+                            }
+                        }
+                    });
+            }
+        })?;
+    Ok(())
+}
+
+use std::io::Read as _;
+
+fn control_command(server: &Server, line: &str, default_ro: bool) -> String {
+    let mut words = line.split_whitespace();
+    let result: Result<String> = match (words.next(), words.next(), words.next()) {
+        (Some("list"), None, None) => Ok(server.export_names().join(" ")),
+        (Some("add"), Some(spec), ro) => {
+            let read_only = default_ro || ro == Some("ro");
+            parse_export(spec, read_only)
+                .and_then(|e| server.add_export(e).map_err(Into::into))
+                .map(|()| format!("added {spec}"))
+        }
+        (Some("remove"), Some(name), None) => server
+            .remove_export(name)
+            .map(|n| format!("removed {name} (flushed; {n} connections closed)"))
+            .map_err(Into::into),
+        _ => Err(anyhow::anyhow!(
+            "unknown command {line:?}; expected: add NAME=PATH [ro] | remove NAME | list"
+        )),
+    };
+    match result {
+        Ok(s) => format!("ok {s}"),
+        Err(e) => format!("error {e:#}"),
+    }
+}
