@@ -534,3 +534,69 @@ impl<S: Read + Write> Connection<S> {
         self.stream
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    /// Replays a server's bytes; records what the client sends.
+    struct Script {
+        input: Cursor<Vec<u8>>,
+        sent: Vec<u8>,
+    }
+    impl Read for Script {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            self.input.read(b)
+        }
+    }
+    impl Write for Script {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.sent.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn go_falls_back_to_export_name_when_the_server_lacks_it() {
+        let mut server = NBDMAGIC.to_be_bytes().to_vec();
+        server.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        server.extend_from_slice(&handshake_flags::FIXED_NEWSTYLE.to_be_bytes());
+        // GO -> NBD_REP_ERR_UNSUP
+        let unsup = OptionReplyHeader {
+            option: opt::GO,
+            reply: rep::ERR_UNSUP,
+            length: 0,
+        };
+        server.extend_from_slice(&unsup.encode());
+        // EXPORT_NAME -> size, flags, 124 zeroes (NO_ZEROES was not offered)
+        server.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        server.extend_from_slice(&(tx_flags::HAS_FLAGS | tx_flags::SEND_FLUSH).to_be_bytes());
+        server.extend_from_slice(&[0u8; 124]);
+        let script = Script {
+            input: Cursor::new(server),
+            sent: Vec::new(),
+        };
+        let (s, e) = Negotiator::start(script)
+            .expect("greeting")
+            .go("disk")
+            .expect("fallback");
+        assert_eq!(e.size, 1 << 30);
+        assert!(e.has(tx_flags::SEND_FLUSH));
+        assert_eq!(e.block_size, BlockSize::DEFAULT);
+        // Client flags, then GO, then EXPORT_NAME "disk".
+        let sent = s.sent;
+        assert_eq!(&sent[0..4], &client_flags::FIXED_NEWSTYLE.to_be_bytes());
+        let go = OptionHeader::decode(&sent[4..20]).expect("GO header");
+        assert_eq!(go.option, opt::GO);
+        let at = 20 + go.length as usize;
+        let en = OptionHeader::decode(&sent[at..at + 16]).expect("EXPORT_NAME header");
+        assert_eq!(
+            (en.option, &sent[at + 16..]),
+            (opt::EXPORT_NAME, &b"disk"[..])
+        );
+    }
+}

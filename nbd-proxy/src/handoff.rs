@@ -1,13 +1,21 @@
 //! `nbd-proxy connect`: dial the destination and pass the connected socket to a daemon.
 
+use std::io::Write as _;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use control::client::Client;
 use control::protocol::NegotiatedNbd;
 use nbd_proxy::address::{Address, Stream};
-use nbd_proxy::client::Negotiator;
+use nbd_proxy::client::{Export, Negotiator};
+
+/// TLS settings of `connect`.
+pub struct TlsClient {
+    pub ca: PathBuf,
+    pub identity: Option<(PathBuf, PathBuf)>,
+    pub hostname: Option<String>,
+}
 
 pub fn connect(
     to: &Address,
@@ -15,6 +23,7 @@ pub fn connect(
     handoff: &Path,
     name: &str,
     negotiate: bool,
+    tls: Option<TlsClient>,
 ) -> Result<()> {
     // Fail early on what the daemon could not fix: a missing control socket.
     if !handoff.exists() {
@@ -23,53 +32,60 @@ pub fn connect(
             handoff.display()
         );
     }
-    let (stream, nbd) = if negotiate {
+    if let Some(tls) = tls {
+        return connect_tls(to, export, handoff, name, &tls);
+    }
+    if negotiate {
         let s = to
             .connect()
             .with_context(|| format!("cannot connect to {to}"))?;
         let (s, e) = Negotiator::start(s)
             .and_then(|n| n.go(export))
             .with_context(|| format!("NBD handshake with {to}"))?;
-        let nbd = NegotiatedNbd {
-            export: e.name,
-            size: e.size,
-            flags: e.flags,
-            block_size: [
-                e.block_size.minimum,
-                e.block_size.preferred,
-                e.block_size.maximum,
-            ],
-        };
-        (s, Some(nbd))
+        let nbd = describe(e);
+        pass(handoff, name, &s, Some(nbd.clone()))?;
+        println!(
+            "handed off {to} export {:?} ({} bytes, negotiated) to {} as {name:?}",
+            nbd.export,
+            nbd.size,
+            handoff.display()
+        );
     } else {
         precheck(to, export)?;
         // A fresh connection whose greeting is untouched: the daemon runs the handshake.
-        (
-            to.connect()
-                .with_context(|| format!("cannot connect to {to}"))?,
-            None,
-        )
-    };
-    let fd: BorrowedFd<'_> = match &stream {
+        let s = to
+            .connect()
+            .with_context(|| format!("cannot connect to {to}"))?;
+        pass(handoff, name, &s, None)?;
+        println!(
+            "handed off {to} (export {export:?}, handshake left to the daemon) to {} as {name:?}",
+            handoff.display()
+        );
+    }
+    Ok(())
+}
+
+fn describe(e: Export) -> NegotiatedNbd {
+    NegotiatedNbd {
+        export: e.name,
+        size: e.size,
+        flags: e.flags,
+        block_size: [
+            e.block_size.minimum,
+            e.block_size.preferred,
+            e.block_size.maximum,
+        ],
+    }
+}
+
+fn pass(handoff: &Path, name: &str, stream: &Stream, nbd: Option<NegotiatedNbd>) -> Result<()> {
+    let fd: BorrowedFd<'_> = match stream {
         Stream::Tcp(s) => s.as_fd(),
         Stream::Unix(s) => s.as_fd(),
     };
-    let mut client = Client::connect(handoff)?;
-    client
-        .pass_fd(name, fd, nbd.clone())
+    Client::connect(handoff)?
+        .pass_fd(name, fd, nbd)
         .with_context(|| format!("passing the socket to {}", handoff.display()))?;
-    match nbd {
-        Some(n) => println!(
-            "handed off {to} export {:?} ({} bytes, negotiated) to {} as {name:?}",
-            n.export,
-            n.size,
-            handoff.display()
-        ),
-        None => println!(
-            "handed off {to} (export {export:?}, handshake left to the daemon) to {} as {name:?}",
-            handoff.display()
-        ),
-    }
     Ok(())
 }
 
@@ -94,5 +110,54 @@ fn precheck(to: &Address, export: &str) -> Result<()> {
         Err(e) => return Err(e).with_context(|| format!("checking export {export:?} on {to}")),
     }
     let _ = n.abort();
+    Ok(())
+}
+
+/// With TLS: negotiate here (STARTTLS, then GO), hand the daemon the plain end of a socketpair
+/// in the transmission phase, and relay until either side closes.
+fn connect_tls(
+    to: &Address,
+    export: &str,
+    handoff: &Path,
+    name: &str,
+    tls: &TlsClient,
+) -> Result<()> {
+    let cfg = nbd_proxy::tls::client_config(
+        &tls.ca,
+        tls.identity
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path())),
+    )?;
+    let host = tls.hostname.clone().unwrap_or_else(|| match to {
+        Address::Tcp(a) => a
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+            .unwrap_or_default(),
+        Address::Unix(_) => "localhost".to_owned(),
+    });
+    let wire = to
+        .connect()
+        .with_context(|| format!("cannot connect to {to}"))?;
+    let (wire, flags) = Negotiator::start(wire)
+        .and_then(|n| n.starttls())
+        .with_context(|| format!("NBD_OPT_STARTTLS with {to}"))?;
+    let session = nbd_proxy::tls::client_session(&cfg, nbd_proxy::tls::server_name(&host)?)?;
+    let (plain, pump) = nbd_proxy::tls::spawn_pump(session, wire, format!("relay to {to}"))?;
+    let (plain, e) = Negotiator::with_flags(plain, flags)
+        .go(export)
+        .with_context(|| format!("NBD handshake over TLS with {to} (verifying {host:?})"))?;
+    let nbd = describe(e);
+    pass(handoff, name, &plain, Some(nbd.clone()))?;
+    // The daemon holds its own copy of the fd now; ours would keep the pair open after it.
+    drop(plain);
+    println!(
+        "handed off {to} export {:?} ({} bytes, TLS, negotiated) to {} as {name:?}; relaying",
+        nbd.export,
+        nbd.size,
+        handoff.display()
+    );
+    let _ = std::io::stdout().flush();
+    let _ = pump.join();
+    log::info!("relay to {to} ended");
     Ok(())
 }

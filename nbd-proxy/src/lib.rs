@@ -5,9 +5,12 @@
 //! - [`client`]: the handshake over any blocking stream, and a pipelined connection.
 //! - [`address`]: `tcp:HOST:PORT` and `unix:PATH` endpoints.
 //! - `server`: exports image files to many concurrent, pipelined clients.
+//! - `tls`: STARTTLS with rustls, bridged to plain sockets.
 
 pub mod address;
 pub mod client;
 pub mod proto;
 #[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
+pub mod tls;

@@ -53,10 +53,21 @@ struct ServeArgs {
     /// Export every image read-only.
     #[arg(long)]
     read_only: bool,
-    /// Allow a TCP listen address that is not loopback. Without TLS anyone who can reach the
-    /// port can write the exported disks.
+    /// Allow a TCP listen address that is not loopback without TLS. Without TLS anyone who can
+    /// reach the port can write the exported disks.
     #[arg(long)]
     insecure_listen: bool,
+    /// Server certificate (PEM). With --tls-key, TLS is offered and required: clients must
+    /// NBD_OPT_STARTTLS before anything else.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that signs client certificates: with it, a client without a valid certificate
+    /// is refused during the TLS handshake.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Unix socket for adding and removing exports at run time, one command per line:
     /// `add NAME=PATH [ro]`, `remove NAME` (flushes, drains and closes its connections, then
     /// releases the image), `list`. Each is answered with one line, `ok ...` or `error ...`.
@@ -96,6 +107,21 @@ struct ConnectArgs {
     /// handshake itself on the socket it receives.
     #[arg(long)]
     negotiate: bool,
+    /// CA (PEM) to verify the server with. Turns TLS on: the proxy negotiates (STARTTLS, then
+    /// GO), hands the daemon one end of a socketpair in the transmission phase, and stays
+    /// running to relay between it and the TLS session until either side closes.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that verify clients.
+    #[arg(long, requires = "tls_key", requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Name to verify in the server's certificate (default: the --to host, or "localhost"
+    /// for a unix socket).
+    #[arg(long)]
+    tls_hostname: Option<String>,
 }
 
 fn main() {
@@ -104,7 +130,14 @@ fn main() {
         .init();
     let res = match Cli::parse().command {
         Command::Serve(a) => serve(a),
-        Command::Connect(a) => handoff::connect(&a.to, &a.export, &a.handoff, &a.name, a.negotiate),
+        Command::Connect(a) => {
+            let tls = a.tls_ca.as_ref().map(|ca| handoff::TlsClient {
+                ca: ca.clone(),
+                identity: a.tls_cert.clone().zip(a.tls_key.clone()),
+                hostname: a.tls_hostname.clone(),
+            });
+            handoff::connect(&a.to, &a.export, &a.handoff, &a.name, a.negotiate, tls)
+        }
     };
     if let Err(e) = res {
         eprintln!("nbd-proxy: error: {e:#}");
@@ -125,7 +158,16 @@ enum Listener {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(nbd_proxy::tls::server_config(
+            cert,
+            key,
+            args.tls_client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
     let config = ServerConfig {
+        tls: tls.clone(),
         handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
         max_connections: args.max_connections.max(1),
         workers_per_connection: args.workers.clamp(1, 64),
@@ -148,10 +190,12 @@ fn serve(args: ServeArgs) -> Result<()> {
                 .to_socket_addrs()
                 .with_context(|| format!("resolving {a}"))?
                 .collect();
-            if !args.insecure_listen && addrs.iter().any(|s| !s.ip().is_loopback()) {
+            if tls.is_none() && !args.insecure_listen && addrs.iter().any(|s| !s.ip().is_loopback())
+            {
                 bail!(
                     "--listen tcp:{a} is not a loopback address: without TLS anyone who reaches \
-                     it can write the exported disks; pass --insecure-listen to do it anyway"
+                     it can write the exported disks; configure --tls-cert/--tls-key, or pass \
+                     --insecure-listen to do it anyway"
                 );
             }
             Listener::Tcp(

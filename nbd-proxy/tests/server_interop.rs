@@ -350,3 +350,63 @@ fn tcp_listen_outside_loopback_needs_insecure_flag() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--insecure-listen"), "{err}");
 }
+
+#[test]
+fn unknown_options_get_err_unsup_and_the_session_goes_on() {
+    use nbd_proxy::proto::{client_flags, opt, rep, OptionHeader, OptionReplyHeader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path(), "d.img", 1 << 20);
+    let srv = our_server(&[("disk", &img)], &[]);
+    let mut s = UnixStream::connect(&srv.socket).expect("connect");
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).expect("greeting");
+    s.write_all(&(client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES).to_be_bytes())
+        .expect("flags");
+    for option in [99u32, opt::STRUCTURED_REPLY, opt::STARTTLS] {
+        s.write_all(&OptionHeader { option, length: 0 }.encode())
+            .expect("option");
+        let mut h = [0u8; OptionReplyHeader::LEN];
+        s.read_exact(&mut h).expect("reply");
+        let r = OptionReplyHeader::decode(&h).expect("decode");
+        assert_eq!((r.option, r.reply), (option, rep::ERR_UNSUP));
+        let mut msg = vec![0u8; r.length as usize];
+        s.read_exact(&mut msg).expect("message");
+    }
+    // Still negotiating: LIST works afterwards.
+    let mut n = Negotiator::with_flags(
+        s,
+        nbd_proxy::client::AgreedFlags {
+            fixed: true,
+            no_zeroes: true,
+        },
+    );
+    assert_eq!(n.list().expect("list"), vec!["disk".to_string()]);
+}
+
+#[test]
+fn sigterm_answers_everything_in_flight_then_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path(), "d.img", 16 << 20);
+    let mut srv = our_server(&[("disk", &img)], &["--reorder-jitter", "50"]);
+    let mut c = connect(&srv.socket, "disk");
+    for i in 0..32u64 {
+        let data = pattern(i, 65536);
+        c.send(Command::Write, 0, i * 65536, 65536, Some(&data))
+            .expect("send");
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    // kill(1) rather than libc::kill: no unsafe code in tests.
+    let pid = srv.child.id().to_string();
+    assert!(Cmd::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    for _ in 0..32 {
+        assert_eq!(c.recv().expect("every write answered").result, Ok(vec![]));
+    }
+    let status = srv.child.wait().expect("exit");
+    assert!(status.success(), "exit {status}");
+    let bytes = std::fs::read(&img).expect("read");
+    assert!(bytes[31 * 65536..32 * 65536] == pattern(31, 65536)[..]);
+}

@@ -46,6 +46,8 @@ pub(super) fn negotiate(
     }
     let fixed = cflags & client_flags::FIXED_NEWSTYLE != 0;
     let no_zeroes = cflags & client_flags::NO_ZEROES != 0;
+    let tls_required = server.config.tls.is_some();
+    let mut tls_active = false;
 
     for _ in 0..MAX_OPTIONS {
         let mut h = [0u8; OptionHeader::LEN];
@@ -69,6 +71,20 @@ pub(super) fn negotiate(
             m.extend_from_slice(payload);
             stream.write_all(&m)
         };
+        if tls_required && !tls_active {
+            match hdr.option {
+                opt::STARTTLS | opt::ABORT => {}
+                // EXPORT_NAME cannot answer an error: the spec says hang up.
+                opt::EXPORT_NAME => return Ok(None),
+                _ => {
+                    reply(
+                        rep::ERR_TLS_REQD,
+                        b"this server requires TLS (NBD_OPT_STARTTLS)",
+                    )?;
+                    continue;
+                }
+            }
+        }
         match hdr.option {
             opt::EXPORT_NAME => {
                 let name = decode_string(&data)?;
@@ -140,7 +156,24 @@ pub(super) fn negotiate(
                 reply(rep::ERR_UNSUP, b"simple replies only")?;
             }
             opt::STARTTLS => {
-                reply(rep::ERR_UNSUP, b"TLS is not configured on this server")?;
+                let Some(cfg) = &server.config.tls else {
+                    reply(rep::ERR_UNSUP, b"TLS is not configured on this server")?;
+                    continue;
+                };
+                if tls_active || !data.is_empty() {
+                    reply(
+                        rep::ERR_INVALID,
+                        b"TLS already started, or STARTTLS with data",
+                    )?;
+                    continue;
+                }
+                reply(rep::ACK, &[])?;
+                let session = crate::tls::server_session(cfg).map_err(io::Error::other)?;
+                let (plain, _pump) = crate::tls::spawn_pump(session, stream, format!("conn {id}"))?;
+                plain.set_read_timeout(Some(server.config.handshake_timeout))?;
+                stream = plain;
+                tls_active = true;
+                log::info!("conn {id}: TLS started");
             }
             other => {
                 let msg = format!("option {other} is not supported");

@@ -36,6 +36,8 @@ pub struct ServerConfig {
     pub connection_budget: u64,
     /// Test only: delay each request by a random 0..=N ms, so replies come out of order.
     pub reorder_jitter_ms: u64,
+    /// With TLS configured, clients must STARTTLS before anything else.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -46,6 +48,7 @@ impl Default for ServerConfig {
             workers_per_connection: 4,
             connection_budget: 128 << 20,
             reorder_jitter_ms: 0,
+            tls: None,
         }
     }
 }

@@ -124,3 +124,68 @@ pub fn image(dir: &Path, name: &str, len: u64) -> PathBuf {
     f.set_len(len).expect("size image");
     p
 }
+
+/// Our server on TCP loopback with `extra` arguments; returns it and its port.
+pub fn our_server_tcp(exports: &[(&str, &Path)], extra: &[&str]) -> (Peer, u16) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbd-proxy"));
+    cmd.args(["serve", "--listen", "tcp:127.0.0.1:0"]);
+    for (name, path) in exports {
+        cmd.arg("--export")
+            .arg(format!("{name}={}", path.display()));
+    }
+    cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn nbd-proxy serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("listening line");
+    let port = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let socket = dir.path().join("unused");
+    (Peer { child, socket, dir }, port)
+}
+
+/// A free TCP port on loopback (for peers that cannot report the one they bound).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A CA and server and client certificates for localhost/127.0.0.1 in `dir`, named the way
+/// QEMU's and libnbd's x509 directories expect (ca-cert.pem, server-*.pem, client-*.pem).
+pub fn make_certs(dir: &Path) {
+    require("openssl");
+    let sh = |script: &str| {
+        let ok = Command::new("sh")
+            .arg("-ec")
+            .arg(script)
+            .current_dir(dir)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl")
+            .success();
+        assert!(ok, "openssl failed: {script}");
+    };
+    let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    sh(&format!(
+        "openssl req -x509 {ec} -keyout ca-key.pem -out ca-cert.pem -days 2 -subj /CN=test-ca \
+         -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign"
+    ));
+    for (who, ext) in [("server", "serverAuth"), ("client", "clientAuth")] {
+        sh(&format!(
+            "openssl req {ec} -keyout {who}-key.pem -out {who}.csr -subj /CN={who}; \
+             printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nextendedKeyUsage={ext}\\n\
+basicConstraints=CA:FALSE\\nkeyUsage=digitalSignature\\n' > {who}.ext; \
+             openssl x509 -req -in {who}.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+             -out {who}-cert.pem -days 2 -extfile {who}.ext"
+        ));
+    }
+}
