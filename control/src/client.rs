@@ -1,6 +1,6 @@
 //! The orchestrator's side: connect to a daemon's control socket and send requests.
 
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -61,6 +61,39 @@ impl Client {
         })?;
         crate::fdpass::send_with_fd(&self.stream, line.as_bytes(), fd)?;
         self.read_reply()
+    }
+
+    /// Sends a request without an fd and waits for its reply.
+    pub fn request(&mut self, command: Command) -> Result<serde_json::Value, ClientError> {
+        if matches!(command, Command::PassFd { .. }) {
+            return Err(ClientError::Invalid("pass-fd needs an fd: use pass_fd()"));
+        }
+        let line = self.encode(command)?;
+        self.stream.write_all(line.as_bytes())?;
+        self.read_reply()
+    }
+
+    /// Sends `line` as it is (a newline is added) and returns the reply line, unparsed.
+    pub fn raw_line(&mut self, line: &str) -> Result<String, ClientError> {
+        self.stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        self.stream.write_all(line.as_bytes())?;
+        self.stream.write_all(b"\n")?;
+        let mut reply = String::new();
+        if (&mut self.reader)
+            .take(MAX_LINE as u64)
+            .read_line(&mut reply)?
+            == 0
+        {
+            return Err(ClientError::Closed);
+        }
+        Ok(reply.trim_end().to_owned())
+    }
+
+    /// Bounds how long a reply may take (None: forever).
+    pub fn set_timeout(&self, t: Option<std::time::Duration>) -> Result<(), ClientError> {
+        self.stream.set_read_timeout(t)?;
+        Ok(())
     }
 
     fn encode(&mut self, command: Command) -> Result<String, ClientError> {

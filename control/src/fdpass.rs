@@ -1,9 +1,9 @@
 //! Passing one fd with a message over a Unix stream socket (SCM_RIGHTS), exactly.
 //!
 //! A stream has no message boundaries, so the rules are: the sender sends a request line and
-//! its fd in one sendmsg; the receiver always reads with recvmsg with room for exactly one fd
-//! (close-on-exec), and learns from each read whether an fd came with it and whether the
-//! control data was truncated (then any fd is closed and the request rejected).
+//! its fd in one sendmsg; the receiver always reads with recvmsg with room for one fd
+//! (close-on-exec), and learns from each read whether an fd came with it, or more than one
+//! (several fds, or control data truncated): then every fd is closed and the request rejected.
 
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -54,9 +54,9 @@ pub struct Received {
     pub len: usize,
     /// The fd that came with these bytes, if any (close-on-exec).
     pub fd: Option<OwnedFd>,
-    /// The sender passed more control data than room for one fd: reject the request. Any fd
-    /// that did fit is closed already.
-    pub truncated: bool,
+    /// The sender passed more than one fd with these bytes (several fds, or control data the
+    /// kernel truncated with MSG_CTRUNC): reject the request. Every fd is closed already.
+    pub excess_fds: bool,
 }
 
 /// One recvmsg with room for one fd.
@@ -80,6 +80,7 @@ pub fn recv_with_fd(sock: &UnixStream, buf: &mut [u8]) -> io::Result<Received> {
         return Err(io::Error::last_os_error());
     }
     let mut fd = None;
+    let mut count = 0usize;
     // SAFETY: the kernel filled msg_control/msg_controllen; CMSG_FIRSTHDR/NXTHDR walk only
     // within that buffer, and CMSG_DATA of an SCM_RIGHTS header holds fds we now own.
     unsafe {
@@ -88,11 +89,12 @@ pub fn recv_with_fd(sock: &UnixStream, buf: &mut [u8]) -> io::Result<Received> {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
                 let header = libc::CMSG_LEN(0) as usize;
-                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header)
+                let n = ((*cmsg).cmsg_len as usize).saturating_sub(header)
                     / std::mem::size_of::<libc::c_int>();
-                for i in 0..count {
+                for i in 0..n {
                     let raw = std::ptr::read_unaligned(data.add(i));
                     let owned = OwnedFd::from_raw_fd(raw);
+                    count += 1;
                     if fd.is_none() {
                         fd = Some(owned);
                     } // else: dropped, i.e. closed
@@ -101,13 +103,14 @@ pub fn recv_with_fd(sock: &UnixStream, buf: &mut [u8]) -> io::Result<Received> {
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
-    if truncated {
+    // CMSG_SPACE for one int is padded, so two fds can fit without MSG_CTRUNC: count them.
+    let excess_fds = msg.msg_flags & libc::MSG_CTRUNC != 0 || count > 1;
+    if excess_fds {
         fd = None;
     }
     Ok(Received {
         len: n as usize,
         fd,
-        truncated,
+        excess_fds,
     })
 }

@@ -7,6 +7,8 @@ pub const VERSION: u32 = 1;
 pub const MAX_LINE: usize = 64 * 1024;
 /// Longest fd name.
 pub const MAX_FD_NAME: usize = 64;
+/// fds a daemon keeps at once.
+pub const MAX_FDS: usize = 16;
 
 /// A request: `{"v":1,"id":7,"cmd":"pass-fd","args":{...}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,9 +20,34 @@ pub struct Request {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "cmd", content = "args", rename_all = "kebab-case")]
+#[serde(
+    tag = "cmd",
+    content = "args",
+    rename_all = "kebab-case",
+    deny_unknown_fields
+)]
 #[non_exhaustive]
 pub enum Command {
+    /// Device path, id, size, image, queues, depth, state.
+    Info,
+    /// Counters; answered at any time, also while a pause is draining.
+    Stats,
+    /// Park new requests, wait until none is outstanding, flush, close the image.
+    Pause {
+        /// Seconds to wait for the drain (default 30); at the timeout the pause is undone and
+        /// an error returned.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout: Option<f64>,
+    },
+    /// Reopen the image (optionally at a new path of the same size) and resume.
+    Unpause {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image: Option<String>,
+        /// An fd name to mirror to, or "null" to stop mirroring (recorded; mirroring is
+        /// another issue).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mirror: Option<String>,
+    },
     /// Store the fd sent with this line (SCM_RIGHTS) under `name`.
     PassFd {
         name: String,
@@ -29,6 +56,31 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nbd: Option<NegotiatedNbd>,
     },
+    ListFds,
+    CloseFd {
+        name: String,
+    },
+    /// Wait until no request is outstanding.
+    WaitIdle {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout: Option<f64>,
+    },
+    /// Graceful stop, as SIGTERM.
+    Shutdown,
+}
+
+/// Stable error codes of replies (see PROTOCOL.md).
+pub mod code {
+    pub const BAD_REQUEST: &str = "bad-request";
+    pub const UNKNOWN_COMMAND: &str = "unknown-command";
+    pub const BAD_VERSION: &str = "bad-version";
+    pub const BAD_FD: &str = "bad-fd";
+    pub const NO_SUCH_FD: &str = "no-such-fd";
+    pub const TOO_MANY_FDS: &str = "too-many-fds";
+    pub const TIMEOUT: &str = "timeout";
+    pub const BAD_IMAGE: &str = "bad-image";
+    pub const BAD_STATE: &str = "bad-state";
+    pub const FAILED: &str = "failed";
 }
 
 /// An NBD export negotiated by the fd's sender.
@@ -63,6 +115,31 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+impl Reply {
+    pub fn ok(id: u64, result: serde_json::Value) -> Reply {
+        Reply {
+            v: VERSION,
+            id,
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    pub fn err(id: u64, code: &str, message: impl Into<String>) -> Reply {
+        Reply {
+            v: VERSION,
+            id,
+            ok: false,
+            result: None,
+            error: Some(ErrorBody {
+                code: code.to_owned(),
+                message: message.into(),
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +160,20 @@ mod tests {
             r#"{"v":1,"id":7,"cmd":"pass-fd","args":{"name":"mirror0"}}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&s).expect("parse"), r);
+    }
+
+    #[test]
+    fn commands_without_args_and_unknown_ones() {
+        let r: Request = serde_json::from_str(r#"{"v":1,"id":1,"cmd":"stats"}"#).expect("stats");
+        assert_eq!(r.command, Command::Stats);
+        let r: Request =
+            serde_json::from_str(r#"{"v":1,"id":2,"cmd":"pause","args":{"timeout":2.5}}"#)
+                .expect("pause");
+        assert_eq!(r.command, Command::Pause { timeout: Some(2.5) });
+        assert!(serde_json::from_str::<Request>(r#"{"v":1,"id":3,"cmd":"frob"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(
+            r#"{"v":1,"id":4,"cmd":"pause","args":{"timeout":1,"bogus":2}}"#
+        )
+        .is_err());
     }
 }

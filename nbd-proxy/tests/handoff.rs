@@ -21,7 +21,7 @@ fn fake_daemon(path: &std::path::Path) -> JoinHandle<(Request, UnixStream)> {
         let (conn, _) = l.accept().expect("accept");
         let mut buf = vec![0u8; 65536];
         let r = recv_with_fd(&conn, &mut buf).expect("recvmsg");
-        assert!(!r.truncated);
+        assert!(!r.excess_fds);
         let line = std::str::from_utf8(&buf[..r.len]).expect("utf8");
         assert!(
             line.ends_with('\n'),

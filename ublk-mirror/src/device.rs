@@ -5,20 +5,19 @@
 //! dropped, and a graceful stop is STOP_DEV (queues keep serving what is in flight), then the
 //! queue threads end, then DEL_DEV.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::mpsc::Receiver;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{sys, UblkError, UblkFlags};
 
-use crate::image::Image;
-use crate::local_leg::IMAGE_FIXED_FD;
+use crate::control_server::{ControlPath, ControlServer, DeviceInfo};
 use crate::queue::{run_queue, QueueContext};
 use crate::readiness::Readiness;
+use crate::shared::Shared;
 use crate::stats::Snapshot;
 use crate::StopReason;
 
@@ -32,7 +31,6 @@ pub struct DeviceConfig {
     pub queues: u16,
     pub depth: u16,
     pub max_io_bytes: u32,
-    pub label: String,
 }
 
 /// Fails with instructions when this kernel has no ublk driver loaded.
@@ -46,12 +44,13 @@ pub fn check_driver() -> Result<()> {
     )
 }
 
-/// Serves `image` on a new ublk device until a stop is requested on `stop_rx`.
-/// Returns the request counters at exit.
+/// Serves the image in `shared` on a new ublk device until a stop is requested on `stop_rx`.
+/// `control` says where the control socket goes (`None`: no socket). Returns the counters at
+/// exit.
 pub fn serve(
-    image: &Image,
+    shared: Arc<Shared>,
     cfg: &DeviceConfig,
-    ctx: QueueContext,
+    control: Option<ControlPath>,
     stop_rx: Receiver<StopReason>,
     readiness: Readiness,
 ) -> Result<Snapshot> {
@@ -74,18 +73,37 @@ pub fn serve(
         cfg.depth,
         cfg.max_io_bytes
     );
+    // The socket's path may depend on the id the driver picked: bind it now, before START, so
+    // a failure leaves no device behind (the ctrl's drop deletes it).
+    let info = DeviceInfo {
+        dev_id,
+        bdev: format!("/dev/ublkb{dev_id}"),
+        queues: cfg.queues,
+        depth: cfg.depth,
+        max_io_bytes: cfg.max_io_bytes,
+    };
+    let server = match control {
+        Some(p) => Some(ControlServer::start(
+            &p.resolve(dev_id),
+            shared.clone(),
+            info.clone(),
+        )?),
+        None => None,
+    };
 
-    let stats = ctx.stats.clone();
-    let init = |dev: &mut UblkDev| init_target(dev, image);
+    let init = |dev: &mut UblkDev| init_target(dev, &shared);
+    let ctx = QueueContext {
+        shared: shared.clone(),
+    };
     let queue_fn = move |qid: u16, dev: &UblkDev| run_queue(qid, dev, &ctx);
     // The device fn runs on this thread once the device is live; it blocks until a stop is
     // requested and then sends STOP_DEV, which ends the queues and so `run_target`.
     let stop_rx = Mutex::new(stop_rx);
-    let label = cfg.label.clone();
+    let on_live_shared = shared.clone();
     let on_live = move |ctrl: &UblkCtrl| {
         let bdev = ctrl.get_bdev_path();
         println!("{bdev}");
-        log::info!("serving {bdev} [{label}]");
+        log::info!("serving {bdev} [{}]", on_live_shared.label);
         readiness.ready(&bdev);
         let reason = match stop_rx.lock() {
             Ok(rx) => rx.recv().unwrap_or(StopReason::ChannelClosed),
@@ -93,16 +111,22 @@ pub fn serve(
         };
         log::info!("stopping {bdev}: {reason}");
         readiness.stopping();
+        // Parked requests must complete, or the kernel's teardown waits for them forever.
+        on_live_shared.release_for_stop();
         if let Err(e) = ctrl.kill_dev() {
             log::error!("STOP_DEV of {bdev} failed: {e}");
         }
     };
     let run = ctrl.run_target(init, queue_fn, on_live);
+    drop(server);
 
-    if let Err(e) = image.sync() {
-        log::error!("final fdatasync of {} failed: {e}", image.path.display());
+    if let Err(e) = shared.sync_image() {
+        log::error!(
+            "final fdatasync of {} failed: {e}",
+            shared.image_path().display()
+        );
     }
-    let totals = stats.snapshot();
+    let totals = shared.stats.snapshot();
     // Delete even when run_target failed: an added device must not outlive its daemon.
     let del = match ctrl.del_dev() {
         // Someone else (`ublk-mirror delete --force`) deleted it first: the goal is met.
@@ -144,18 +168,13 @@ fn add_dev_error(e: UblkError, dev_id: i32) -> anyhow::Error {
 }
 
 /// Describes the device to the kernel: size, block sizes, cache and FUA, discard limits.
-fn init_target(dev: &mut UblkDev, image: &Image) -> Result<(), UblkError> {
+fn init_target(dev: &mut UblkDev, shared: &Shared) -> Result<(), UblkError> {
     let max_io_bytes = dev.dev_info.max_io_buf_bytes;
     let tgt = &mut dev.tgt;
-    // Index IMAGE_FIXED_FD in every queue ring's registered files.
-    if tgt.nr_fds as u32 != IMAGE_FIXED_FD {
-        return Err(UblkError::InvalidVal);
-    }
-    tgt.fds[tgt.nr_fds as usize] = image.file.as_raw_fd();
-    tgt.nr_fds += 1;
-    tgt.dev_size = image.size;
+    tgt.dev_size = shared.dev_size;
+    let logical_block = shared.logical_block;
 
-    let lbs_shift = image.logical_block.trailing_zeros() as u8;
+    let lbs_shift = logical_block.trailing_zeros() as u8;
     // Discards and write-zeroes are single fallocate calls; 1 GiB bounds one request's latency.
     let max_zero_sectors: u32 = (1 << 30) >> 9;
     tgt.params = sys::ublk_params {
@@ -169,12 +188,12 @@ fn init_target(dev: &mut UblkDev, image: &Image) -> Result<(), UblkError> {
             io_opt_shift: 12.max(lbs_shift),
             io_min_shift: lbs_shift,
             max_sectors: max_io_bytes >> 9,
-            dev_sectors: image.size >> 9,
+            dev_sectors: shared.dev_size >> 9,
             ..Default::default()
         },
         discard: sys::ublk_param_discard {
             discard_alignment: 0,
-            discard_granularity: image.logical_block.max(4096),
+            discard_granularity: logical_block.max(4096),
             max_discard_sectors: max_zero_sectors,
             max_write_zeroes_sectors: max_zero_sectors,
             max_discard_segments: 1,
@@ -182,17 +201,11 @@ fn init_target(dev: &mut UblkDev, image: &Image) -> Result<(), UblkError> {
         },
         ..Default::default()
     };
-    dev.set_target_json(serde_json_value(image));
+    dev.set_target_json(serde_json::json!({
+        "image": shared.image_path().display().to_string(),
+        "label": shared.label,
+    }));
     Ok(())
-}
-
-/// Exported by libublk in the device's JSON file under /run, for `ublk-mirror delete` and
-/// anyone inspecting a device.
-fn serde_json_value(image: &Image) -> serde_json::Value {
-    serde_json::json!({
-        "image": image.path.display().to_string(),
-        "direct_io": image.direct,
-    })
 }
 
 /// `ublk-mirror delete`: remove a device whose daemon is gone.

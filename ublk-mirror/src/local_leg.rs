@@ -1,11 +1,14 @@
 //! The local leg: a request's effect on the local image, issued on the queue's own io_uring.
 //!
-//! One `LocalLeg` per queue thread. The image is registered as fixed file [`IMAGE_FIXED_FD`]
-//! (libublk registers the ublk char device at index 0 and target fds after it). Every operation
-//! is complete when its future resolves: short transfers are resubmitted for the remainder, so a
-//! caller never sees a partial write.
+//! One `LocalLeg` per queue thread. The image's fd is read from a shared slot for each
+//! operation rather than registered as a fixed file: a pause closes the image (releasing its
+//! lock) and an unpause may install another, and both happen only while no request is in
+//! flight (see `shared.rs`). Every operation is complete when its future resolves: short
+//! transfers are resubmitted for the remainder, so a caller never sees a partial write.
 
 use std::cell::{Cell, OnceCell};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types};
 use libublk::helpers::IoBuf;
@@ -13,9 +16,6 @@ use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::UblkUringData;
 
 use crate::error::LegError;
-
-/// Index of the image in the queue ring's registered files.
-pub const IMAGE_FIXED_FD: u32 = 1;
 
 /// How many times an operation the kernel answered with EAGAIN/EINTR is retried.
 const MAX_RETRIES: u32 = 8;
@@ -32,6 +32,7 @@ enum ZeroMethod {
 }
 
 pub struct LocalLeg {
+    image_fd: Arc<AtomicI32>,
     /// Learned per queue: whether fallocate(ZERO_RANGE) / PUNCH_HOLE work on this filesystem
     /// (tmpfs has no ZERO_RANGE). Starts optimistic; set false on EOPNOTSUPP.
     zero_range_ok: Cell<bool>,
@@ -39,19 +40,18 @@ pub struct LocalLeg {
     zeros: OnceCell<IoBuf<u8>>,
 }
 
-impl Default for LocalLeg {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl LocalLeg {
-    pub fn new() -> LocalLeg {
+    pub fn new(image_fd: Arc<AtomicI32>) -> LocalLeg {
         LocalLeg {
+            image_fd,
             zero_range_ok: Cell::new(true),
             punch_hole_ok: Cell::new(true),
             zeros: OnceCell::new(),
         }
+    }
+
+    fn fd(&self) -> types::Fd {
+        types::Fd(self.image_fd.load(Ordering::SeqCst))
     }
 
     /// Reads `buf.len()` bytes at `offset` into `buf`.
@@ -59,13 +59,9 @@ impl LocalLeg {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &mut buf[done..];
-            let sqe = opcode::Read::new(
-                types::Fixed(IMAGE_FIXED_FD),
-                rest.as_mut_ptr(),
-                len_u32(rest.len()),
-            )
-            .offset(offset + done as u64)
-            .build();
+            let sqe = opcode::Read::new(self.fd(), rest.as_mut_ptr(), len_u32(rest.len()))
+                .offset(offset + done as u64)
+                .build();
             match submit(sqe).await {
                 Ok(0) => return Err(LegError::ShortRead { offset }),
                 Ok(n) => done += n as usize,
@@ -80,12 +76,8 @@ impl LocalLeg {
         let mut done = 0usize;
         while done < buf.len() {
             let rest = &buf[done..];
-            let mut op = opcode::Write::new(
-                types::Fixed(IMAGE_FIXED_FD),
-                rest.as_ptr(),
-                len_u32(rest.len()),
-            )
-            .offset(offset + done as u64);
+            let mut op = opcode::Write::new(self.fd(), rest.as_ptr(), len_u32(rest.len()))
+                .offset(offset + done as u64);
             if fua {
                 op = op.rw_flags(libc::RWF_DSYNC);
             }
@@ -100,7 +92,7 @@ impl LocalLeg {
 
     /// fdatasync: everything completed before this call is durable when it returns.
     pub async fn flush(&self) -> Result<(), LegError> {
-        let sqe = opcode::Fsync::new(types::Fixed(IMAGE_FIXED_FD))
+        let sqe = opcode::Fsync::new(self.fd())
             .flags(types::FsyncFlags::DATASYNC)
             .build();
         submit(sqe)
@@ -150,7 +142,7 @@ impl LocalLeg {
                 ZeroMethod::WriteZeros => return self.write_zero_bytes(offset, len).await,
                 _ => continue,
             };
-            let sqe = opcode::Fallocate::new(types::Fixed(IMAGE_FIXED_FD), u64::from(len))
+            let sqe = opcode::Fallocate::new(self.fd(), u64::from(len))
                 .offset(offset)
                 .mode(mode)
                 .build();

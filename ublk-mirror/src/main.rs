@@ -5,6 +5,7 @@
 //! typed request) -> `local_leg.rs` (the image I/O) -> back to `queue.rs` for the completion.
 //! `device.rs` is the device's life around it.
 
+mod control_server;
 mod device;
 mod error;
 mod image;
@@ -12,6 +13,7 @@ mod local_leg;
 mod queue;
 mod readiness;
 mod request;
+mod shared;
 mod stats;
 
 use std::io::Write;
@@ -22,11 +24,11 @@ use std::sync::mpsc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use crate::control_server::ControlPath;
 use crate::device::DeviceConfig;
 use crate::image::{DirectMode, Image};
-use crate::queue::QueueContext;
 use crate::readiness::Readiness;
-use crate::stats::Stats;
+use crate::shared::Shared;
 
 #[derive(Parser)]
 #[command(
@@ -87,10 +89,17 @@ struct ServeArgs {
     /// Write "READY=1 DEVICE=/dev/ublkbN" to this inherited fd, then close it, once live.
     #[arg(long)]
     ready_fd: Option<RawFd>,
-    /// Control socket path (control plane: not implemented yet; accepted so scripts can be
-    /// written against the final interface, and refused if given).
-    #[arg(long)]
+    /// Control socket (see control/PROTOCOL.md) [default: /run/ublk-mirror/<dev-id>.sock].
+    /// Created 0600 in a 0700 directory; only root and this user may connect.
+    #[arg(long, conflicts_with = "no_control")]
     control: Option<PathBuf>,
+    /// Serve without a control socket.
+    #[arg(long)]
+    no_control: bool,
+    /// Attach now, activate later: the device exists and reads are answered, but everything
+    /// that changes the disk waits until the first `unpause`.
+    #[arg(long)]
+    paused: bool,
 }
 
 /// Why the device is being stopped.
@@ -100,6 +109,8 @@ pub enum StopReason {
     QueueFailed(u16),
     /// A queue ended without a stop request: the device was stopped from outside.
     QueueStopped(u16),
+    /// The control command `shutdown`.
+    Control,
     ChannelClosed,
 }
 
@@ -116,6 +127,7 @@ impl std::fmt::Display for StopReason {
                     "queue {q} stopped (device stopped from outside the daemon)"
                 )
             }
+            StopReason::Control => write!(f, "control command shutdown"),
             StopReason::ChannelClosed => write!(f, "stop channel closed"),
         }
     }
@@ -160,12 +172,6 @@ fn init_logging(label: &str) {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    if let Some(sock) = &args.control {
-        anyhow::bail!(
-            "--control {}: the control socket is not implemented yet",
-            sock.display()
-        );
-    }
     if args.max_io % 4096 != 0 || args.max_io == 0 || args.max_io > (8 << 20) {
         anyhow::bail!(
             "--max-io {}: must be a multiple of 4096, at most 8 MiB",
@@ -186,19 +192,27 @@ fn serve(args: ServeArgs) -> Result<()> {
 
     let (stop_tx, stop_rx) = mpsc::channel();
     forward_signals(stop_tx.clone())?;
-    let stats = Stats::new(usize::from(args.queues));
+    let shared = Shared::new(
+        image,
+        args.direct,
+        args.queues,
+        args.label,
+        args.paused,
+        stop_tx,
+    )
+    .context("setting up the queues' doorbells")?;
     let cfg = DeviceConfig {
         dev_id: args.dev_id.map_or(-1, |id| id as i32),
         queues: args.queues,
         depth: args.depth,
         max_io_bytes: args.max_io,
-        label: args.label,
     };
-    let ctx = QueueContext {
-        stats,
-        stop: stop_tx,
+    let control = match (args.no_control, args.control) {
+        (true, _) => None,
+        (false, Some(p)) => Some(ControlPath::Path(p)),
+        (false, None) => Some(ControlPath::Default),
     };
-    let totals = device::serve(&image, &cfg, ctx, stop_rx, readiness)?;
+    let totals = device::serve(shared, &cfg, control, stop_rx, readiness)?;
     log::info!("stats at exit: {totals}");
     Ok(())
 }

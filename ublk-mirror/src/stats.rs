@@ -21,6 +21,11 @@ pub struct QueueCounters {
     write_zeroes: AtomicU64,
     write_zeroes_bytes: AtomicU64,
     errors: AtomicU64,
+    /// Requests handed to a leg; minus `completed`, the requests being served.
+    started: AtomicU64,
+    completed: AtomicU64,
+    /// Requests waiting at a closed gate (a gauge).
+    parked: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -62,6 +67,30 @@ impl QueueCounters {
     pub fn record_error(&self) {
         bump(&self.errors, 1);
     }
+
+    /// Counts a request as started. SeqCst: this store must be ordered before the caller's
+    /// look at the pause gate (see `shared.rs`).
+    pub fn start(&self) {
+        let v = self.started.load(Ordering::Relaxed);
+        self.started.store(v + 1, Ordering::SeqCst);
+    }
+
+    /// Takes back a `start` (the request parked instead).
+    pub fn unstart(&self) {
+        let v = self.started.load(Ordering::Relaxed);
+        self.started.store(v - 1, Ordering::SeqCst);
+    }
+
+    pub fn complete(&self) {
+        let v = self.completed.load(Ordering::Relaxed);
+        self.completed.store(v + 1, Ordering::SeqCst);
+    }
+
+    pub fn set_parked(&self, delta: i64) {
+        let v = self.parked.load(Ordering::Relaxed);
+        self.parked
+            .store(v.saturating_add_signed(delta), Ordering::Relaxed);
+    }
 }
 
 /// A point-in-time sum over all queues.
@@ -78,6 +107,10 @@ pub struct Snapshot {
     pub write_zeroes: u64,
     pub write_zeroes_bytes: u64,
     pub errors: u64,
+    /// Requests issued to a leg and not yet completed (tapdisk's name).
+    pub outstanding: u64,
+    /// Requests held by a pause.
+    pub parked: u64,
 }
 
 impl std::fmt::Display for Snapshot {
@@ -85,7 +118,8 @@ impl std::fmt::Display for Snapshot {
         write!(
             f,
             "reads={} read_bytes={} writes={} write_bytes={} fua_writes={} flushes={} \
-             discards={} discard_bytes={} write_zeroes={} write_zeroes_bytes={} errors={}",
+             discards={} discard_bytes={} write_zeroes={} write_zeroes_bytes={} errors={} \
+             outstanding={} parked={}",
             self.reads,
             self.read_bytes,
             self.writes,
@@ -96,7 +130,9 @@ impl std::fmt::Display for Snapshot {
             self.discard_bytes,
             self.write_zeroes,
             self.write_zeroes_bytes,
-            self.errors
+            self.errors,
+            self.outstanding,
+            self.parked
         )
     }
 }
@@ -133,6 +169,12 @@ impl Stats {
             s.write_zeroes += get(&q.write_zeroes);
             s.write_zeroes_bytes += get(&q.write_zeroes_bytes);
             s.errors += get(&q.errors);
+            // Read completed before started: a request between the two loads is counted as
+            // outstanding, never missed.
+            let completed = q.completed.load(Ordering::SeqCst);
+            let started = q.started.load(Ordering::SeqCst);
+            s.outstanding += started.saturating_sub(completed);
+            s.parked += get(&q.parked);
         }
         s
     }

@@ -28,6 +28,7 @@ start_daemon() {
     fi
     DEV=${line#*DEVICE=}
     DEV_ID=${DEV#/dev/ublkb}
+    CTL=/run/ublk-mirror/$DEV_ID.sock
     [ -b "$DEV" ] || fail "$DEV is not a block device"
     log "daemon $DAEMON_PID serves $DEV"
 }
@@ -50,3 +51,15 @@ exit_stat() {
 
 # sysfs_queue ATTR: /sys/block/ublkbN/queue/ATTR of the current device.
 sysfs_queue() { cat "/sys/block/$(basename "$DEV")/queue/$1"; }
+
+# ctl ARGS...: ublk-mirror-ctl against the current daemon's control socket.
+ctl() { ublk-mirror-ctl --socket "$CTL" "$@"; }
+
+# ctl_get COMMAND KEY: one field of a command's text output ("key: value" lines).
+ctl_get() { ctl "$1" | sed -n "s/^$2: //p"; }
+
+# now_ms: milliseconds since the epoch.
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+
+# median of the numbers given as arguments.
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }

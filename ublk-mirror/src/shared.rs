@@ -1,0 +1,456 @@
+//! What the queue threads and the control plane share: the pause gate, the image slot, the
+//! queues' doorbells, counters, stored fds.
+//!
+//! The common path of a request touches only atomics: its queue's own counters and one load of
+//! the gate. Locks are taken by control operations only.
+//!
+//! Pausing without stranding or racing requests (a Dekker-style handshake, all SeqCst):
+//! a queue counts a request as started *before* it looks at the gate; the control thread closes
+//! the gate *before* it sums started minus completed. Either the control thread sees the
+//! request and waits for it, or the request sees the closed gate and parks (un-counting itself).
+//! So once the sum reads zero with the gate closed, nothing touches the image until unpause.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::image::{DirectMode, Image};
+use crate::request::Request;
+use crate::stats::Stats;
+use crate::StopReason;
+
+/// Which requests wait instead of being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Gate {
+    Open = 0,
+    /// `pause`: every request waits.
+    ParkAll = 1,
+    /// `serve --paused` before the first unpause: reads are answered (so the kernel's
+    /// partition scan and udev's blkid do not hang), everything that changes the disk waits.
+    ParkWrites = 2,
+}
+
+impl Gate {
+    fn from_u8(v: u8) -> Gate {
+        match v {
+            1 => Gate::ParkAll,
+            2 => Gate::ParkWrites,
+            _ => Gate::Open,
+        }
+    }
+
+    pub fn blocks(self, req: &Request) -> bool {
+        match self {
+            Gate::Open => false,
+            Gate::ParkAll => true,
+            Gate::ParkWrites => !matches!(req, Request::Read { .. }),
+        }
+    }
+}
+
+/// The device's state as the orchestrator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceState {
+    /// `serve --paused`, not yet unpaused.
+    Attached,
+    Running,
+    Pausing,
+    Paused,
+    Stopping,
+}
+
+impl DeviceState {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceState::Attached => "attached",
+            DeviceState::Running => "running",
+            DeviceState::Pausing => "pausing",
+            DeviceState::Paused => "paused",
+            DeviceState::Stopping => "stopping",
+        }
+    }
+}
+
+/// An fd passed by the orchestrator.
+#[derive(Debug)]
+pub struct StoredFd {
+    pub fd: OwnedFd,
+    pub nbd: Option<control::protocol::NegotiatedNbd>,
+}
+
+/// Why a control operation failed; the control server maps it to an error code.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("pause timed out after {waited_ms} ms with {outstanding} requests outstanding; the device is running again")]
+    PauseTimeout { waited_ms: u64, outstanding: u64 },
+    #[error("flushing the image before closing it failed: {0}; the device is running again")]
+    PauseFlush(std::io::Error),
+    #[error("{0}; the device stays paused on {1}")]
+    Reopen(String, String),
+    #[error("the device is {0}, not paused")]
+    NotPaused(&'static str),
+    #[error("the device is stopping")]
+    Stopping,
+    #[error("wait-idle timed out with {0} requests outstanding")]
+    IdleTimeout(u64),
+}
+
+pub struct Shared {
+    pub stats: Stats,
+    pub dev_size: u64,
+    pub logical_block: u32,
+    pub direct: DirectMode,
+    pub label: String,
+    gate: AtomicU8,
+    /// The image's fd for every queue's I/O; -1 while paused (closed).
+    image_fd: Arc<AtomicI32>,
+    image: Mutex<Option<Image>>,
+    image_path: Mutex<PathBuf>,
+    state: Mutex<DeviceState>,
+    /// One eventfd per queue: written to wake the queue's parked requests.
+    doorbells: Vec<OwnedFd>,
+    /// Serializes pause, unpause and stop.
+    admin: Mutex<()>,
+    pub fds: Mutex<BTreeMap<String, StoredFd>>,
+    /// The last `unpause --mirror` (mirroring itself is another issue).
+    pub mirror_request: Mutex<Option<String>>,
+    pub stop: Mutex<Sender<StopReason>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub fn new(
+        image: Image,
+        direct: DirectMode,
+        queues: u16,
+        label: String,
+        start_paused: bool,
+        stop: Sender<StopReason>,
+    ) -> std::io::Result<Arc<Shared>> {
+        let doorbells = (0..queues)
+            .map(|_| {
+                // SAFETY: eventfd takes integer arguments and returns a new fd or -1.
+                let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // SAFETY: fd was just created and is owned by nobody else.
+                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let (gate, state) = if start_paused {
+            (Gate::ParkWrites, DeviceState::Attached)
+        } else {
+            (Gate::Open, DeviceState::Running)
+        };
+        Ok(Arc::new(Shared {
+            stats: Stats::new(usize::from(queues)),
+            dev_size: image.size,
+            logical_block: image.logical_block,
+            direct,
+            label,
+            gate: AtomicU8::new(gate as u8),
+            image_fd: Arc::new(AtomicI32::new(image.file.as_raw_fd())),
+            image_path: Mutex::new(image.path.clone()),
+            image: Mutex::new(Some(image)),
+            state: Mutex::new(state),
+            doorbells,
+            admin: Mutex::new(()),
+            fds: Mutex::new(BTreeMap::new()),
+            mirror_request: Mutex::new(None),
+            stop: Mutex::new(stop),
+        }))
+    }
+
+    pub fn gate(&self) -> Gate {
+        Gate::from_u8(self.gate.load(Ordering::SeqCst))
+    }
+
+    fn set_gate(&self, g: Gate) {
+        self.gate.store(g as u8, Ordering::SeqCst);
+    }
+
+    /// The fd the local leg issues I/O on.
+    pub fn image_fd(&self) -> Arc<AtomicI32> {
+        self.image_fd.clone()
+    }
+
+    pub fn doorbell(&self, qid: u16) -> RawFd {
+        self.doorbells[usize::from(qid) % self.doorbells.len()].as_raw_fd()
+    }
+
+    fn ring_doorbells(&self) {
+        let one = 1u64.to_ne_bytes();
+        for d in &self.doorbells {
+            // SAFETY: writes 8 bytes from a live buffer to an eventfd we own. A full counter
+            // (EAGAIN) already means "ring", so the result does not matter.
+            let _ = unsafe { libc::write(d.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        }
+    }
+
+    pub fn state(&self) -> DeviceState {
+        *lock(&self.state)
+    }
+
+    pub fn image_path(&self) -> PathBuf {
+        lock(&self.image_path).clone()
+    }
+
+    /// Park new requests, wait until none is outstanding, flush and close the image.
+    /// Pausing a paused device is a no-op. At the timeout the pause is undone.
+    pub fn pause(&self, timeout: Duration) -> Result<Duration, ControlError> {
+        let _admin = lock(&self.admin);
+        match self.state() {
+            DeviceState::Paused => return Ok(Duration::ZERO),
+            DeviceState::Stopping => return Err(ControlError::Stopping),
+            _ => {}
+        }
+        let before = (self.gate(), self.state());
+        let start = Instant::now();
+        self.set_gate(Gate::ParkAll);
+        *lock(&self.state) = DeviceState::Pausing;
+        log::info!("pause: parking new requests, draining");
+        let undo = |e: ControlError| {
+            self.set_gate(before.0);
+            *lock(&self.state) = before.1;
+            self.ring_doorbells();
+            log::warn!("pause failed: {e}");
+            e
+        };
+        if let Err(outstanding) = self.drain(timeout) {
+            return Err(undo(ControlError::PauseTimeout {
+                waited_ms: start.elapsed().as_millis() as u64,
+                outstanding,
+            }));
+        }
+        let mut image = lock(&self.image);
+        if let Some(img) = image.as_ref() {
+            if let Err(e) = img.sync() {
+                drop(image);
+                return Err(undo(ControlError::PauseFlush(e)));
+            }
+        }
+        self.image_fd.store(-1, Ordering::SeqCst);
+        // Closing releases the OFD lock: the image may now be copied, moved or taken over.
+        *image = None;
+        *lock(&self.state) = DeviceState::Paused;
+        let took = start.elapsed();
+        log::info!("paused in {} ms: image closed", took.as_millis());
+        Ok(took)
+    }
+
+    /// Waits until no request is outstanding; the caller has closed the gate.
+    fn drain(&self, timeout: Duration) -> Result<(), u64> {
+        let start = Instant::now();
+        loop {
+            let outstanding = self.stats.snapshot().outstanding;
+            if outstanding == 0 {
+                return Ok(());
+            }
+            if start.elapsed() >= timeout {
+                return Err(outstanding);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Reopen the image (at `new_path` if given; it must have the same size) and resume.
+    /// On any error the device stays paused on its old image.
+    pub fn unpause(&self, new_path: Option<PathBuf>) -> Result<(), ControlError> {
+        let _admin = lock(&self.admin);
+        let state = self.state();
+        match state {
+            DeviceState::Paused | DeviceState::Attached => {}
+            DeviceState::Running if new_path.is_none() => return Ok(()),
+            DeviceState::Stopping => return Err(ControlError::Stopping),
+            other => return Err(ControlError::NotPaused(other.name())),
+        }
+        let current = self.image_path();
+        let path = new_path.unwrap_or_else(|| current.clone());
+        let reuse = path == current && lock(&self.image).is_some();
+        if !reuse {
+            let shown = current.display().to_string();
+            let reopen = |msg: String| ControlError::Reopen(msg, shown.clone());
+            if state == DeviceState::Attached {
+                // Reads are being served from the old image: none may be in flight while its
+                // fd is replaced (the number could be reused by the new open).
+                self.set_gate(Gate::ParkAll);
+                if let Err(n) = self.drain(Duration::from_secs(30)) {
+                    self.set_gate(Gate::ParkWrites);
+                    self.ring_doorbells();
+                    return Err(reopen(format!("{n} reads still outstanding")));
+                }
+                *lock(&self.image) = None; // releases its lock, in case it is the same file
+            }
+            let candidate = Image::open(&path, self.direct).map_err(|e| reopen(e.to_string()));
+            let candidate = candidate.and_then(|c| {
+                if c.size != self.dev_size {
+                    Err(reopen(format!(
+                        "image {} has {} bytes, the device {}",
+                        path.display(),
+                        c.size,
+                        self.dev_size
+                    )))
+                } else if c.logical_block > self.logical_block {
+                    Err(reopen(format!(
+                        "image {} needs {}-byte blocks, the device has {}",
+                        path.display(),
+                        c.logical_block,
+                        self.logical_block
+                    )))
+                } else {
+                    Ok(c)
+                }
+            });
+            let candidate = match candidate {
+                Ok(c) => c,
+                Err(e) => {
+                    if state == DeviceState::Attached {
+                        // Put the device back as it was: attached on its old image.
+                        if let Ok(old) = Image::open(&current, self.direct) {
+                            self.image_fd.store(old.file.as_raw_fd(), Ordering::SeqCst);
+                            *lock(&self.image) = Some(old);
+                        }
+                        self.set_gate(Gate::ParkWrites);
+                        self.ring_doorbells();
+                    }
+                    return Err(e);
+                }
+            };
+            self.image_fd
+                .store(candidate.file.as_raw_fd(), Ordering::SeqCst);
+            *lock(&self.image) = Some(candidate);
+            *lock(&self.image_path) = path;
+        }
+        *lock(&self.state) = DeviceState::Running;
+        self.set_gate(Gate::Open);
+        self.ring_doorbells();
+        log::info!("unpaused on {}", self.image_path().display());
+        Ok(())
+    }
+
+    /// Before STOP_DEV: parked requests must finish or the kernel's teardown waits for them
+    /// forever. Reopen the image if a pause closed it (failing that, they fail with EIO).
+    pub fn release_for_stop(&self) {
+        if matches!(self.state(), DeviceState::Paused) {
+            if let Err(e) = self.unpause(None) {
+                log::error!("stopping while paused: {e}; parked requests will fail");
+            }
+        }
+        let _admin = lock(&self.admin);
+        *lock(&self.state) = DeviceState::Stopping;
+        self.set_gate(Gate::Open);
+        self.ring_doorbells();
+    }
+
+    /// Wait until no request is outstanding.
+    pub fn wait_idle(&self, timeout: Duration) -> Result<(), ControlError> {
+        self.drain(timeout).map_err(ControlError::IdleTimeout)
+    }
+
+    pub fn image_is_open(&self) -> bool {
+        lock(&self.image).is_some()
+    }
+
+    /// Flushes the image if it is open (at exit).
+    pub fn sync_image(&self) -> std::io::Result<()> {
+        match lock(&self.image).as_ref() {
+            Some(i) => i.sync(),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+
+    fn shared_on(len: u64) -> (tempfile::NamedTempFile, Arc<Shared>) {
+        let f = tempfile::NamedTempFile::new().expect("tempfile");
+        f.as_file().set_len(len).expect("size");
+        let img = Image::open(f.path(), DirectMode::Off).expect("image");
+        let (tx, _rx) = channel();
+        let s = Shared::new(img, DirectMode::Off, 2, "t".into(), false, tx).expect("shared");
+        (f, s)
+    }
+
+    #[test]
+    fn stats_are_answered_while_a_pause_drains_and_a_timeout_undoes_it() {
+        let (_f, shared) = shared_on(1 << 20);
+        shared.stats.queue(1).start(); // one request being served
+        let s2 = shared.clone();
+        let pause = std::thread::spawn(move || s2.pause(Duration::from_millis(400)));
+        std::thread::sleep(Duration::from_millis(100));
+        // Mid-drain: state and counters answer at once.
+        assert_eq!(shared.state(), DeviceState::Pausing);
+        assert_eq!(shared.stats.snapshot().outstanding, 1);
+        let res = pause.join().expect("pause thread");
+        assert!(
+            matches!(res, Err(ControlError::PauseTimeout { outstanding: 1, .. })),
+            "{res:?}"
+        );
+        assert_eq!(
+            (shared.state(), shared.gate()),
+            (DeviceState::Running, Gate::Open)
+        );
+        assert!(shared.image_is_open(), "a failed pause keeps the image");
+
+        shared.stats.queue(1).complete();
+        shared.pause(Duration::from_secs(1)).expect("pause");
+        assert_eq!(shared.state(), DeviceState::Paused);
+        assert!(!shared.image_is_open(), "paused means closed");
+        assert_eq!(shared.image_fd().load(Ordering::SeqCst), -1);
+        assert!(
+            shared.pause(Duration::from_secs(1)).is_ok(),
+            "pausing a paused device is a no-op"
+        );
+        shared.unpause(None).expect("unpause");
+        assert!(shared.image_is_open());
+        assert_eq!(shared.gate(), Gate::Open);
+    }
+
+    #[test]
+    fn unpause_onto_a_wrong_image_stays_paused() {
+        let (_f, shared) = shared_on(1 << 20);
+        shared.pause(Duration::from_secs(1)).expect("pause");
+        let small = tempfile::NamedTempFile::new().expect("tempfile");
+        small.as_file().set_len(4096).expect("size");
+        let err = shared
+            .unpause(Some(small.path().to_owned()))
+            .expect_err("size differs");
+        assert!(err.to_string().contains("stays paused"), "{err}");
+        assert_eq!(shared.state(), DeviceState::Paused);
+        assert_eq!(shared.gate(), Gate::ParkAll);
+        let missing = shared
+            .unpause(Some("/nonexistent.img".into()))
+            .expect_err("missing");
+        assert!(matches!(missing, ControlError::Reopen(..)));
+        shared.unpause(None).expect("the old image is still fine");
+    }
+
+    #[test]
+    fn the_gate_parks_what_it_should() {
+        let read = Request::Read {
+            offset: 0,
+            len: 512,
+        };
+        let write = Request::Write {
+            offset: 0,
+            len: 512,
+            fua: false,
+        };
+        assert!(!Gate::Open.blocks(&write));
+        assert!(Gate::ParkAll.blocks(&read) && Gate::ParkAll.blocks(&write));
+        assert!(!Gate::ParkWrites.blocks(&read) && Gate::ParkWrites.blocks(&write));
+        assert!(Gate::ParkWrites.blocks(&Request::Flush));
+    }
+}
