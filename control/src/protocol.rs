@@ -67,6 +67,21 @@ pub enum Command {
     },
     /// Graceful stop, as SIGTERM.
     Shutdown,
+    /// Mirror every write to the NBD target on the stored fd `name`.
+    MirrorStart {
+        name: String,
+        /// Export name for the handshake (default ""), unless the fd came negotiated.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        export: Option<String>,
+        /// Seconds a request may wait for the target before the mirror fails (default 10;
+        /// 0 = wait forever, like tapdisk).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout: Option<f64>,
+    },
+    /// End mirroring cleanly and clear `nbd_mirror_failed`.
+    MirrorStop,
+    /// The out-of-sync extents.
+    DirtyMap,
 }
 
 /// Stable error codes of replies (see PROTOCOL.md).
@@ -80,6 +95,7 @@ pub mod code {
     pub const TIMEOUT: &str = "timeout";
     pub const BAD_IMAGE: &str = "bad-image";
     pub const BAD_STATE: &str = "bad-state";
+    pub const MIRROR_REFUSED: &str = "mirror-refused";
     pub const FAILED: &str = "failed";
 }
 

@@ -80,7 +80,7 @@ done < "$here/guest-modules.txt"
 # The project's binaries (release build) in /usr/local/bin: never under their host path, which
 # may be below /tmp, where the guest mounts a tmpfs.
 [ -x "$repo/target/release/ublk-mirror" ] || { echo "initramfs.sh: build first: cargo build --release" >&2; exit 1; }
-for b in ublk-mirror nbd-proxy ublk-mirror-ctl; do
+for b in ublk-mirror nbd-proxy ublk-mirror-ctl blkcmp; do
     [ -x "$repo/target/release/$b" ] && add_file "$repo/target/release/$b" "/usr/local/bin/$b"
 done
 cp "$here"/scenarios/*.sh "$root/scenarios/"

@@ -25,6 +25,9 @@ use crate::StopReason;
 pub const RUN_DIR: &str = "/run/ublk-mirror";
 /// Control clients connected at once; more are told so and closed.
 const MAX_CLIENTS: usize = 16;
+/// How long a request may wait for the mirror target before the mirror fails: well under a
+/// guest's own disk timeout (30 s or more), long enough for a busy target.
+const DEFAULT_MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the control socket goes.
 #[derive(Debug, Clone)]
@@ -305,6 +308,9 @@ fn control_error(e: ControlError) -> (&'static str, String) {
         ControlError::Reopen(..) => code::BAD_IMAGE,
         ControlError::NotPaused(_) | ControlError::Stopping => code::BAD_STATE,
         ControlError::PauseFlush(_) => code::FAILED,
+        ControlError::NoSuchFd(_) => code::NO_SUCH_FD,
+        ControlError::MirrorRefused(_) => code::MIRROR_REFUSED,
+        ControlError::MirrorBusy(_) => code::BAD_STATE,
     };
     (c, e.to_string())
 }
@@ -342,8 +348,18 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Shared, info: &DeviceInf
             shared
                 .unpause(image.map(PathBuf::from))
                 .map_err(control_error)?;
+            match mirror.as_deref() {
+                Some("null") => {
+                    shared.stop_mirror();
+                }
+                Some(name) => {
+                    shared
+                        .start_mirror(name, "", Some(DEFAULT_MIRROR_TIMEOUT), info.max_io_bytes)
+                        .map_err(control_error)?;
+                }
+                None => {}
+            }
             if let Some(m) = mirror {
-                log::info!("unpause: mirror {m:?} recorded (mirroring is not implemented yet)");
                 *lock(&shared.mirror_request) = (m != "null").then_some(m);
             }
             Ok(json!({ "state": shared.state().name() }))
@@ -395,7 +411,47 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Shared, info: &DeviceInf
             shared
                 .wait_idle(timeout_of(timeout)?)
                 .map_err(control_error)?;
-            Ok(json!({ "reqs_outstanding": 0, "nbd_mirror_failed": 0 }))
+            Ok(
+                json!({ "reqs_outstanding": 0, "nbd_mirror_failed": u8::from(shared.mirror_failed()) }),
+            )
+        }
+        Command::MirrorStart {
+            name,
+            export,
+            timeout,
+        } => {
+            // 0 waits forever, like tapdisk (a hung target then hangs the guest).
+            let timeout = if timeout == Some(0.0) {
+                None
+            } else {
+                Some(timeout_of(
+                    timeout.or(Some(DEFAULT_MIRROR_TIMEOUT.as_secs_f64())),
+                )?)
+            };
+            let m = shared
+                .start_mirror(
+                    &name,
+                    export.as_deref().unwrap_or(""),
+                    timeout,
+                    info.max_io_bytes,
+                )
+                .map_err(control_error)?;
+            *lock(&shared.mirror_request) = Some(name);
+            Ok(json!({ "state": m.state().name(), "export": m.export.name, "size": m.export.size }))
+        }
+        Command::MirrorStop => Ok(json!({ "stopped": shared.stop_mirror() })),
+        Command::DirtyMap => {
+            let extents: Vec<Value> = shared
+                .dirty
+                .extents()
+                .into_iter()
+                .map(|(o, l)| json!([o, l]))
+                .collect();
+            Ok(json!({
+                "granularity": shared.dirty.granule(),
+                "dirty_bytes": shared.dirty.dirty_bytes(),
+                "extents": extents,
+            }))
         }
         Command::Shutdown => {
             let _ = lock(&shared.stop).send(StopReason::Control);
@@ -420,7 +476,7 @@ fn stats_json(shared: &Shared) -> Value {
         "state": shared.state().name(),
         "reqs_outstanding": s.outstanding,
         "reqs_parked": s.parked,
-        "nbd_mirror_failed": 0,
+        "nbd_mirror_failed": u8::from(shared.mirror_failed()),
         "ops": {
             "read": { "count": s.reads, "bytes": s.read_bytes },
             "write": { "count": s.writes, "bytes": s.write_bytes, "fua": s.fua_writes },
@@ -429,14 +485,32 @@ fn stats_json(shared: &Shared) -> Value {
             "write_zeroes": { "count": s.write_zeroes, "bytes": s.write_zeroes_bytes },
             "errors": s.errors,
         },
-        "mirror": {
-            "state": "off",
-            "requested": *lock(&shared.mirror_request),
-            "target": Value::Null,
-            "in_flight": 0,
-            "bytes_mirrored": 0,
-            "last_error": Value::Null,
-        },
+        "mirror": mirror_json(shared),
+    })
+}
+
+fn mirror_json(shared: &Shared) -> Value {
+    let requested = lock(&shared.mirror_request).clone();
+    let Some(m) = shared.mirror.load_full() else {
+        return json!({ "state": "off", "requested": requested, "target": Value::Null,
+                       "in_flight": 0, "ops": 0, "bytes_mirrored": 0, "last_error": Value::Null,
+                       "dirty_bytes": shared.dirty.dirty_bytes() });
+    };
+    let failure = m.failure();
+    json!({
+        "state": m.state().name(),
+        "requested": requested,
+        "target": m.name,
+        "export": m.export.name,
+        "export_size": m.export.size,
+        "timeout": m.timeout.map(|t| t.as_secs_f64()),
+        "in_flight": m.in_flight(),
+        "ops": m.ops.load(Ordering::Relaxed),
+        "bytes_mirrored": m.bytes.load(Ordering::Relaxed),
+        "last_error": failure.as_ref().map(|f| f.0.clone()),
+        "failed_at": failure.as_ref().and_then(|f| f.1.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()),
+        "dirty_bytes": shared.dirty.dirty_bytes(),
+        "range_locks": shared.ranges.len(),
     })
 }
 
@@ -471,21 +545,10 @@ fn check_stream_socket(fd: &OwnedFd) -> std::result::Result<(), String> {
 
 /// "unix", "inet" or "inet6": what kind of link a stored fd is.
 fn socket_family(fd: &OwnedFd) -> &'static str {
-    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: valid fd and a sockaddr_storage-sized buffer.
-    let rc = unsafe {
-        libc::getsockname(
-            fd.as_raw_fd(),
-            (&mut addr as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    match (rc, i32::from(addr.ss_family)) {
-        (0, libc::AF_UNIX) => "unix",
-        (0, libc::AF_INET) => "inet",
-        (0, libc::AF_INET6) => "inet6",
+    match crate::shared::socket_family(fd.as_raw_fd()) {
+        libc::AF_UNIX => "unix",
+        libc::AF_INET => "inet",
+        libc::AF_INET6 => "inet6",
         _ => "unknown",
     }
 }

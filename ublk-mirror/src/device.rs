@@ -119,6 +119,8 @@ pub fn serve(
     };
     let run = ctrl.run_target(init, queue_fn, on_live);
     drop(server);
+    // The queues are done: nothing more goes to the target; disconnect it politely.
+    shared.stop_mirror();
 
     if let Err(e) = shared.sync_image() {
         log::error!(

@@ -7,10 +7,13 @@
 
 mod control_server;
 mod device;
+mod dirty;
 mod error;
 mod image;
 mod local_leg;
+mod mirror;
 mod queue;
+mod range_lock;
 mod readiness;
 mod request;
 mod shared;

@@ -6,15 +6,19 @@
 //! 2. [`Request::parse`] turns the io descriptor into a typed request, refusing bad ones before
 //!    any I/O;
 //! 3. [`admit`] counts it as started and passes the pause gate, or parks it until unpause;
-//! 4. [`serve`] issues the request to the legs and awaits them. Today there is one leg, the
-//!    local image; the mirror leg joins it for write-like requests, issued concurrently on the
-//!    same ring, and the request completes when both have;
+//! 4. [`serve`] issues the request to the legs and awaits them: reads go to the local image
+//!    only; while a mirror is attached, a write-like request takes its place in the range lock
+//!    (overlapping writes reach both legs in arrival order), then the local leg (on this ring)
+//!    and the mirror leg (handed to the mirror link) run concurrently, and the request completes
+//!    when both have. The guest gets the local result; a request the target did not take marks
+//!    its range out of sync;
 //! 5. the result is committed together with the fetch of the next request, so every tag is
 //!    completed exactly once on every path: an error is a negative errno, never a lost tag.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
@@ -25,6 +29,7 @@ use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkUringData};
 
 use crate::local_leg::LocalLeg;
+use crate::mirror::{MirrorOp, Outcome};
 use crate::request::Request;
 use crate::shared::Shared;
 use crate::stats::QueueCounters;
@@ -44,10 +49,14 @@ impl QueueContext {
     }
 }
 
-/// Tasks of this queue parked at the pause gate; woken when the doorbell rings.
+/// Tasks of this queue waiting for something another thread does (the pause gate opening, a
+/// range lock granted, a mirror outcome); all are woken when the queue's doorbell rings and
+/// each re-checks its own condition.
 #[derive(Default)]
 struct Parked {
     wakers: RefCell<Vec<Waker>>,
+    /// The mirror outcome delivered for each tag, until its task takes it.
+    outcomes: RefCell<Vec<Option<Outcome>>>,
 }
 
 impl Parked {
@@ -70,6 +79,10 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
     };
     let leg = Rc::new(LocalLeg::new(ctx.shared.image_fd()));
     let parked = Rc::new(Parked::default());
+    parked
+        .outcomes
+        .borrow_mut()
+        .resize(usize::from(dev.dev_info.queue_depth), None);
     let exe = Rc::new(smol::LocalExecutor::new());
     let dev_size = dev.tgt.dev_size;
     let max_io = dev.dev_info.max_io_buf_bytes;
@@ -81,6 +94,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
                 (queue.clone(), leg.clone(), ctx.clone(), parked.clone());
             exe.spawn(async move {
                 let tag_ctx = TagContext {
+                    qid,
                     shared: &ctx.shared,
                     counters: ctx.shared.stats.queue(usize::from(qid)),
                     parked: &parked,
@@ -99,7 +113,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
         })
         .collect();
     // Not awaited: it lives as long as the executor and rings parked tasks awake.
-    exe.spawn(doorbell(ctx.shared.doorbell(qid), parked.clone()))
+    exe.spawn(doorbell(ctx.shared.clone(), qid, parked.clone()))
         .detach();
 
     let driver = exe.clone();
@@ -119,8 +133,10 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
     ctx.stop(StopReason::QueueStopped(qid));
 }
 
-/// Reads the queue's eventfd on the queue's ring; each ring wakes every parked task here.
-async fn doorbell(fd: std::os::fd::RawFd, parked: Rc<Parked>) {
+/// Reads the queue's eventfd on the queue's ring; each ring delivers the mirror outcomes
+/// waiting in the queue's mailbox and wakes every waiting task here.
+async fn doorbell(shared: Arc<Shared>, qid: u16, parked: Rc<Parked>) {
+    let fd = shared.doorbell(qid);
     // Leaked on purpose: the read may still be in flight when the thread's ring is torn down
     // at exit, and the kernel must never write into freed memory. 8 bytes per queue.
     let buf: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
@@ -129,21 +145,38 @@ async fn doorbell(fd: std::os::fd::RawFd, parked: Rc<Parked>) {
         let res = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
             .await
             .unwrap_or(-libc::EIO);
-        if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {
-            log::error!(
-                "doorbell read failed: errno {}; parked requests wake on the next request",
-                -res
-            );
-            // Wake everyone so nothing is stranded, then stop listening.
-            parked.wake_all();
-            return;
+        {
+            let mut slots = parked.outcomes.borrow_mut();
+            for (tag, outcome) in shared.mail.take(qid) {
+                if let Some(slot) = slots.get_mut(usize::from(tag)) {
+                    *slot = Some(outcome);
+                }
+            }
         }
         parked.wake_all();
+        if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {
+            log::error!("queue {qid}: doorbell read failed: errno {}", -res);
+            return;
+        }
     }
+}
+
+/// Waits until another thread makes `ready` true; woken by the queue's doorbell.
+async fn wait_until(parked: &Parked, mut ready: impl FnMut() -> bool) {
+    poll_fn(|cx| {
+        if ready() {
+            Poll::Ready(())
+        } else {
+            parked.wakers.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 /// What a tag's task uses, borrowed from its queue.
 struct TagContext<'a> {
+    qid: u16,
     shared: &'a Shared,
     counters: &'a QueueCounters,
     parked: &'a Parked,
@@ -162,15 +195,7 @@ async fn admit(t: &TagContext<'_>, req: &Request) {
         }
         t.counters.unstart();
         t.counters.set_parked(1);
-        poll_fn(|cx| {
-            if t.shared.gate().blocks(req) {
-                t.parked.wakers.borrow_mut().push(cx.waker().clone());
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        })
-        .await;
+        wait_until(t.parked, || !t.shared.gate().blocks(req)).await;
         t.counters.set_parked(-1);
     }
 }
@@ -195,7 +220,7 @@ async fn serve_tag(queue: &UblkQueue<'_>, t: &TagContext<'_>, tag: u16) -> Resul
         let result = match parsed {
             Ok(req) => {
                 admit(t, &req).await;
-                let res = serve(t.leg, req, buf.as_mut_slice()).await;
+                let res = serve(t, tag, req, buf.as_mut_slice()).await;
                 t.counters.record(&req, res.is_ok());
                 t.counters.complete();
                 res.unwrap_or_else(|e| {
@@ -215,8 +240,87 @@ async fn serve_tag(queue: &UblkQueue<'_>, t: &TagContext<'_>, tag: u16) -> Resul
     }
 }
 
-/// Carries out one request; Ok is the value committed to the kernel (bytes for data requests).
+/// Carries out one request; Ok is the value committed to the kernel (bytes for data
+/// requests). Write-like requests go to the mirror too while one takes I/O.
 async fn serve(
+    t: &TagContext<'_>,
+    tag: u16,
+    req: Request,
+    buf: &mut [u8],
+) -> Result<i32, crate::error::LegError> {
+    if matches!(req, Request::Read { .. }) {
+        return serve_local(t.leg, req, buf).await;
+    }
+    // Counted before looking at the mirror slot: a mirror starting waits for local-only
+    // writes to finish, and they see it and mark themselves out of sync (see start_mirror).
+    t.counters.local_only_begin();
+    let mirror = t.shared.mirror.load_full();
+    let Some(m) = mirror.as_ref().filter(|m| m.takes_io()) else {
+        let res = serve_local(t.leg, req, buf).await;
+        if mirror.is_some() || t.shared.mirror.load().is_some() {
+            mark_dirty(t.shared, &req);
+        }
+        t.counters.local_only_end();
+        return res;
+    };
+    t.counters.local_only_end();
+
+    let range = req.range().filter(|_| !t.shared.range_lock_disabled);
+    let ticket = range.map(|(off, len)| t.shared.ranges.enqueue(off, len, t.qid));
+    if let Some(ticket) = &ticket {
+        wait_until(t.parked, || ticket.granted.load(Ordering::Acquire)).await;
+    }
+    let Some(op) = mirror_op(req, buf) else {
+        return serve_local(t.leg, req, buf).await;
+    };
+    t.parked.outcomes.borrow_mut()[usize::from(tag)] = None;
+    m.submit(t.qid, tag, op);
+    let remote = async {
+        let mut outcome = None;
+        wait_until(t.parked, || {
+            outcome = t.parked.outcomes.borrow_mut()[usize::from(tag)].take();
+            outcome.is_some()
+        })
+        .await;
+        outcome.unwrap_or(Outcome::Failed)
+    };
+    let (local, remote) = smol::future::zip(serve_local(t.leg, req, buf), remote).await;
+    if let Some(ticket) = &ticket {
+        for q in t.shared.ranges.release(ticket) {
+            t.shared.mail.ring(q);
+        }
+    }
+    if remote == Outcome::Failed {
+        mark_dirty(t.shared, &req);
+    }
+    local
+}
+
+/// What the target must do for a write-like request (None for a read). The data is copied:
+/// the mirror link sends it from another thread.
+fn mirror_op(req: Request, buf: &[u8]) -> Option<MirrorOp> {
+    Some(match req {
+        Request::Write { offset, len, fua } => MirrorOp::Write {
+            offset,
+            data: buf[..len as usize].to_vec(),
+            fua,
+        },
+        Request::Flush => MirrorOp::Flush,
+        Request::Discard { offset, len } | Request::WriteZeroes { offset, len } => {
+            MirrorOp::WriteZeroes { offset, len }
+        }
+        Request::Read { .. } => return None,
+    })
+}
+
+fn mark_dirty(shared: &Shared, req: &Request) {
+    if let Some((off, len)) = req.range() {
+        shared.dirty.mark(off, len);
+    }
+}
+
+/// The local leg only.
+async fn serve_local(
     leg: &LocalLeg,
     req: Request,
     buf: &mut [u8],

@@ -39,6 +39,17 @@ impl RequestError {
 }
 
 impl Request {
+    /// The byte range a request touches, for those that have one (not FLUSH).
+    pub fn range(&self) -> Option<(u64, u64)> {
+        match *self {
+            Request::Read { offset, len }
+            | Request::Write { offset, len, .. }
+            | Request::Discard { offset, len }
+            | Request::WriteZeroes { offset, len } => Some((offset, u64::from(len))),
+            Request::Flush => None,
+        }
+    }
+
     /// Parses a descriptor; `dev_size` and `max_io` bound what a data request may touch.
     pub fn parse(
         op_flags: u32,

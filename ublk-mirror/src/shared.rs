@@ -18,7 +18,15 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
+use nbd_proxy::address::Stream;
+use nbd_proxy::client::{Export, Negotiator};
+use nbd_proxy::proto::{tx_flags, BlockSize};
+
+use crate::dirty::{DirtyMap, DEFAULT_GRANULE};
 use crate::image::{DirectMode, Image};
+use crate::mirror::{Mailboxes, Mirror, MirrorState};
+use crate::range_lock::RangeLock;
 use crate::request::Request;
 use crate::stats::Stats;
 use crate::StopReason;
@@ -98,6 +106,12 @@ pub enum ControlError {
     Stopping,
     #[error("wait-idle timed out with {0} requests outstanding")]
     IdleTimeout(u64),
+    #[error("no fd named {0:?} (pass-fd it first)")]
+    NoSuchFd(String),
+    #[error("mirror refused: {0}")]
+    MirrorRefused(String),
+    #[error("a mirror is already {0}; mirror-stop it first")]
+    MirrorBusy(&'static str),
 }
 
 pub struct Shared {
@@ -112,8 +126,20 @@ pub struct Shared {
     image: Mutex<Option<Image>>,
     image_path: Mutex<PathBuf>,
     state: Mutex<DeviceState>,
-    /// One eventfd per queue: written to wake the queue's parked requests.
-    doorbells: Vec<OwnedFd>,
+    /// One eventfd per queue: written to wake the queue's parked requests. Owned here; the
+    /// mailboxes hold their numbers.
+    _doorbells: Vec<OwnedFd>,
+    /// Per-queue doorbells and mirror completions.
+    pub mail: Arc<Mailboxes>,
+    /// The mirror, while one is attached (in any state). Loaded without a lock per request.
+    pub mirror: ArcSwapOption<Mirror>,
+    /// Out-of-sync granules between the image and the mirror target.
+    pub dirty: DirtyMap,
+    /// Orders overlapping write-like requests while a mirror is attached.
+    pub ranges: RangeLock,
+    /// TEST ONLY (UBLK_MIRROR_DEBUG_NO_RANGE_LOCK=1): skip the range lock, to prove the overlap
+    /// test can fail without it.
+    pub range_lock_disabled: bool,
     /// Serializes pause, unpause and stop.
     admin: Mutex<()>,
     pub fds: Mutex<BTreeMap<String, StoredFd>>,
@@ -151,7 +177,21 @@ impl Shared {
         } else {
             (Gate::Open, DeviceState::Running)
         };
+        let mail = Arc::new(Mailboxes::new(
+            doorbells.iter().map(|d| d.as_raw_fd()).collect(),
+        ));
         Ok(Arc::new(Shared {
+            mail,
+            mirror: ArcSwapOption::empty(),
+            dirty: DirtyMap::new(image.size, DEFAULT_GRANULE),
+            ranges: RangeLock::default(),
+            range_lock_disabled: {
+                let off = std::env::var_os("UBLK_MIRROR_DEBUG_NO_RANGE_LOCK").is_some();
+                if off {
+                    log::warn!("UBLK_MIRROR_DEBUG_NO_RANGE_LOCK: overlapping mirrored writes are NOT ordered; the legs can diverge (test only)");
+                }
+                off
+            },
             stats: Stats::new(usize::from(queues)),
             dev_size: image.size,
             logical_block: image.logical_block,
@@ -162,7 +202,7 @@ impl Shared {
             image_path: Mutex::new(image.path.clone()),
             image: Mutex::new(Some(image)),
             state: Mutex::new(state),
-            doorbells,
+            _doorbells: doorbells,
             admin: Mutex::new(()),
             fds: Mutex::new(BTreeMap::new()),
             mirror_request: Mutex::new(None),
@@ -184,16 +224,11 @@ impl Shared {
     }
 
     pub fn doorbell(&self, qid: u16) -> RawFd {
-        self.doorbells[usize::from(qid) % self.doorbells.len()].as_raw_fd()
+        self._doorbells[usize::from(qid) % self._doorbells.len()].as_raw_fd()
     }
 
     fn ring_doorbells(&self) {
-        let one = 1u64.to_ne_bytes();
-        for d in &self.doorbells {
-            // SAFETY: writes 8 bytes from a live buffer to an eventfd we own. A full counter
-            // (EAGAIN) already means "ring", so the result does not matter.
-            let _ = unsafe { libc::write(d.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-        }
+        self.mail.ring_all();
     }
 
     pub fn state(&self) -> DeviceState {
@@ -356,6 +391,126 @@ impl Shared {
         self.drain(timeout).map_err(ControlError::IdleTimeout)
     }
 
+    /// Attaches a mirror on the stored fd `fd_name`: runs the NBD handshake unless the fd came
+    /// negotiated, checks the export can take this device, starts the link, and returns once
+    /// the mirror is active (every write that started local-only has completed and marked
+    /// itself out of sync). On error the fd is closed and nothing else changes.
+    pub fn start_mirror(
+        &self,
+        fd_name: &str,
+        export_name: &str,
+        timeout: Option<Duration>,
+        max_io: u32,
+    ) -> Result<Arc<Mirror>, ControlError> {
+        let _admin = lock(&self.admin);
+        if let Some(m) = self.mirror.load_full() {
+            if m.state() != MirrorState::Failed {
+                return Err(ControlError::MirrorBusy(m.state().name()));
+            }
+        }
+        let stored = lock(&self.fds)
+            .remove(fd_name)
+            .ok_or_else(|| ControlError::NoSuchFd(fd_name.to_owned()))?;
+        let refuse = |m: String| ControlError::MirrorRefused(m);
+        let family = socket_family(stored.fd.as_raw_fd());
+        let stream = if family == libc::AF_UNIX {
+            Stream::Unix(std::os::unix::net::UnixStream::from(stored.fd))
+        } else {
+            let s = std::net::TcpStream::from(stored.fd);
+            let _ = s.set_nodelay(true);
+            Stream::Tcp(s)
+        };
+        let (stream, export) = match stored.nbd {
+            Some(n) => (
+                stream,
+                Export {
+                    name: n.export,
+                    size: n.size,
+                    flags: n.flags,
+                    block_size: BlockSize {
+                        minimum: n.block_size[0],
+                        preferred: n.block_size[1],
+                        maximum: n.block_size[2],
+                    },
+                },
+            ),
+            None => {
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .map_err(|e| refuse(e.to_string()))?;
+                let (s, e) = Negotiator::start(stream)
+                    .and_then(|n| n.go(export_name))
+                    .map_err(|e| refuse(format!("NBD handshake: {e}")))?;
+                s.set_read_timeout(None)
+                    .map_err(|e| refuse(e.to_string()))?;
+                (s, e)
+            }
+        };
+        if export.size < self.dev_size {
+            return Err(refuse(format!(
+                "export {:?} has {} bytes, smaller than the {}-byte device",
+                export.name, export.size, self.dev_size
+            )));
+        }
+        if export.read_only() {
+            return Err(refuse(format!("export {:?} is read-only", export.name)));
+        }
+        if !export.has(tx_flags::SEND_FLUSH) {
+            return Err(refuse(format!(
+                "export {:?} does not take FLUSH: the target could not be crash-consistent",
+                export.name
+            )));
+        }
+        if export.block_size.maximum < max_io || export.block_size.minimum > self.logical_block {
+            return Err(refuse(format!(
+                "export {:?} block sizes (min {}, max {}) do not fit the device (block {}, max io {})",
+                export.name, export.block_size.minimum, export.block_size.maximum,
+                self.logical_block, max_io
+            )));
+        }
+        let mirror = Mirror::start(
+            fd_name.to_owned(),
+            stream,
+            export,
+            timeout,
+            self.mail.clone(),
+        )
+        .map_err(|e| refuse(format!("starting the mirror threads: {e}")))?;
+        // Publish, then wait for writes that began local-only (they mark themselves dirty);
+        // the store and the gauge loads are SeqCst, paired with the queues' side.
+        self.mirror.store(Some(mirror.clone()));
+        let start = Instant::now();
+        while self.stats.local_only() > 0 && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        mirror.set_active();
+        log::info!(
+            "mirroring to {:?} (export {:?}, {} bytes, timeout {})",
+            fd_name,
+            mirror.export.name,
+            mirror.export.size,
+            timeout.map_or("none".to_string(), |t| format!("{} s", t.as_secs_f64()))
+        );
+        Ok(mirror)
+    }
+
+    /// Ends mirroring cleanly: requests in flight to the target complete, then disconnect. The
+    /// failed flag is cleared with it (as `tap-ctl unpause -2 null`).
+    pub fn stop_mirror(&self) -> bool {
+        let _admin = lock(&self.admin);
+        let Some(m) = self.mirror.load_full() else {
+            return false;
+        };
+        m.stop(Duration::from_secs(30));
+        self.mirror.store(None);
+        log::info!("mirror {:?} stopped", m.name);
+        true
+    }
+
+    pub fn mirror_failed(&self) -> bool {
+        self.mirror.load().as_ref().is_some_and(|m| m.failed())
+    }
+
     pub fn image_is_open(&self) -> bool {
         lock(&self.image).is_some()
     }
@@ -366,6 +521,26 @@ impl Shared {
             Some(i) => i.sync(),
             None => Ok(()),
         }
+    }
+}
+
+/// The address family (AF_UNIX, AF_INET, ...) of a socket fd; -1 if it is not a socket.
+pub fn socket_family(fd: RawFd) -> i32 {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: valid fd and a buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockname(
+            fd,
+            (&mut addr as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        i32::from(addr.ss_family)
+    } else {
+        -1
     }
 }
 

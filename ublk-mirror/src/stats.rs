@@ -26,6 +26,9 @@ pub struct QueueCounters {
     completed: AtomicU64,
     /// Requests waiting at a closed gate (a gauge).
     parked: AtomicU64,
+    /// Write-like requests being served local-only (a gauge): a mirror starting waits for
+    /// these to finish (they mark themselves out of sync).
+    local_only: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -84,6 +87,17 @@ impl QueueCounters {
     pub fn complete(&self) {
         let v = self.completed.load(Ordering::Relaxed);
         self.completed.store(v + 1, Ordering::SeqCst);
+    }
+
+    /// SeqCst, and before the caller looks at the mirror slot (see `Shared::start_mirror`).
+    pub fn local_only_begin(&self) {
+        let v = self.local_only.load(Ordering::Relaxed);
+        self.local_only.store(v + 1, Ordering::SeqCst);
+    }
+
+    pub fn local_only_end(&self) {
+        let v = self.local_only.load(Ordering::Relaxed);
+        self.local_only.store(v.saturating_sub(1), Ordering::SeqCst);
     }
 
     pub fn set_parked(&self, delta: i64) {
@@ -152,6 +166,14 @@ impl Stats {
 
     pub fn queue(&self, qid: usize) -> &QueueCounters {
         &self.queues[qid % self.queues.len()]
+    }
+
+    /// Write-like requests being served local-only, over all queues.
+    pub fn local_only(&self) -> u64 {
+        self.queues
+            .iter()
+            .map(|q| q.local_only.load(Ordering::SeqCst))
+            .sum()
     }
 
     pub fn snapshot(&self) -> Snapshot {

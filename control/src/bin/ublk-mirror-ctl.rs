@@ -70,6 +70,20 @@ enum Cmd {
     },
     /// Stop the daemon gracefully (as SIGTERM).
     Shutdown,
+    /// Mirror every write to the NBD target on the stored fd NAME.
+    MirrorStart {
+        name: String,
+        /// Export name for the handshake (when the fd was not passed negotiated).
+        #[arg(long)]
+        export: Option<String>,
+        /// Seconds a request may wait for the target before the mirror fails (0: forever).
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// End mirroring cleanly and clear nbd_mirror_failed.
+    MirrorStop,
+    /// The out-of-sync extents (offset, length).
+    DirtyMap,
     /// Every daemon under /run/ublk-mirror with its state.
     List,
     /// Send one line verbatim and print the reply line (for debugging the protocol).
@@ -134,6 +148,20 @@ fn run(cli: Cli) -> Result<()> {
             timeout + 10.0,
         ),
         Cmd::Shutdown => (Command::Shutdown, 10.0),
+        Cmd::MirrorStart {
+            name,
+            export,
+            timeout,
+        } => (
+            Command::MirrorStart {
+                name,
+                export,
+                timeout,
+            },
+            60.0,
+        ),
+        Cmd::MirrorStop => (Command::MirrorStop, 60.0),
+        Cmd::DirtyMap => (Command::DirtyMap, 10.0),
         Cmd::PassFd { name, fd } => {
             // SAFETY: F_GETFD only inspects the descriptor table entry.
             if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {

@@ -29,7 +29,7 @@ for i in 1 2 3 4 5; do
     touch "$WORK/paused.$i"; wait $poller
     [ ! -e "$WORK/stats-failed" ] || fail "a stats request was not answered during a pause"
     lat+=($((t1 - t0)))
-    drain+=("$(sed -n 's/^drain_ms: //p' "$WORK/pause.$i" | cut -d. -f1)")
+    drain+=("$(sed -n 's/^drain_ms: //p' "$WORK/pause.$i")")
     [ "$(ctl_get stats state)" = paused ] || fail "state is not paused"
     [ "$(ctl_get stats reqs_outstanding)" = 0 ] || fail "requests outstanding while paused"
     [ "$(ctl_get info image_open)" = false ] || fail "image still open while paused"

@@ -63,3 +63,29 @@ now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
 # median of the numbers given as arguments.
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
+
+# start_target IMAGE [nbd-proxy serve args...]: nbd-proxy serve on tcp:127.0.0.1:10809 exporting
+# IMAGE as "disk"; sets TARGET_PID.
+start_target() {
+    local img=$1; shift
+    nbd-proxy serve --listen tcp:127.0.0.1:10809 --export "disk=$img" "$@" > "$WORK/target.out" 2> "$WORK/target.log" &
+    TARGET_PID=$!
+    for _ in $(seq 100); do grep -q listening "$WORK/target.out" 2>/dev/null && return; sleep 0.1; done
+    cat "$WORK/target.log"; fail "nbd-proxy serve did not start"
+}
+
+# wait_port PORT: until something listens on 127.0.0.1:PORT.
+wait_port() {
+    for _ in $(seq 100); do (exec 9<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.1; done
+    fail "nothing listens on port $1"
+}
+
+# mirror_to NAME [mirror-start args...]: hands a connection to 127.0.0.1:10809 to the daemon
+# as NAME and starts mirroring to export "disk".
+mirror_to() {
+    local name=$1; shift
+    nbd-proxy connect --to tcp:127.0.0.1:10809 --export disk --handoff "$CTL" --name "$name" > /dev/null \
+        || fail "nbd-proxy connect failed"
+    ctl mirror-start "$name" --export disk "$@" > /dev/null || fail "mirror-start failed"
+    [ "$(ctl_get stats mirror.state)" = active ] || fail "mirror is not active"
+}
