@@ -11,9 +11,16 @@ use std::os::unix::net::UnixStream;
 
 /// One sendmsg carrying `data` and one fd as SCM_RIGHTS.
 pub fn send_with_fd(sock: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io::Result<()> {
-    let raw = fd.as_raw_fd();
-    // SAFETY: CMSG_SPACE is a pure computation on a constant size.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    send_with_fds(sock, data, &[fd])
+}
+
+/// One sendmsg carrying `data` and `fds` as SCM_RIGHTS (the protocol allows one; more is for
+/// testing the receiver's refusal).
+pub fn send_with_fds(sock: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let raw: Vec<libc::c_int> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let bytes = std::mem::size_of_val(raw.as_slice()) as u32;
+    // SAFETY: CMSG_SPACE is a pure computation on a size.
+    let space = unsafe { libc::CMSG_SPACE(bytes) } as usize;
     // u64 storage keeps the control buffer aligned for cmsghdr.
     let mut cbuf = vec![0u64; space.div_ceil(8)];
     let mut iov = libc::iovec {
@@ -26,14 +33,14 @@ pub fn send_with_fd(sock: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io::R
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
     msg.msg_controllen = space as _;
-    // SAFETY: msg_control points at `space` bytes we own, enough for one cmsghdr with one int,
-    // so CMSG_FIRSTHDR is non-null and CMSG_DATA is inside the buffer.
+    // SAFETY: msg_control points at `space` bytes we own, enough for one cmsghdr with the
+    // fds, so CMSG_FIRSTHDR is non-null and CMSG_DATA has room for `raw`.
     unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), raw);
+        (*cmsg).cmsg_len = libc::CMSG_LEN(bytes) as _;
+        std::ptr::copy_nonoverlapping(raw.as_ptr(), libc::CMSG_DATA(cmsg).cast(), raw.len());
     }
     // SAFETY: msg and everything it points to (iov, data, cbuf) live across the call.
     let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
@@ -41,7 +48,7 @@ pub fn send_with_fd(sock: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io::R
         return Err(io::Error::last_os_error());
     }
     if (n as usize) < data.len() {
-        // The fd went with the first part; send the rest of the line plainly.
+        // The fds went with the first part; send the rest of the line plainly.
         (&*sock).write_all(&data[n as usize..])?;
     }
     Ok(())

@@ -70,11 +70,7 @@ fn describe(e: Export) -> NegotiatedNbd {
         export: e.name,
         size: e.size,
         flags: e.flags,
-        block_size: [
-            e.block_size.minimum,
-            e.block_size.preferred,
-            e.block_size.maximum,
-        ],
+        block_size: e.block_size.to_array(),
     }
 }
 

@@ -523,6 +523,19 @@ pub struct BlockSize {
 }
 
 impl BlockSize {
+    /// From [minimum, preferred, maximum], the order the control protocol carries them in.
+    pub fn from_array([minimum, preferred, maximum]: [u32; 3]) -> BlockSize {
+        BlockSize {
+            minimum,
+            preferred,
+            maximum,
+        }
+    }
+
+    pub fn to_array(&self) -> [u32; 3] {
+        [self.minimum, self.preferred, self.maximum]
+    }
+
     /// What the spec says a client must assume without the information.
     pub const DEFAULT: BlockSize = BlockSize {
         minimum: 512,

@@ -102,11 +102,7 @@ fn negotiated_handoff_is_in_transmission_with_the_export_described() {
         name: n.export,
         size: n.size,
         flags: n.flags,
-        block_size: BlockSize {
-            minimum: n.block_size[0],
-            preferred: n.block_size[1],
-            maximum: n.block_size[2],
-        },
+        block_size: BlockSize::from_array(n.block_size),
     };
     let mut c = Connection::new(sock, export);
     let data = pattern(4, 8192);

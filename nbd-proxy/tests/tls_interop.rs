@@ -140,11 +140,7 @@ fn relay_round_trip(dir: &Path, port: u16, export: &str) {
         name: n.export,
         size: n.size,
         flags: n.flags,
-        block_size: BlockSize {
-            minimum: n.block_size[0],
-            preferred: n.block_size[1],
-            maximum: n.block_size[2],
-        },
+        block_size: BlockSize::from_array(n.block_size),
     };
     let mut c = Connection::new(UnixStream::from(r.fd.expect("fd")), export);
     for i in 0..16u64 {

@@ -672,30 +672,7 @@ mod tests {
         let (a, _pa) = UnixStream::pair().expect("pair");
         let (b, _pb) = UnixStream::pair().expect("pair");
         let line = b"{\"v\":1,\"id\":7,\"cmd\":\"pass-fd\",\"args\":{\"name\":\"two\"}}\n";
-        let fds = [a.as_raw_fd(), b.as_raw_fd()];
-        // SAFETY: CMSG_SPACE is a pure computation.
-        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of_val(&fds) as u32) } as usize;
-        let mut cbuf = vec![0u64; space.div_ceil(8)];
-        let mut iov = libc::iovec {
-            iov_base: line.as_ptr() as *mut libc::c_void,
-            iov_len: line.len(),
-        };
-        // SAFETY: msghdr is plain old data; zeroed then filled in.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer has room for one header with two ints.
-        unsafe {
-            let h = libc::CMSG_FIRSTHDR(&msg);
-            (*h).cmsg_level = libc::SOL_SOCKET;
-            (*h).cmsg_type = libc::SCM_RIGHTS;
-            (*h).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(&fds) as u32) as _;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(h).cast::<i32>(), 2);
-        }
-        // SAFETY: msg and the buffers it points to are alive across the call.
-        assert!(unsafe { libc::sendmsg(c.as_raw_fd(), &msg, 0) } > 0);
+        control::fdpass::send_with_fds(&c, line, &[a.as_fd(), b.as_fd()]).expect("send");
         assert_eq!(code_of(&reply(&mut r)), code::BAD_FD);
         assert!(
             lock(&shared.fds).is_empty(),

@@ -427,11 +427,7 @@ impl Shared {
                     name: n.export,
                     size: n.size,
                     flags: n.flags,
-                    block_size: BlockSize {
-                        minimum: n.block_size[0],
-                        preferred: n.block_size[1],
-                        maximum: n.block_size[2],
-                    },
+                    block_size: BlockSize::from_array(n.block_size),
                 },
             ),
             None => {

@@ -69,14 +69,16 @@ pub fn spawn(program: &str, args: &[&str]) -> Peer {
     Peer { child, socket, dir }
 }
 
-/// Our own server on a Unix socket, with `extra` arguments; waits for "listening on".
-pub fn our_server(exports: &[(&str, &Path)], extra: &[&str]) -> Peer {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let socket = dir.path().join("nbd.sock");
+/// Starts `nbd-proxy serve --listen LISTEN` with `exports` and `extra` arguments; waits for its
+/// "listening on ADDRESS" line and returns the process and that address.
+fn spawn_our_server(
+    listen: &str,
+    exports: &[(&str, &Path)],
+    extra: &[&str],
+    dir: tempfile::TempDir,
+) -> (Peer, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbd-proxy"));
-    cmd.arg("serve")
-        .arg("--listen")
-        .arg(format!("unix:{}", socket.display()));
+    cmd.args(["serve", "--listen", listen]);
     for (name, path) in exports {
         cmd.arg("--export")
             .arg(format!("{name}={}", path.display()));
@@ -88,8 +90,20 @@ pub fn our_server(exports: &[(&str, &Path)], extra: &[&str]) -> Peer {
     BufReader::new(stdout)
         .read_line(&mut line)
         .expect("read listening line");
-    assert!(line.starts_with("listening on"), "unexpected: {line:?}");
-    Peer { child, socket, dir }
+    let address = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected: {line:?}"))
+        .to_owned();
+    let socket = dir.path().join("nbd.sock");
+    (Peer { child, socket, dir }, address)
+}
+
+/// Our own server on a Unix socket, with `extra` arguments.
+pub fn our_server(exports: &[(&str, &Path)], extra: &[&str]) -> Peer {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen = format!("unix:{}", dir.path().join("nbd.sock").display());
+    spawn_our_server(&listen, exports, extra, dir).0
 }
 
 pub fn connect(socket: &Path, export: &str) -> Connection<UnixStream> {
@@ -128,27 +142,13 @@ pub fn image(dir: &Path, name: &str, len: u64) -> PathBuf {
 /// Our server on TCP loopback with `extra` arguments; returns it and its port.
 pub fn our_server_tcp(exports: &[(&str, &Path)], extra: &[&str]) -> (Peer, u16) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nbd-proxy"));
-    cmd.args(["serve", "--listen", "tcp:127.0.0.1:0"]);
-    for (name, path) in exports {
-        cmd.arg("--export")
-            .arg(format!("{name}={}", path.display()));
-    }
-    cmd.args(extra).stdin(Stdio::null()).stdout(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn nbd-proxy serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("listening line");
-    let port = line
-        .trim()
+    let (peer, address) = spawn_our_server("tcp:127.0.0.1:0", exports, extra, dir);
+    let port = address
         .rsplit(':')
         .next()
         .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line:?}"));
-    let socket = dir.path().join("unused");
-    (Peer { child, socket, dir }, port)
+        .unwrap_or_else(|| panic!("no port in {address:?}"));
+    (peer, port)
 }
 
 /// A free TCP port on loopback (for peers that cannot report the one they bound).
