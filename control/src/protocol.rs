@@ -77,6 +77,20 @@ pub enum Command {
         /// 0 = wait forever, like tapdisk).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout: Option<f64>,
+        /// Also copy the whole device in the background (sparse-aware).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        copy: bool,
+        /// Copy only what the out-of-sync map holds (after a failure).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resync: bool,
+        /// Copy rate limit in bytes per second of device covered (holes included).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        speed: Option<u64>,
+    },
+    /// Wait until the background copy or resync is ready (actively synced).
+    MirrorWaitReady {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout: Option<f64>,
     },
     /// End mirroring cleanly and clear `nbd_mirror_failed`.
     MirrorStop,

@@ -18,7 +18,8 @@ use control::fdpass::recv_with_fd;
 use control::protocol::{code, Command, Reply, Request, MAX_FDS, MAX_FD_NAME, MAX_LINE, VERSION};
 use serde_json::{json, Value};
 
-use crate::shared::{ControlError, Shared, StoredFd};
+use crate::copy::{CopyJob, CopyState};
+use crate::shared::{ControlError, CopyPlan, Shared, StoredFd};
 use crate::StopReason;
 
 /// The runtime directory for default socket paths.
@@ -183,7 +184,7 @@ fn send(conn: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     conn.write_all(line.as_bytes())
 }
 
-fn serve_client(mut conn: UnixStream, shared: &Shared, info: &DeviceInfo) {
+fn serve_client(mut conn: UnixStream, shared: &Arc<Shared>, info: &DeviceInfo) {
     let mut buf = vec![0u8; MAX_LINE];
     let mut pending: Vec<u8> = Vec::new();
     let mut discarding = false;
@@ -247,7 +248,7 @@ fn handle_line(
     line: &[u8],
     fd: Option<OwnedFd>,
     excess_fds: bool,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     info: &DeviceInfo,
 ) -> Reply {
     let value: Value = match serde_json::from_slice(line) {
@@ -315,7 +316,7 @@ fn control_error(e: ControlError) -> (&'static str, String) {
     (c, e.to_string())
 }
 
-fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Shared, info: &DeviceInfo) -> Outcome {
+fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &DeviceInfo) -> Outcome {
     match cmd {
         Command::Info => Ok(json!({
             "device": info.bdev,
@@ -354,7 +355,13 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Shared, info: &DeviceInf
                 }
                 Some(name) => {
                     shared
-                        .start_mirror(name, "", Some(DEFAULT_MIRROR_TIMEOUT), info.max_io_bytes)
+                        .start_mirror(
+                            name,
+                            "",
+                            Some(DEFAULT_MIRROR_TIMEOUT),
+                            info.max_io_bytes,
+                            CopyPlan::None,
+                        )
                         .map_err(control_error)?;
                 }
                 None => {}
@@ -419,7 +426,21 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Shared, info: &DeviceInf
             name,
             export,
             timeout,
+            copy,
+            resync,
+            speed,
         } => {
+            if copy && resync {
+                return Err((
+                    code::BAD_REQUEST,
+                    "copy and resync exclude each other".into(),
+                ));
+            }
+            let plan = match (copy, resync) {
+                (true, _) => CopyPlan::Copy { speed },
+                (_, true) => CopyPlan::Resync { speed },
+                _ => CopyPlan::None,
+            };
             // 0 waits forever, like tapdisk (a hung target then hangs the guest).
             let timeout = if timeout == Some(0.0) {
                 None
@@ -434,12 +455,35 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Shared, info: &DeviceInf
                     export.as_deref().unwrap_or(""),
                     timeout,
                     info.max_io_bytes,
+                    plan,
                 )
                 .map_err(control_error)?;
             *lock(&shared.mirror_request) = Some(name);
             Ok(json!({ "state": m.state().name(), "export": m.export.name, "size": m.export.size }))
         }
         Command::MirrorStop => Ok(json!({ "stopped": shared.stop_mirror() })),
+        Command::MirrorWaitReady { timeout } => {
+            let deadline = std::time::Instant::now() + timeout_of(timeout.or(Some(86_400.0)))?;
+            loop {
+                let Some(job) = shared.copy.load_full() else {
+                    return Err((code::BAD_STATE, "no copy or resync is running".into()));
+                };
+                match job.state() {
+                    CopyState::Ready => return Ok(copy_json(&job)),
+                    CopyState::Copying => {}
+                    other => {
+                        return Err((
+                            code::FAILED,
+                            format!("the {} ended {}", job.kind, other.name()),
+                        ))
+                    }
+                }
+                if std::time::Instant::now() >= deadline {
+                    return Err((code::TIMEOUT, format!("{} not ready yet", job.kind)));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         Command::DirtyMap => {
             let extents: Vec<Value> = shared
                 .dirty
@@ -511,6 +555,23 @@ fn mirror_json(shared: &Shared) -> Value {
         "failed_at": failure.as_ref().and_then(|f| f.1.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()),
         "dirty_bytes": shared.dirty.dirty_bytes(),
         "range_locks": shared.ranges.len(),
+        "copy": shared.copy.load_full().map(|j| copy_json(&j)),
+    })
+}
+
+fn copy_json(job: &CopyJob) -> Value {
+    let done = job.bytes_done();
+    let rate = job.rate();
+    let left = job.bytes_total.saturating_sub(done);
+    json!({
+        "kind": job.kind,
+        "state": job.state().name(),
+        "bytes_done": done,
+        "bytes_total": job.bytes_total,
+        "rate": rate.round(),
+        "eta": if rate > 0.0 { Some((left as f64 / rate).round()) } else { None },
+        "elapsed": job.elapsed().as_secs_f64(),
+        "speed_limit": job.speed,
     })
 }
 

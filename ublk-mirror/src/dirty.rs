@@ -35,6 +35,26 @@ impl DirtyMap {
         }
     }
 
+    /// Clears the granules lying wholly inside [offset, offset+len) (or cut by the device's
+    /// end): only a copy that wrote all of a granule to the target may clear it.
+    pub fn clear(&self, offset: u64, len: u64) {
+        let end = (offset + len).min(self.size);
+        let first = offset.div_ceil(self.granule);
+        let last = if end == self.size {
+            end.div_ceil(self.granule)
+        } else {
+            end / self.granule
+        };
+        for g in first..last {
+            self.words[(g / 64) as usize].fetch_and(!(1 << (g % 64)), Ordering::Relaxed);
+        }
+    }
+
+    /// Marks the whole device (a full copy starts from here).
+    pub fn mark_all(&self) {
+        self.mark(0, self.size);
+    }
+
     /// Dirty bytes (whole granules, the last one cut at the device size).
     pub fn dirty_bytes(&self) -> u64 {
         self.extents().iter().map(|(_, l)| l).sum()
@@ -77,6 +97,19 @@ mod tests {
         m.mark(2 << 20, 4096); // beyond the end: ignored
         assert_eq!(m.extents(), vec![(0, 128 << 10), (5 << 16, 3 << 16)]);
         assert_eq!(m.dirty_bytes(), 5 << 16);
+    }
+
+    #[test]
+    fn clears_only_whole_granules() {
+        let m = DirtyMap::new(1 << 20, 64 << 10);
+        m.mark_all();
+        m.clear(1000, 200 << 10); // covers granules 1 and 2 wholly, 0 and 3 partly
+        assert_eq!(
+            m.extents(),
+            vec![(0, 64 << 10), (3 << 16, (1 << 20) - (3 << 16))]
+        );
+        m.clear(0, 1 << 20);
+        assert_eq!(m.dirty_bytes(), 0);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! `device.rs` is the device's life around it.
 
 mod control_server;
+mod copy;
 mod device;
 mod dirty;
 mod error;

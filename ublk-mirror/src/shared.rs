@@ -23,6 +23,7 @@ use nbd_proxy::address::Stream;
 use nbd_proxy::client::{Export, Negotiator};
 use nbd_proxy::proto::{tx_flags, BlockSize};
 
+use crate::copy::{CopyJob, WORKERS};
 use crate::dirty::{DirtyMap, DEFAULT_GRANULE};
 use crate::image::{DirectMode, Image};
 use crate::mirror::{Mailboxes, Mirror, MirrorState};
@@ -91,6 +92,17 @@ pub struct StoredFd {
     pub nbd: Option<control::protocol::NegotiatedNbd>,
 }
 
+/// What a new mirror copies in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyPlan {
+    /// New writes only.
+    None,
+    /// Everything: the whole device is marked out of sync, then copied (sparse-aware).
+    Copy { speed: Option<u64> },
+    /// What the out-of-sync map holds (since a failure, plus what a copy had not reached).
+    Resync { speed: Option<u64> },
+}
+
 /// Why a control operation failed; the control server maps it to an error code.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -137,6 +149,10 @@ pub struct Shared {
     pub dirty: DirtyMap,
     /// Orders overlapping write-like requests while a mirror is attached.
     pub ranges: RangeLock,
+    /// The background copy or resync of the current mirror, if any.
+    pub copy: ArcSwapOption<CopyJob>,
+    /// Queues; the copy workers' counter blocks and mailboxes come after theirs.
+    queues: u16,
     /// TEST ONLY (UBLK_MIRROR_DEBUG_NO_RANGE_LOCK=1): skip the range lock, to prove the overlap
     /// test can fail without it.
     pub range_lock_disabled: bool,
@@ -161,7 +177,8 @@ impl Shared {
         start_paused: bool,
         stop: Sender<StopReason>,
     ) -> std::io::Result<Arc<Shared>> {
-        let doorbells = (0..queues)
+        // One doorbell per queue and per copy worker.
+        let doorbells = (0..queues + WORKERS)
             .map(|_| {
                 // SAFETY: eventfd takes integer arguments and returns a new fd or -1.
                 let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -185,6 +202,8 @@ impl Shared {
             mirror: ArcSwapOption::empty(),
             dirty: DirtyMap::new(image.size, DEFAULT_GRANULE),
             ranges: RangeLock::default(),
+            copy: ArcSwapOption::empty(),
+            queues,
             range_lock_disabled: {
                 let off = std::env::var_os("UBLK_MIRROR_DEBUG_NO_RANGE_LOCK").is_some();
                 if off {
@@ -192,7 +211,7 @@ impl Shared {
                 }
                 off
             },
-            stats: Stats::new(usize::from(queues)),
+            stats: Stats::new(usize::from(queues + WORKERS)),
             dev_size: image.size,
             logical_block: image.logical_block,
             direct,
@@ -225,6 +244,38 @@ impl Shared {
 
     pub fn doorbell(&self, qid: u16) -> RawFd {
         self._doorbells[usize::from(qid) % self._doorbells.len()].as_raw_fd()
+    }
+
+    /// The mailbox (and counter block) of copy worker `w`.
+    pub fn copy_qid(&self, w: u16) -> u16 {
+        self.queues + w
+    }
+
+    /// Copy workers wait while the device is paused or attached (the image may be closed or
+    /// not yet final).
+    pub fn gate_blocks_copy(&self) -> bool {
+        self.gate() != Gate::Open
+    }
+
+    pub fn image_raw_fd(&self) -> RawFd {
+        self.image_fd.load(Ordering::SeqCst)
+    }
+
+    /// Blocks (a copy worker) until its doorbell rings or `timeout` passes.
+    pub fn wait_doorbell(&self, qid: u16, timeout: Duration) {
+        let fd = self.doorbell(qid);
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
+        if rc > 0 {
+            let mut v = [0u8; 8];
+            // SAFETY: reads 8 bytes into a live buffer from our nonblocking eventfd.
+            let _ = unsafe { libc::read(fd, v.as_mut_ptr().cast(), v.len()) };
+        }
     }
 
     fn ring_doorbells(&self) {
@@ -396,11 +447,12 @@ impl Shared {
     /// the mirror is active (every write that started local-only has completed and marked
     /// itself out of sync). On error the fd is closed and nothing else changes.
     pub fn start_mirror(
-        &self,
+        self: &Arc<Self>,
         fd_name: &str,
         export_name: &str,
         timeout: Option<Duration>,
         max_io: u32,
+        plan: CopyPlan,
     ) -> Result<Arc<Mirror>, ControlError> {
         let _admin = lock(&self.admin);
         if let Some(m) = self.mirror.load_full() {
@@ -480,6 +532,33 @@ impl Shared {
             std::thread::sleep(Duration::from_micros(200));
         }
         mirror.set_active();
+        if let Some(old) = self.copy.swap(None) {
+            old.cancel();
+        }
+        match plan {
+            CopyPlan::None => {}
+            CopyPlan::Copy { speed } => {
+                self.dirty.mark_all();
+                let job = crate::copy::start(
+                    self.clone(),
+                    mirror.clone(),
+                    "copy",
+                    speed,
+                    crate::copy::DEFAULT_CHUNK,
+                );
+                self.copy.store(Some(job));
+            }
+            CopyPlan::Resync { speed } => {
+                let job = crate::copy::start(
+                    self.clone(),
+                    mirror.clone(),
+                    "resync",
+                    speed,
+                    crate::copy::DEFAULT_CHUNK,
+                );
+                self.copy.store(Some(job));
+            }
+        }
         log::info!(
             "mirroring to {:?} (export {:?}, {} bytes, timeout {})",
             fd_name,
@@ -497,6 +576,9 @@ impl Shared {
         let Some(m) = self.mirror.load_full() else {
             return false;
         };
+        if let Some(job) = self.copy.swap(None) {
+            job.cancel();
+        }
         m.stop(Duration::from_secs(30));
         self.mirror.store(None);
         log::info!("mirror {:?} stopped", m.name);

@@ -79,6 +79,23 @@ enum Cmd {
         /// Seconds a request may wait for the target before the mirror fails (0: forever).
         #[arg(long)]
         timeout: Option<f64>,
+        /// Also copy the whole device in the background (sparse-aware).
+        #[arg(long, conflicts_with = "resync")]
+        copy: bool,
+        /// Copy only what is out of sync (after a failure).
+        #[arg(long)]
+        resync: bool,
+        /// Copy rate limit, bytes per second of device covered (suffixes K, M, G, KiB, MiB, GiB).
+        #[arg(long, value_parser = parse_size)]
+        speed: Option<u64>,
+    },
+    /// Wait until the background copy or resync is ready (actively synced).
+    WaitReady {
+        #[arg(long, default_value_t = 86_400.0)]
+        timeout: f64,
+        /// Show progress: a bar on a terminal, a line every 2 s otherwise.
+        #[arg(long)]
+        progress: bool,
     },
     /// End mirroring cleanly and clear nbd_mirror_failed.
     MirrorStop,
@@ -152,14 +169,24 @@ fn run(cli: Cli) -> Result<()> {
             name,
             export,
             timeout,
+            copy,
+            resync,
+            speed,
         } => (
             Command::MirrorStart {
                 name,
                 export,
                 timeout,
+                copy,
+                resync,
+                speed,
             },
             60.0,
         ),
+        Cmd::WaitReady { timeout, progress } => {
+            let path = socket_of(socket, dev_id)?;
+            return wait_ready(&path, timeout, progress, json);
+        }
         Cmd::MirrorStop => (Command::MirrorStop, 60.0),
         Cmd::DirtyMap => (Command::DirtyMap, 10.0),
         Cmd::PassFd { name, fd } => {
@@ -181,6 +208,121 @@ fn run(cli: Cli) -> Result<()> {
         .request(command)
         .context(path.display().to_string())?;
     print(&v, json, "ok")
+}
+
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with an optional unit"))?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "m" | "mb" => 1000 * 1000,
+        "g" | "gb" => 1000 * 1000 * 1000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        other => return Err(format!("{s:?}: unknown unit {other:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?}: too large"))
+}
+
+fn human(bytes: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", UNITS[u])
+}
+
+/// Polls `stats` until the copy is ready, showing progress if asked.
+fn wait_ready(path: &Path, timeout: f64, progress: bool, json: bool) -> Result<()> {
+    let tty = progress && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout);
+    let mut last_line = std::time::Instant::now() - Duration::from_secs(10);
+    loop {
+        let mut c = Client::connect(path)?;
+        c.set_timeout(Some(Duration::from_secs(10)))?;
+        let stats = c.request(Command::Stats)?;
+        let copy = &stats["mirror"]["copy"];
+        if copy.is_null() {
+            bail!(
+                "no copy or resync is running (mirror state {})",
+                stats["mirror"]["state"]
+            );
+        }
+        let state = copy["state"].as_str().unwrap_or("?");
+        let done = copy["bytes_done"].as_f64().unwrap_or(0.0);
+        let total = copy["bytes_total"].as_f64().unwrap_or(0.0);
+        let rate = copy["rate"].as_f64().unwrap_or(0.0);
+        let pct = if total > 0.0 {
+            100.0 * done / total
+        } else {
+            100.0
+        };
+        let eta = copy["eta"]
+            .as_f64()
+            .map_or("?".to_string(), |e| format!("{e:.0}s"));
+        let text = format!(
+            "{} {state}: {pct:5.1}% {} / {} at {}/s, ETA {eta}",
+            copy["kind"].as_str().unwrap_or("copy"),
+            human(done),
+            human(total),
+            human(rate)
+        );
+        if tty {
+            let width = 30usize;
+            let filled = ((pct / 100.0) * width as f64).round() as usize;
+            print!(
+                "\r[{}{}] {text}\x1b[K",
+                "#".repeat(filled.min(width)),
+                ".".repeat(width - filled.min(width))
+            );
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        } else if progress && last_line.elapsed() >= Duration::from_secs(2) {
+            println!("{text}");
+            last_line = std::time::Instant::now();
+        }
+        match state {
+            "ready" => {
+                if tty {
+                    println!();
+                }
+                return if json {
+                    print(copy, true, "")
+                } else {
+                    println!(
+                        "ready: {} copied in {:.1} s",
+                        human(done),
+                        copy["elapsed"].as_f64().unwrap_or(0.0)
+                    );
+                    Ok(())
+                };
+            }
+            "copying" => {}
+            other => {
+                if tty {
+                    println!();
+                }
+                bail!(
+                    "the {} ended {other}: {}",
+                    copy["kind"],
+                    stats["mirror"]["last_error"]
+                );
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!("not ready after {timeout} s");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn print(v: &Value, json: bool, plain: &str) -> Result<()> {

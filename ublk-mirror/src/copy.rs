@@ -1,0 +1,320 @@
+//! Background copy and resync: bring the target up to date with what the mirror did not carry.
+//!
+//! Both are one algorithm over the out-of-sync bitmap: a full copy (`--copy`) first marks the
+//! whole device out of sync, a resync (`--resync`) takes the bitmap as it is (what changed since
+//! a failure, plus whatever an earlier copy had not reached). Workers take the dirty extents in
+//! chunks; for each chunk a worker counts itself as outstanding (so a pause waits for it), takes
+//! the chunk's place in the range lock (so it is ordered with guest writes to the same range:
+//! the target never ends stale), reads the chunk locally (a hole, found with SEEK_DATA, is sent
+//! as WRITE_ZEROES, never skipped: the target may not be zero), hands it to the mirror link and
+//! waits for the answer, and only then clears the chunk's granules. A chunk the target did not
+//! take leaves its bits set, so a later resync still copies it.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::mirror::{Mirror, MirrorOp, Outcome};
+use crate::shared::Shared;
+
+/// Copy workers, i.e. chunks in flight.
+pub const WORKERS: u16 = 4;
+pub const DEFAULT_CHUNK: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CopyState {
+    Copying = 1,
+    /// Every byte copied and all new writes mirrored ("actively synced").
+    Ready = 2,
+    Failed = 3,
+    Cancelled = 4,
+}
+
+impl CopyState {
+    pub fn name(self) -> &'static str {
+        match self {
+            CopyState::Copying => "copying",
+            CopyState::Ready => "ready",
+            CopyState::Failed => "failed",
+            CopyState::Cancelled => "cancelled",
+        }
+    }
+}
+
+pub struct CopyJob {
+    pub kind: &'static str,
+    state: AtomicU8,
+    pub bytes_total: u64,
+    bytes_done: AtomicU64,
+    pub speed: Option<u64>,
+    started: Instant,
+    cancel: AtomicBool,
+    /// (time, bytes_done) samples for the current rate.
+    samples: Mutex<Vec<(Instant, u64)>>,
+}
+
+impl CopyJob {
+    pub fn state(&self) -> CopyState {
+        match self.state.load(Ordering::SeqCst) {
+            1 => CopyState::Copying,
+            2 => CopyState::Ready,
+            3 => CopyState::Failed,
+            _ => CopyState::Cancelled,
+        }
+    }
+
+    pub fn bytes_done(&self) -> u64 {
+        self.bytes_done.load(Ordering::Relaxed)
+    }
+
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+        let _ = self.state.compare_exchange(
+            CopyState::Copying as u8,
+            CopyState::Cancelled as u8,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Bytes per second over the last few seconds (holes included).
+    pub fn rate(&self) -> f64 {
+        let now = Instant::now();
+        let done = self.bytes_done();
+        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        s.push((now, done));
+        s.retain(|(t, _)| now.duration_since(*t) < Duration::from_secs(5));
+        match s.first() {
+            Some(&(t0, b0)) if now.duration_since(t0) > Duration::from_millis(200) => {
+                (done - b0) as f64 / now.duration_since(t0).as_secs_f64()
+            }
+            _ => done as f64 / self.started.elapsed().as_secs_f64().max(1e-3),
+        }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+/// Starts copying what is out of sync to `mirror`, on `WORKERS` threads.
+pub fn start(
+    shared: Arc<Shared>,
+    mirror: Arc<Mirror>,
+    kind: &'static str,
+    speed: Option<u64>,
+    chunk: u64,
+) -> Arc<CopyJob> {
+    let chunks: Vec<(u64, u64)> = shared
+        .dirty
+        .extents()
+        .into_iter()
+        .flat_map(|(off, len)| {
+            (0..len.div_ceil(chunk)).map(move |i| (off + i * chunk, (len - i * chunk).min(chunk)))
+        })
+        .collect();
+    let job = Arc::new(CopyJob {
+        kind,
+        state: AtomicU8::new(CopyState::Copying as u8),
+        bytes_total: chunks.iter().map(|c| c.1).sum(),
+        bytes_done: AtomicU64::new(0),
+        speed,
+        started: Instant::now(),
+        cancel: AtomicBool::new(false),
+        samples: Mutex::new(Vec::new()),
+    });
+    log::info!(
+        "{kind}: {} bytes in {} chunks to copy{}",
+        job.bytes_total,
+        chunks.len(),
+        speed.map_or(String::new(), |s| format!(", at most {s} bytes/s"))
+    );
+    let chunks = Arc::new(chunks);
+    let next = Arc::new(AtomicUsize::new(0));
+    let running = Arc::new(AtomicUsize::new(usize::from(WORKERS)));
+    for w in 0..WORKERS {
+        let (sh, mi, jb, ch, nx, run) = (
+            shared.clone(),
+            mirror.clone(),
+            job.clone(),
+            chunks.clone(),
+            next.clone(),
+            running.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("copy-{w}"))
+            .spawn(move || {
+                worker(&sh, &mi, &jb, &ch, &nx, w);
+                if run.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    finish(&sh, &mi, &jb);
+                }
+            });
+        if let Err(e) = spawned {
+            log::error!("{kind}: cannot start a copy worker: {e}");
+            job.state.store(CopyState::Failed as u8, Ordering::SeqCst);
+        }
+    }
+    job
+}
+
+fn finish(shared: &Shared, mirror: &Mirror, job: &CopyJob) {
+    if job.state() != CopyState::Copying {
+        log::warn!(
+            "{}: ended {} after {} bytes",
+            job.kind,
+            job.state().name(),
+            job.bytes_done()
+        );
+        return;
+    }
+    if mirror.takes_io() && shared.dirty.dirty_bytes() == 0 {
+        job.state.store(CopyState::Ready as u8, Ordering::SeqCst);
+        log::info!(
+            "{}: ready after {} bytes in {:.1} s: the target is actively synced",
+            job.kind,
+            job.bytes_done(),
+            job.elapsed().as_secs_f64()
+        );
+    } else {
+        job.state.store(CopyState::Failed as u8, Ordering::SeqCst);
+        log::error!(
+            "{}: not ready: mirror {}, {} bytes still out of sync",
+            job.kind,
+            mirror.state().name(),
+            shared.dirty.dirty_bytes()
+        );
+    }
+}
+
+fn worker(
+    shared: &Shared,
+    mirror: &Mirror,
+    job: &CopyJob,
+    chunks: &[(u64, u64)],
+    next: &AtomicUsize,
+    w: u16,
+) {
+    let qid = shared.copy_qid(w);
+    let counters = shared.stats.queue(usize::from(qid));
+    // Page-aligned: the image may be open with O_DIRECT.
+    let mut aligned = libublk::helpers::IoBuf::<u8>::new(
+        chunks.iter().map(|c| c.1).max().unwrap_or(4096) as usize,
+    );
+    let buf = aligned.as_mut_slice();
+    loop {
+        let i = next.fetch_add(1, Ordering::SeqCst);
+        let Some(&(off, len)) = chunks.get(i) else {
+            return;
+        };
+        if job.cancel.load(Ordering::SeqCst) || !mirror.takes_io() {
+            return;
+        }
+        throttle(job, off);
+        // Count first, then look at the gate (the pause handshake, as the queues do).
+        loop {
+            counters.start();
+            if !shared.gate_blocks_copy() {
+                break;
+            }
+            counters.unstart();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let ticket = shared.ranges.enqueue(off, len, qid);
+        while !ticket.granted.load(Ordering::Acquire) {
+            shared.wait_doorbell(qid, Duration::from_millis(100));
+        }
+        let op = match read_chunk(shared.image_raw_fd(), off, &mut buf[..len as usize]) {
+            Ok(true) => MirrorOp::Write {
+                offset: off,
+                data: buf[..len as usize].to_vec(),
+                fua: false,
+            },
+            Ok(false) => MirrorOp::WriteZeroes {
+                offset: off,
+                len: len as u32,
+            },
+            Err(e) => {
+                log::error!("{}: reading the image at {off}: {e}", job.kind);
+                job.state.store(CopyState::Failed as u8, Ordering::SeqCst);
+                release(shared, &ticket);
+                counters.complete();
+                return;
+            }
+        };
+        mirror.submit(qid, 0, op);
+        let outcome = loop {
+            if let Some((_, o)) = shared.mail.take(qid).into_iter().next() {
+                break o;
+            }
+            shared.wait_doorbell(qid, Duration::from_millis(100));
+        };
+        release(shared, &ticket);
+        counters.complete();
+        if outcome == Outcome::Failed {
+            return;
+        }
+        shared.dirty.clear(off, len);
+        job.bytes_done.fetch_add(len, Ordering::Relaxed);
+    }
+}
+
+fn release(shared: &Shared, ticket: &crate::range_lock::Ticket) {
+    for q in shared.ranges.release(ticket) {
+        shared.mail.ring(q);
+    }
+}
+
+/// Sleeps so that bytes done stay within the rate limit.
+fn throttle(job: &CopyJob, _off: u64) {
+    let Some(speed) = job.speed.filter(|s| *s > 0) else {
+        return;
+    };
+    let allowed_at = Duration::from_secs_f64(job.bytes_done() as f64 / speed as f64);
+    let elapsed = job.elapsed();
+    if allowed_at > elapsed {
+        std::thread::sleep(allowed_at - elapsed);
+    }
+}
+
+/// Reads a chunk; Ok(false) when it is entirely a hole (nothing read: send zeroes).
+fn read_chunk(fd: RawFd, off: u64, buf: &mut [u8]) -> std::io::Result<bool> {
+    // SAFETY: lseek on an fd with integer arguments only.
+    let data = unsafe { libc::lseek(fd, off as i64, libc::SEEK_DATA) };
+    if data < 0 {
+        let e = std::io::Error::last_os_error();
+        // ENXIO: no data at or after `off` (a hole to the end).
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(false);
+        }
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+    } else if data as u64 >= off + buf.len() as u64 {
+        return Ok(false);
+    }
+    let mut done = 0usize;
+    while done < buf.len() {
+        // SAFETY: reads into the live, writable tail of `buf`.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                buf[done..].as_mut_ptr().cast(),
+                buf.len() - done,
+                (off + done as u64) as i64,
+            )
+        };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(true)
+}
