@@ -29,7 +29,7 @@ for rep in $(seq "$REPS"); do
     done
 done
 stop_daemon
-kill $TARGET_PID; wait $TARGET_PID 2>/dev/null || true
+stop_pid $TARGET_PID
 for qd in 32 1; do
     off_i=$(median ${r[off.$qd.iops]}) on_i=$(median ${r[on.$qd.iops]})
     off_l=$(median ${r[off.$qd.lat]}) on_l=$(median ${r[on.$qd.lat]})

@@ -35,12 +35,12 @@ out=$(ctl --json pass-fd target --fd 5); [[ $out == *'"replaced": true'* ]] || f
 out=$(ctl list-fds); [[ $out == *inet* ]] || fail "list-fds does not show the socket: $out"
 ctl close-fd target > /dev/null || fail "close-fd failed"
 exec 5>&-
-kill $np; wait $np 2>/dev/null || true
+stop_pid $np
 # Another uid cannot even reach the socket.
 expect_error "ublk-mirror-ctl: error" setpriv --reuid=1000 --regid=1000 --clear-groups ublk-mirror-ctl --socket "$CTL" stats
 # Through all of it the device kept serving.
 w1=$(ctl_get stats ops.write.count); sleep 1; w2=$(ctl_get stats ops.write.count)
 [ "$w2" -gt "$w1" ] || fail "the device stopped serving writes"
-kill -INT $fio_pid; wait $fio_pid || true
+kill -INT $fio_pid 2>/dev/null || true; wait $fio_pid || true
 grep -q "err= 0" "$WORK/fio.out" || { cat "$WORK/fio.out"; fail "fio saw errors"; }
 stop_daemon

@@ -44,7 +44,7 @@ for i in 1 2 3 4 5; do
     [ "$after" -gt "$before" ] || fail "no writes completed after unpause"
     log "cycle $i: pause took ${lat[-1]} ms (client-side), $parked requests parked, writes resumed"
 done
-kill -INT $fio_pid; wait $fio_pid || true
+kill -INT $fio_pid 2>/dev/null || true; wait $fio_pid || true
 grep -q "err= 0" "$WORK/fio.out" || { cat "$WORK/fio.out"; fail "fio saw errors"; }
 grep -qi "verify:.*bad\|error" "$WORK/fio.out" && { cat "$WORK/fio.out"; fail "fio reported a verify error"; }
 echo "PAUSE LATENCY ms (fio QD32 running): round trip ${lat[*]} median $(median "${lat[@]}"); daemon drain ${drain[*]} median $(median "${drain[@]}")"

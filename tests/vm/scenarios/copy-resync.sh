@@ -45,7 +45,7 @@ log "full copy ready: $(tail -n 1 "$WORK/progress.txt"); images identical"
 echo "COPY THROUGHPUT: 1073741824 bytes in $secs s = $(awk -v s="$secs" 'BEGIN{printf "%.1f", 1073.741824 / s}') MB/s (30% data, under fio load)"
 ctl mirror-stop > /dev/null
 stop_daemon
-kill $TARGET_PID; wait $TARGET_PID 2>/dev/null || true
+stop_pid $TARGET_PID
 
 # 2. Rate limit.
 sparse "$L" 256M; garbage "$R" 256M
@@ -64,7 +64,7 @@ awk -v r="$rate" 'BEGIN{exit !(r >= 16 && r <= 24)}' || fail "rate $rate MiB/s i
 identical "rate-limited copy"
 ctl mirror-stop > /dev/null
 stop_daemon
-kill $TARGET_PID; wait $TARGET_PID 2>/dev/null || true
+stop_pid $TARGET_PID
 
 # 3. Failure at ~50%, then resync.
 sparse "$L" 1G
@@ -84,9 +84,9 @@ while :; do
     [ "$done_b" -ge $((512 << 20)) ] && break
     sleep 0.2
 done
-kill -KILL $TARGET_PID; wait $TARGET_PID 2>/dev/null || true
+kill -KILL $TARGET_PID; stop_pid $TARGET_PID
 for _ in $(seq 50); do [ "$(ctl_get stats nbd_mirror_failed)" = 1 ] && break; sleep 0.1; done
-kill -INT $fp; wait $fp || true
+kill -INT $fp 2>/dev/null || true; wait $fp || true
 grep -q "err= 0" "$WORK/fio.out" || { cat "$WORK/fio.out"; fail "fio errors at the failure"; }
 [ "$(ctl_get stats nbd_mirror_failed)" = 1 ] || fail "mirror did not fail"
 log "target killed after $((done_b >> 20)) MiB copied; $(ctl_get dirty-map dirty_bytes) bytes out of sync"
@@ -102,4 +102,4 @@ identical "resync"
 log "resync: images identical"
 ctl mirror-stop > /dev/null
 stop_daemon
-kill $TARGET_PID; wait $TARGET_PID 2>/dev/null || true
+stop_pid $TARGET_PID

@@ -89,3 +89,6 @@ mirror_to() {
     ctl mirror-start "$name" --export disk "$@" > /dev/null || fail "mirror-start failed"
     [ "$(ctl_get stats mirror.state)" = active ] || fail "mirror is not active"
 }
+
+# stop_pid PID: ends a helper process that may already have exited.
+stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }

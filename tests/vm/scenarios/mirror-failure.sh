@@ -34,7 +34,7 @@ start_target "$R"
 start_daemon "$L" --queues 2
 mirror_to t1
 fio_bg 10; sleep 4
-kill -KILL "$TARGET_PID"; wait "$TARGET_PID" 2>/dev/null || true
+kill -KILL "$TARGET_PID"; stop_pid "$TARGET_PID"
 check_outcome "target SIGKILL"
 
 # 2. Target answers EIO (from the moment the trigger file appears).
@@ -48,7 +48,7 @@ mirror_to t2
 fio_bg 10; sleep 4
 touch "$WORK/trigger"
 check_outcome "target EIO"
-kill $nk 2>/dev/null; wait $nk 2>/dev/null || true   # nbdkit may have exited after the disconnect
+stop_pid $nk
 
 # 3. Target stalls: guest I/O resumes within the mirror timeout + 2 s.
 make_image "$L" 1G; make_image "$R" 1G
@@ -63,4 +63,4 @@ t1=$(now_ms)
 log "a write issued as the target stalled completed after $((t1 - t0)) ms (timeout 3000 ms)"
 [ $((t1 - t0)) -le 5000 ] || fail "guest I/O stalled $((t1 - t0)) ms, more than timeout + 2 s"
 check_outcome "target SIGSTOP"
-kill -CONT "$TARGET_PID"; kill "$TARGET_PID"; wait "$TARGET_PID" 2>/dev/null || true
+kill -CONT "$TARGET_PID"; stop_pid "$TARGET_PID"

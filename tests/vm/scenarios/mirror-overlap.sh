@@ -20,7 +20,7 @@ one_run() { # -> 0 identical, 1 diverged
     local rc=0; blkcmp "$L" "$R" > "$WORK/cmp.out" || rc=$?
     ctl unpause > /dev/null
     stop_daemon
-    kill $TARGET_PID; wait $TARGET_PID 2>/dev/null || true
+    stop_pid $TARGET_PID
     log "$(grep -o 'IOPS=[^,]*' "$WORK/fio.out" | head -n 1), $w ops mirrored: $(head -n 1 "$WORK/cmp.out")"
     return $rc
 }

@@ -52,7 +52,7 @@ after=$(grep -c " Write id=" "$WORK/target.log")
 [ "$after" = "$before" ] || fail "writes reached the target after mirror-stop ($before -> $after)"
 grep -q "Disconnect" "$WORK/target.log" || fail "the target saw no disconnect"
 log "mirror-stop: clean, flag clear, later writes local-only"
-kill $nbdkit_pid; wait $nbdkit_pid 2>/dev/null || true
+stop_pid $nbdkit_pid
 
 # Negotiated hand-off, qemu-nbd as the target.
 make_image "$WORK/q.img" 1G
@@ -66,7 +66,7 @@ ctl mirror-start q > /dev/null || fail "mirror-start on a negotiated fd failed"
 head -c 4M /dev/urandom > "$WORK/qpat"
 dd if="$WORK/qpat" of="$DEV" bs=1M seek=900 oflag=direct status=none
 ctl wait-idle > /dev/null; ctl mirror-stop > /dev/null
-kill $qn; wait $qn 2>/dev/null || true
+stop_pid $qn
 [ "$(dd if="$WORK/q.img" bs=1M skip=900 count=4 status=none | sha256sum)" = "$(sha256sum < "$WORK/qpat")" ] \
     || fail "qemu-nbd target lacks the data mirrored over a negotiated socket"
 log "negotiated hand-off to qemu-nbd: mirrored data is on the target"
@@ -77,13 +77,13 @@ start_target "$WORK/small.img"
 nbd-proxy connect --to tcp:127.0.0.1:10809 --export disk --handoff "$CTL" --name small > /dev/null
 out=$(ctl mirror-start small --export disk 2>&1) && fail "a smaller export was accepted"
 [[ $out == *"smaller than"* ]] || fail "no clear message for a small export: $out"
-kill $TARGET_PID; wait $TARGET_PID 2>/dev/null || true
+stop_pid $TARGET_PID
 start_target "$remote" --read-only
 nbd-proxy connect --to tcp:127.0.0.1:10809 --export disk --handoff "$CTL" --name ro > /dev/null
 out=$(ctl mirror-start ro --export disk 2>&1) && fail "a read-only export was accepted"
 [[ $out == *"read-only"* ]] || fail "no clear message for a read-only export: $out"
 [ "$(ctl_get stats nbd_mirror_failed)" = 0 ] || fail "a refused mirror set the flag"
 dd if=/dev/zero of="$DEV" bs=4k count=16 oflag=direct status=none || fail "device broken after refusals"
-kill $TARGET_PID; wait $TARGET_PID 2>/dev/null || true
+stop_pid $TARGET_PID
 log "refused: a smaller and a read-only export, clearly"
 stop_daemon
