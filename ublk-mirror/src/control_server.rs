@@ -554,6 +554,7 @@ fn mirror_json(shared: &Shared) -> Value {
         "last_error": failure.as_ref().map(|f| f.0.clone()),
         "failed_at": failure.as_ref().and_then(|f| f.1.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()),
         "dirty_bytes": shared.dirty.dirty_bytes(),
+        "bitmap_persistent": shared.dirty.persistent(),
         "range_locks": shared.ranges.len(),
         "copy": shared.copy.load_full().map(|j| copy_json(&j)),
     })
@@ -634,7 +635,9 @@ mod tests {
         f.as_file().set_len(1 << 20).expect("size");
         let img = Image::open(f.path(), DirectMode::Off).expect("image");
         let (tx, _rx) = std::sync::mpsc::channel();
-        let shared = Shared::new(img, DirectMode::Off, 1, "t".into(), false, tx).expect("shared");
+        let dirty = crate::dirty::DirtyMap::new(img.size, crate::dirty::DEFAULT_GRANULE);
+        let shared =
+            Shared::new(img, DirectMode::Off, 1, "t".into(), false, tx, dirty).expect("shared");
         let (ours, theirs) = UnixStream::pair().expect("pair");
         let (s2, info) = (
             shared.clone(),

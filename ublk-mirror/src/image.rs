@@ -161,7 +161,7 @@ fn open_file(path: &Path, mode: DirectMode) -> Result<(File, bool), ImageError> 
 /// An open-file-description lock belongs to this open file, not to the process: it is released
 /// when the fd is closed and it conflicts with every other open of the image, in this process
 /// or another (a POSIX record lock would not conflict within one process).
-fn lock_exclusive(file: &File) -> io::Result<()> {
+pub fn lock_exclusive(file: &File) -> io::Result<()> {
     // SAFETY: flock is plain old data; all-zero is a valid value that we then fill in.
     let mut lock: libc::flock = unsafe { std::mem::zeroed() };
     lock.l_type = libc::F_WRLCK as libc::c_short;

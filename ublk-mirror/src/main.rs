@@ -30,6 +30,7 @@ use clap::{Parser, Subcommand};
 
 use crate::control_server::ControlPath;
 use crate::device::DeviceConfig;
+use crate::dirty::{DirtyMap, DEFAULT_GRANULE};
 use crate::image::{DirectMode, Image};
 use crate::readiness::Readiness;
 use crate::shared::Shared;
@@ -104,6 +105,13 @@ struct ServeArgs {
     /// that changes the disk waits until the first `unpause`.
     #[arg(long)]
     paused: bool,
+    /// Keep the out-of-sync bitmap in this file (created if missing; refused if it belongs to
+    /// another image or size), so it survives a daemon crash and a resync can follow.
+    #[arg(long)]
+    bitmap: Option<PathBuf>,
+    /// Bytes per bit of the out-of-sync bitmap: a power of two from 4 KiB to 64 MiB.
+    #[arg(long, default_value_t = DEFAULT_GRANULE)]
+    granularity: u64,
 }
 
 /// Why the device is being stopped.
@@ -190,7 +198,26 @@ fn serve(args: ServeArgs) -> Result<()> {
         if image.direct { "direct" } else { "buffered" },
         image.logical_block
     );
+    if !args.granularity.is_power_of_two() || !(4096..=64 << 20).contains(&args.granularity) {
+        anyhow::bail!(
+            "--granularity {}: must be a power of two from 4096 to 67108864",
+            args.granularity
+        );
+    }
     device::check_driver()?;
+    let dirty = match &args.bitmap {
+        Some(p) => {
+            let m = DirtyMap::open_file(p, &image.path, image.size, args.granularity)?;
+            log::info!(
+                "bitmap {}: generation {}, {} bytes out of sync",
+                p.display(),
+                m.generation,
+                m.dirty_bytes()
+            );
+            m
+        }
+        None => DirtyMap::new(image.size, args.granularity),
+    };
     let readiness = Readiness::new(args.ready_fd)?;
     private_mount_namespace();
 
@@ -203,6 +230,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         args.label,
         args.paused,
         stop_tx,
+        dirty,
     )
     .context("setting up the queues' doorbells")?;
     let cfg = DeviceConfig {

@@ -256,8 +256,14 @@ async fn serve(
     t.counters.local_only_begin();
     let mirror = t.shared.mirror.load_full();
     let Some(m) = mirror.as_ref().filter(|m| m.takes_io()) else {
+        // With a mirror attached but not taking I/O (failed, stopping), the write will differ
+        // from the target: its bits are set before it is issued, so a crash cannot lose them.
+        if mirror.is_some() {
+            mark_dirty(t.shared, &req);
+        }
         let res = serve_local(t.leg, req, buf).await;
-        if mirror.is_some() || t.shared.mirror.load().is_some() {
+        // A mirror that appeared meanwhile (start_mirror waits for us) must see this write.
+        if mirror.is_none() && t.shared.mirror.load().is_some() {
             mark_dirty(t.shared, &req);
         }
         t.counters.local_only_end();

@@ -24,7 +24,7 @@ use nbd_proxy::client::{Export, Negotiator};
 use nbd_proxy::proto::{tx_flags, BlockSize};
 
 use crate::copy::{CopyJob, WORKERS};
-use crate::dirty::{DirtyMap, DEFAULT_GRANULE};
+use crate::dirty::DirtyMap;
 use crate::image::{DirectMode, Image};
 use crate::mirror::{Mailboxes, Mirror, MirrorState};
 use crate::range_lock::RangeLock;
@@ -176,6 +176,7 @@ impl Shared {
         label: String,
         start_paused: bool,
         stop: Sender<StopReason>,
+        dirty: DirtyMap,
     ) -> std::io::Result<Arc<Shared>> {
         // One doorbell per queue and per copy worker.
         let doorbells = (0..queues + WORKERS)
@@ -200,7 +201,7 @@ impl Shared {
         Ok(Arc::new(Shared {
             mail,
             mirror: ArcSwapOption::empty(),
-            dirty: DirtyMap::new(image.size, DEFAULT_GRANULE),
+            dirty,
             ranges: RangeLock::default(),
             copy: ArcSwapOption::empty(),
             queues,
@@ -327,6 +328,9 @@ impl Shared {
         self.image_fd.store(-1, Ordering::SeqCst);
         // Closing releases the OFD lock: the image may now be copied, moved or taken over.
         *image = None;
+        if let Err(e) = self.dirty.flush() {
+            log::error!("writing the out-of-sync bitmap back failed: {e}");
+        }
         *lock(&self.state) = DeviceState::Paused;
         let took = start.elapsed();
         log::info!("paused in {} ms: image closed", took.as_millis());
@@ -593,8 +597,9 @@ impl Shared {
         lock(&self.image).is_some()
     }
 
-    /// Flushes the image if it is open (at exit).
+    /// Flushes the image if it is open, and the bitmap (at exit).
     pub fn sync_image(&self) -> std::io::Result<()> {
+        self.dirty.flush()?;
         match lock(&self.image).as_ref() {
             Some(i) => i.sync(),
             None => Ok(()),
@@ -632,7 +637,8 @@ mod tests {
         f.as_file().set_len(len).expect("size");
         let img = Image::open(f.path(), DirectMode::Off).expect("image");
         let (tx, _rx) = channel();
-        let s = Shared::new(img, DirectMode::Off, 2, "t".into(), false, tx).expect("shared");
+        let dirty = DirtyMap::new(img.size, crate::dirty::DEFAULT_GRANULE);
+        let s = Shared::new(img, DirectMode::Off, 2, "t".into(), false, tx, dirty).expect("shared");
         (f, s)
     }
 

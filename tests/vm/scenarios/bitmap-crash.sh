@@ -1,0 +1,49 @@
+#!/bin/bash
+# The persistent out-of-sync bitmap survives a daemon crash: a mirror fails (target killed),
+# local-only writes mark the bitmap, the daemon is SIGKILLed; `ublk-mirror delete` removes the
+# orphaned device, a new daemon on the same image and bitmap finds the same out-of-sync bytes
+# (generation 2), and a resync to the restarted target converges. A bitmap belonging to
+# another image, or one in use, is refused.
+. /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
+L=$WORK/local.img R=$WORK/remote.img BM=$WORK/disk.bitmap
+make_image "$L" 256M; make_image "$R" 256M
+start_target "$R"
+start_daemon "$L" --dev-id 6 --bitmap "$BM"
+mirror_to b1
+fio --name=m --filename="$DEV" --direct=1 --ioengine=io_uring --iodepth=16 --rw=randwrite --bs=4k \
+    --size=256M --io_size=16M --verify=crc32c > "$WORK/fio.out" || fail "mirrored fio failed"
+kill -KILL "$TARGET_PID"; stop_pid "$TARGET_PID"
+head -c 16M /dev/urandom | dd of="$DEV" bs=1M seek=100 oflag=direct status=none
+[ "$(ctl_get stats nbd_mirror_failed)" = 1 ] || fail "mirror did not fail"
+before=$(ctl_get dirty-map dirty_bytes)
+[ "$before" -ge $((16 << 20)) ] || fail "local-only writes not in the bitmap ($before bytes)"
+kill -KILL "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true
+log "daemon SIGKILLed with $before bytes out of sync"
+[ -e /dev/ublkc6 ] || fail "expected the crashed daemon's device to remain"
+ublk-mirror delete --dev-id 6 || fail "delete of the orphaned device failed"
+[ ! -e /dev/ublkc6 ] || fail "device still there after delete"
+rm -f /run/ublk-mirror/6.sock
+
+# Another image with this bitmap is refused.
+make_image "$WORK/other.img" 256M
+out=$(ublk-mirror serve --image "$WORK/other.img" --bitmap "$BM" 2>&1) && fail "a foreign bitmap was accepted"
+[[ $out == *"belongs to another disk"* ]] || fail "unclear refusal: $out"
+
+start_daemon "$L" --dev-id 6 --bitmap "$BM"
+grep -q "generation 2" "$DAEMON_LOG" || { cat "$DAEMON_LOG"; fail "bitmap generation not 2"; }
+after=$(ctl_get dirty-map dirty_bytes)
+[ "$after" = "$before" ] || fail "bitmap did not survive: $before bytes before the crash, $after after"
+out=$(ublk-mirror serve --image "$WORK/other.img" --bitmap "$BM" 2>&1) && fail "a bitmap in use was accepted"
+[[ $out == *"in use"* ]] || fail "unclear refusal: $out"
+start_target "$R"
+nbd-proxy connect --to tcp:127.0.0.1:10809 --export disk --handoff "$CTL" --name r1 > /dev/null
+ctl mirror-start r1 --export disk --resync > /dev/null || fail "resync failed to start"
+ctl wait-ready > /dev/null || fail "resync not ready"
+[ "$(ctl_get dirty-map dirty_bytes)" = 0 ] || fail "bits left after the resync"
+ctl pause > /dev/null
+blkcmp "$L" "$R" > "$WORK/cmp.out" || { cat "$WORK/cmp.out"; fail "images differ after the resync"; }
+ctl unpause > /dev/null
+log "bitmap survived the crash ($after bytes), resync converged: images identical"
+ctl mirror-stop > /dev/null
+stop_daemon
+stop_pid "$TARGET_PID"
