@@ -539,29 +539,19 @@ impl Shared {
         if let Some(old) = self.copy.swap(None) {
             old.cancel();
         }
-        match plan {
-            CopyPlan::None => {}
+        let job = match plan {
+            CopyPlan::None => None,
             CopyPlan::Copy { speed } => {
+                // A full copy is a resync of everything.
                 self.dirty.mark_all();
-                let job = crate::copy::start(
-                    self.clone(),
-                    mirror.clone(),
-                    "copy",
-                    speed,
-                    crate::copy::DEFAULT_CHUNK,
-                );
-                self.copy.store(Some(job));
+                Some(("copy", speed))
             }
-            CopyPlan::Resync { speed } => {
-                let job = crate::copy::start(
-                    self.clone(),
-                    mirror.clone(),
-                    "resync",
-                    speed,
-                    crate::copy::DEFAULT_CHUNK,
-                );
-                self.copy.store(Some(job));
-            }
+            CopyPlan::Resync { speed } => Some(("resync", speed)),
+        };
+        if let Some((kind, speed)) = job {
+            let chunk = crate::copy::DEFAULT_CHUNK;
+            let job = crate::copy::start(self.clone(), mirror.clone(), kind, speed, chunk);
+            self.copy.store(Some(job));
         }
         log::info!(
             "mirroring to {:?} (export {:?}, {} bytes, timeout {})",

@@ -5,10 +5,7 @@
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
 REPS=${REPS:-3}
 L=$WORK/local.img R=$WORK/remote.img
-rm -f "$L"; truncate -s 1G "$L"
-for slot in $(shuf -i 0-1023 -n 307); do
-    dd if=/dev/urandom of="$L" bs=1M seek="$slot" count=1 conv=notrunc status=none
-done
+fill_scattered "$L" 1024
 ours=() theirs=()
 for rep in $(seq "$REPS"); do
     make_image "$R" 1G

@@ -19,10 +19,7 @@ identical() { # WHAT
 }
 
 # 1.
-sparse "$L" 1G
-for slot in $(shuf -i 0-1023 -n 307); do
-    dd if=/dev/urandom of="$L" bs=1M seek="$slot" count=1 conv=notrunc status=none
-done
+fill_scattered "$L" 1024
 log "local: $(du -m "$L" | cut -f1) MiB allocated of 1024"
 garbage "$R" 1G
 start_target "$R"
@@ -67,10 +64,7 @@ stop_daemon
 stop_pid $TARGET_PID
 
 # 3. Failure at ~50%, then resync.
-sparse "$L" 1G
-for slot in $(shuf -i 0-1023 -n 307); do
-    dd if=/dev/urandom of="$L" bs=1M seek="$slot" count=1 conv=notrunc status=none
-done
+fill_scattered "$L" 1024
 garbage "$R" 1G
 start_target "$R"
 start_daemon "$L" --queues 2

@@ -92,3 +92,13 @@ mirror_to() {
 
 # stop_pid PID: ends a helper process that may already have exited.
 stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+# fill_scattered IMAGE MIB: a sparse IMAGE of MIB MiB with 30% of its MiB-sized slots filled with
+# random data at random places, the rest holes.
+fill_scattered() {
+    rm -f "$1"; truncate -s "$2M" "$1"
+    local slot
+    for slot in $(shuf -i 0-$(($2 - 1)) -n $(($2 * 30 / 100))); do
+        dd if=/dev/urandom of="$1" bs=1M seek="$slot" count=1 conv=notrunc status=none
+    done
+}
