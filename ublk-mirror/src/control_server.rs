@@ -211,6 +211,19 @@ fn serve_client(mut conn: UnixStream, shared: &Arc<Shared>, info: &DeviceInfo) {
             }
             pending.extend_from_slice(head);
             let line = std::mem::take(&mut pending);
+            // The cap holds however the line was split across reads.
+            if line.len() >= MAX_LINE {
+                fd = None;
+                let r = Reply::err(
+                    0,
+                    code::BAD_REQUEST,
+                    format!("line longer than {MAX_LINE} bytes"),
+                );
+                if send(&mut conn, &r).is_err() {
+                    return;
+                }
+                continue;
+            }
             // The fd and a truncation belong to the first line that ends in this read.
             let reply = handle_line(
                 &line,
@@ -679,6 +692,18 @@ mod tests {
         c.write_all(&vec![b'x'; MAX_LINE + 10]).expect("send");
         c.write_all(b"\n").expect("send");
         assert_eq!(code_of(&reply(&mut r)), code::BAD_REQUEST, "oversized line");
+        // The same line split across reads, with the newline in the last part.
+        c.write_all(&vec![b'y'; 40_000]).expect("send");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        c.write_all(&vec![b'y'; 30_000]).expect("send");
+        c.write_all(b"\n").expect("send");
+        let rep = reply(&mut r);
+        assert!(
+            rep.error
+                .as_ref()
+                .is_some_and(|e| e.message.contains("line longer")),
+            "split oversized line: {rep:?}"
+        );
         c.write_all(b"{\"v\":1,\"id\":9,\"cmd\":\"stats\"}\n")
             .expect("send");
         let rep = reply(&mut r);

@@ -11,6 +11,8 @@ start_daemon "$img" --queues 2 --label pause-test
 [ -S "$CTL" ] || fail "no control socket at $CTL"
 [ "$(stat -c %a "$CTL")" = 600 ] || fail "control socket mode $(stat -c %a "$CTL")"
 [ "$(stat -c %a /run/ublk-mirror)" = 700 ] || fail "runtime dir mode $(stat -c %a /run/ublk-mirror)"
+listed=$(ublk-mirror-ctl list)
+[[ $listed == *"$DEV"*running*pause-test* ]] || fail "ublk-mirror-ctl list does not show the daemon: $listed"
 fio --name=load --filename="$DEV" --direct=1 --ioengine=io_uring --iodepth=32 --rw=randwrite \
     --bs=4k --bsrange=4k-1m --size=1G --time_based --runtime=600 --verify=crc32c \
     --verify_backlog=256 --verify_fatal=1 > "$WORK/fio.out" 2>&1 &

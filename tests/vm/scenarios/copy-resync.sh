@@ -63,6 +63,24 @@ ctl mirror-stop > /dev/null
 stop_daemon
 stop_pid $TARGET_PID
 
+# Cancel: mirror-stop in the middle of a copy leaves the device serving, the flag clear, and
+# the target merely incomplete.
+sparse "$L" 256M; garbage "$R" 256M
+start_target "$R"
+start_daemon "$L"
+mirror_to c4 --copy --speed 20MiB
+sleep 2
+[ "$(ctl_get stats mirror.copy.state)" = copying ] || fail "copy not running"
+ctl mirror-stop > /dev/null || fail "mirror-stop during a copy failed"
+[ "$(ctl_get stats mirror.state)" = off ] && [ "$(ctl_get stats nbd_mirror_failed)" = 0 ] || fail "not cleanly stopped"
+dd if=/dev/urandom of="$DEV" bs=64k count=16 oflag=direct status=none || fail "device not serving after a cancelled copy"
+ctl pause > /dev/null
+if blkcmp "$L" "$R" > /dev/null; then fail "a cancelled copy cannot have finished"; fi
+ctl unpause > /dev/null
+log "copy cancelled midway: device serving, target incomplete"
+stop_daemon
+stop_pid "$TARGET_PID"
+
 # 3. Failure at ~50%, then resync.
 fill_scattered "$L" 1024
 garbage "$R" 1G

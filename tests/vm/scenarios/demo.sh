@@ -14,5 +14,7 @@ echo "  size:          $(blockdev --getsize64 "$DEV" 2>/dev/null || cat /sys/blo
 echo "  logical block: $(sysfs_queue logical_block_size)"
 echo "  write cache:   $(sysfs_queue write_cache), fua=$(sysfs_queue fua)"
 echo "  max discard:   $(sysfs_queue discard_max_bytes) bytes"
+log "the daemon's own view (ublk-mirror-ctl info):"
+ctl info | sed 's/^/  /'
 stop_daemon
 echo "daemon exit stats: $(grep -o 'stats at exit: .*' "$DAEMON_LOG")"
