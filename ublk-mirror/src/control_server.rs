@@ -19,7 +19,7 @@ use control::protocol::{code, Command, Reply, Request, MAX_FDS, MAX_FD_NAME, MAX
 use serde_json::{json, Value};
 
 use crate::copy::{CopyJob, CopyState};
-use crate::shared::{ControlError, CopyPlan, Shared, StoredFd};
+use crate::shared::{lock, ControlError, CopyPlan, Shared, StoredFd};
 use crate::StopReason;
 
 /// The runtime directory for default socket paths.
@@ -519,10 +519,6 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &Devi
             format!("{other:?} is not served by this daemon"),
         )),
     }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The names and meaning follow `tap-ctl stats` where they overlap.

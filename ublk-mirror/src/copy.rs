@@ -211,7 +211,7 @@ fn worker(
         if job.cancel.load(Ordering::SeqCst) || !mirror.takes_io() {
             return;
         }
-        throttle(job, off);
+        throttle(job);
         // Count first, then look at the gate (the pause handshake, as the queues do).
         loop {
             counters.start();
@@ -267,7 +267,7 @@ fn release(shared: &Shared, ticket: &crate::range_lock::Ticket) {
 }
 
 /// Sleeps so that bytes done stay within the rate limit.
-fn throttle(job: &CopyJob, _off: u64) {
+fn throttle(job: &CopyJob) {
     let Some(speed) = job.speed.filter(|s| *s > 0) else {
         return;
     };

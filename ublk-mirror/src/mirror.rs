@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
+
+use crate::shared::lock;
 use crossbeam_queue::SegQueue;
 use nbd_proxy::address::Stream;
 use nbd_proxy::client::Export;
@@ -149,10 +151,6 @@ pub struct Mirror {
     pub bytes: AtomicU64,
     mail: Arc<Mailboxes>,
     stopped: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Mirror {

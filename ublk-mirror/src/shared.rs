@@ -164,7 +164,9 @@ pub struct Shared {
     pub stop: Mutex<Sender<StopReason>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks a mutex, taking over a poisoned one: a panicked holder must not stop the daemon
+/// from answering (every guarded value here stays consistent between statements).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
