@@ -40,6 +40,20 @@ enum Command {
     Serve(ServeArgs),
     /// Connect to an NBD export and pass the connected socket to a ublk-mirror daemon.
     Connect(ConnectArgs),
+    /// Send one command to a running `serve --control` socket and print its answer, e.g.
+    /// `nbd-proxy control --socket /run/nbd-proxy.sock remove disk` at cutover. Exits 1 when
+    /// the server answers `error ...`.
+    Control(ControlArgs),
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// The server's --control socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// `add NAME=PATH [ro]`, `remove NAME` or `list`.
+    #[arg(required = true, num_args = 1..)]
+    command: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -138,10 +152,32 @@ fn main() {
             });
             handoff::connect(&a.to, &a.export, &a.handoff, &a.name, a.negotiate, tls)
         }
+        Command::Control(a) => control_client(&a),
     };
     if let Err(e) = res {
         eprintln!("nbd-proxy: error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+fn control_client(a: &ControlArgs) -> Result<()> {
+    let mut conn = UnixStream::connect(&a.socket)
+        .with_context(|| format!("connecting to {}", a.socket.display()))?;
+    writeln!(conn, "{}", a.command.join(" ")).context("sending the command")?;
+    conn.shutdown(std::net::Shutdown::Write)
+        .context("sending the command")?;
+    let mut answer = String::new();
+    BufReader::new(conn)
+        .read_line(&mut answer)
+        .context("reading the answer")?;
+    let answer = answer.trim_end();
+    match answer.strip_prefix("ok") {
+        Some(rest) => {
+            println!("{}", rest.trim_start());
+            Ok(())
+        }
+        None if answer.is_empty() => bail!("the server closed the connection without answering"),
+        None => bail!("{}", answer.strip_prefix("error ").unwrap_or(answer)),
     }
 }
 

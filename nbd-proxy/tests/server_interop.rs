@@ -317,8 +317,18 @@ fn export_removed_at_run_time_drains_and_releases_the_image() {
         BufReader::new(s).read_line(&mut answer).expect("answer");
         answer
     };
-    let answer = ask("remove disk");
-    assert!(answer.starts_with("ok removed disk"), "{answer}");
+    // The operator's client, as at a migration's cutover.
+    let cli = |args: &[&str]| {
+        Cmd::new(env!("CARGO_BIN_EXE_nbd-proxy"))
+            .args(["control", "--socket", ctl.to_str().expect("p")])
+            .args(args)
+            .output()
+            .expect("nbd-proxy control")
+    };
+    let out = cli(&["remove", "disk"]);
+    assert!(out.status.success(), "{out:?}");
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.starts_with("removed disk"), "{answer}");
     // Everything sent before the removal was answered, then the connection closed.
     for _ in 0..8 {
         assert_eq!(c.recv().expect("reply before close").result, Ok(vec![]));
@@ -334,6 +344,12 @@ fn export_removed_at_run_time_drains_and_releases_the_image() {
     let s = UnixStream::connect(&srv.socket).expect("connect");
     assert!(Negotiator::start(s).expect("greeting").go("disk").is_err());
     assert!(ask("add disk=/nonexistent").starts_with("error"));
+    let out = cli(&["remove", "disk"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("disk"),
+        "{out:?}"
+    );
     assert!(ask("frobnicate").starts_with("error unknown command"));
 }
 

@@ -50,6 +50,9 @@ pub struct CopyJob {
     bytes_done: AtomicU64,
     pub speed: Option<u64>,
     started: Instant,
+    /// Nanoseconds from `started` to the end (ready, failed or cancelled); 0 while copying, so
+    /// `elapsed` and `rate` stop moving once the copy is over.
+    ended_ns: AtomicU64,
     cancel: AtomicBool,
     /// (time, bytes_done) samples for the current rate.
     samples: Mutex<Vec<(Instant, u64)>>,
@@ -71,16 +74,31 @@ impl CopyJob {
 
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
-        let _ = self.state.compare_exchange(
-            CopyState::Copying as u8,
-            CopyState::Cancelled as u8,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        self.end(CopyState::Cancelled);
+    }
+
+    /// Moves a running copy to its final state (once) and freezes its clock.
+    fn end(&self, state: CopyState) {
+        if self
+            .state
+            .compare_exchange(
+                CopyState::Copying as u8,
+                state as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+        {
+            let ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.ended_ns.store(ns.max(1), Ordering::SeqCst);
+        }
     }
 
     /// Bytes per second over the last few seconds (holes included).
     pub fn rate(&self) -> f64 {
+        if self.state() != CopyState::Copying {
+            return self.bytes_done() as f64 / self.elapsed().as_secs_f64().max(1e-3);
+        }
         let now = Instant::now();
         let done = self.bytes_done();
         let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
@@ -95,7 +113,10 @@ impl CopyJob {
     }
 
     pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
+        match self.ended_ns.load(Ordering::SeqCst) {
+            0 => self.started.elapsed(),
+            ns => Duration::from_nanos(ns),
+        }
     }
 }
 
@@ -122,6 +143,7 @@ pub fn start(
         bytes_done: AtomicU64::new(0),
         speed,
         started: Instant::now(),
+        ended_ns: AtomicU64::new(0),
         cancel: AtomicBool::new(false),
         samples: Mutex::new(Vec::new()),
     });
@@ -153,7 +175,7 @@ pub fn start(
             });
         if let Err(e) = spawned {
             log::error!("{kind}: cannot start a copy worker: {e}");
-            job.state.store(CopyState::Failed as u8, Ordering::SeqCst);
+            job.end(CopyState::Failed);
         }
     }
     job
@@ -170,7 +192,7 @@ fn finish(shared: &Shared, mirror: &Mirror, job: &CopyJob) {
         return;
     }
     if mirror.takes_io() && shared.dirty.dirty_bytes() == 0 {
-        job.state.store(CopyState::Ready as u8, Ordering::SeqCst);
+        job.end(CopyState::Ready);
         log::info!(
             "{}: ready after {} bytes in {:.1} s: the target is actively synced",
             job.kind,
@@ -178,7 +200,7 @@ fn finish(shared: &Shared, mirror: &Mirror, job: &CopyJob) {
             job.elapsed().as_secs_f64()
         );
     } else {
-        job.state.store(CopyState::Failed as u8, Ordering::SeqCst);
+        job.end(CopyState::Failed);
         log::error!(
             "{}: not ready: mirror {}, {} bytes still out of sync",
             job.kind,
@@ -237,7 +259,7 @@ fn worker(
             },
             Err(e) => {
                 log::error!("{}: reading the image at {off}: {e}", job.kind);
-                job.state.store(CopyState::Failed as u8, Ordering::SeqCst);
+                job.end(CopyState::Failed);
                 release(shared, &ticket);
                 counters.complete();
                 return;
