@@ -65,8 +65,12 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout: Option<f64>,
     },
-    /// Graceful stop, as SIGTERM.
-    Shutdown,
+    /// Graceful stop, as SIGTERM; with `keep`, detach instead: drain, flush, leave the device
+    /// waiting (guest I/O queues) for `ublk-mirror recover`, as for a live upgrade.
+    Shutdown {
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        keep: bool,
+    },
     /// Mirror every write to the NBD target on the stored fd `name`.
     MirrorStart {
         name: String,

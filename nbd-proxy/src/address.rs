@@ -107,6 +107,13 @@ impl io::Write for Stream {
             Stream::Unix(s) => s.write(buf),
         }
     }
+    // Delegated so a gather write is one writev (the default writes only the first slice).
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.flush(),

@@ -17,6 +17,8 @@ done
 arg() { tr ' ' '\n' < /proc/cmdline | sed -n "s/^$1=//p" | tail -n 1; }
 scenarios=$(arg um.scenarios | tr ',' ' ')
 per_timeout=$(arg um.timeout); per_timeout=${per_timeout:-300}
+# um.env.NAME=VALUE on the command line: exported to the scenarios (tests/vm/run's VM_ENV).
+for kv in $(tr ' ' '\n' < /proc/cmdline | sed -n 's/^um\.env\.//p'); do export "${kv%%=*}=${kv#*=}"; done
 echo "@@KERNEL $(uname -r) cpus=$(nproc) mem_kb=$(awk '/MemTotal/{print $2}' /proc/meminfo)"
 
 devices() { ls /dev/ublkb* /dev/ublkc* 2>/dev/null | tr '\n' ' '; }

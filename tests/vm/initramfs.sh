@@ -54,13 +54,18 @@ while read -r line; do
     [ -e "$root/bin/$name" ] || ln -s "$path" "$root/bin/$name"
 done < "$here/guest-tools.txt"
 ln -sf "$(command -v bash)" "$root/bin/sh"
+# Tools a caller adds for one run (bench/run adds rublk), into /usr/local/bin.
+for f in ${GUEST_EXTRA_TOOLS:-}; do
+    [ -x "$f" ] || { echo "initramfs.sh: GUEST_EXTRA_TOOLS: $f is not an executable" >&2; exit 1; }
+    add_file "$f" "/usr/local/bin/$(basename "$f")"
+done
 
 # Modules: dependencies first, each once, decompressed for busybox insmod.
 mods=$kdir/root/lib/modules/$kver
 : > "$root/modules.load"
 declare -A seen=()
 add_module() {
-    local name=$1 ko deps d
+    local name=${1//-/_} ko deps d
     [ -n "${seen[$name]:-}" ] && return
     seen[$name]=1
     if grep -q "/${name//_/[_-]}.ko" "$mods/modules.builtin" 2>/dev/null; then return; fi

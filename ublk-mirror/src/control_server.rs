@@ -510,8 +510,13 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &Devi
                 "extents": extents,
             }))
         }
-        Command::Shutdown => {
-            let _ = lock(&shared.stop).send(StopReason::Control);
+        Command::Shutdown { keep } => {
+            let why = if keep {
+                StopReason::Detach
+            } else {
+                StopReason::Control
+            };
+            let _ = lock(&shared.stop).send(why);
             Ok(json!({}))
         }
         other => Err((
@@ -545,9 +550,14 @@ fn stats_json(shared: &Shared) -> Value {
 fn mirror_json(shared: &Shared) -> Value {
     let requested = lock(&shared.mirror_request).clone();
     let Some(m) = shared.mirror.load_full() else {
-        return json!({ "state": "off", "requested": requested, "target": Value::Null,
-                       "in_flight": 0, "ops": 0, "bytes_mirrored": 0, "last_error": Value::Null,
-                       "dirty_bytes": shared.dirty.dirty_bytes() });
+        // After a recovery from a daemon that was mirroring: failed, until mirror-start/stop.
+        let inherited = shared.inherited_failure();
+        return json!({ "state": if inherited.is_some() { "failed" } else { "off" },
+                       "requested": requested, "target": Value::Null,
+                       "in_flight": 0, "ops": 0, "bytes_mirrored": 0, "last_error": inherited,
+                       "dirty_bytes": shared.dirty.dirty_bytes(),
+                       "bitmap_persistent": shared.dirty.persistent(),
+                       "activity_log_extents": shared.dirty.activity_extents() });
     };
     let failure = m.failure();
     json!({
@@ -564,6 +574,7 @@ fn mirror_json(shared: &Shared) -> Value {
         "failed_at": failure.as_ref().and_then(|f| f.1.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()),
         "dirty_bytes": shared.dirty.dirty_bytes(),
         "bitmap_persistent": shared.dirty.persistent(),
+        "activity_log_extents": shared.dirty.activity_extents(),
         "range_locks": shared.ranges.len(),
         "copy": shared.copy.load_full().map(|j| copy_json(&j)),
     })

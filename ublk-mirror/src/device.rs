@@ -17,7 +17,7 @@ use libublk::{sys, UblkError, UblkFlags};
 use crate::control_server::{ControlPath, ControlServer, DeviceInfo};
 use crate::queue::{run_queue, QueueContext};
 use crate::readiness::Readiness;
-use crate::shared::Shared;
+use crate::shared::{lock, Shared};
 use crate::stats::Snapshot;
 use crate::StopReason;
 
@@ -31,6 +31,9 @@ pub struct DeviceConfig {
     pub queues: u16,
     pub depth: u16,
     pub max_io_bytes: u32,
+    /// Take over the existing, quiesced device `dev_id` (its daemon died or detached) instead
+    /// of adding one.
+    pub recover: bool,
 }
 
 /// Fails with instructions when this kernel has no ublk driver loaded.
@@ -54,19 +57,36 @@ pub fn serve(
     stop_rx: Receiver<StopReason>,
     readiness: Readiness,
 ) -> Result<Snapshot> {
-    if cfg.dev_id >= 0 {
+    if cfg.dev_id >= 0 && !cfg.recover {
         check_id_free(cfg.dev_id)?;
     }
+    let lifecycle = if cfg.recover {
+        UblkFlags::UBLK_DEV_F_RECOVER_DEV
+    } else {
+        UblkFlags::UBLK_DEV_F_ADD_DEV
+    };
     let ctrl = UblkCtrlBuilder::default()
         .name("ublk-mirror")
         .id(cfg.dev_id)
         .nr_queues(cfg.queues)
         .depth(cfg.depth)
         .io_buf_bytes(cfg.max_io_bytes)
-        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        // If this daemon dies, the device stays and queues guest I/O (requests in flight are
+        // reissued, not failed) until `ublk-mirror recover` takes it over.
+        .ctrl_flags(u64::from(
+            sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE,
+        ))
+        // Each queue thread on one CPU of the queue's mask: a thread that migrates between
+        // CPUs pays for it on every request (QD1 write latency halved in the VM).
+        .dev_flags(lifecycle | UblkFlags::UBLK_DEV_F_SINGLE_CPU_AFFINITY)
         .build()
         .map_err(|e| add_dev_error(e, cfg.dev_id))?;
     let dev_id = ctrl.dev_info().dev_id;
+    if cfg.recover {
+        ctrl.start_user_recover()
+            .map_err(|e| anyhow!("START_USER_RECOVERY of ublk device {dev_id} failed: {e}"))?;
+        log::info!("recovering ublk device {dev_id}: its previous daemon is gone");
+    }
     log::info!(
         "added ublk device {dev_id} ({} queues, depth {}, max io {} bytes)",
         cfg.queues,
@@ -82,14 +102,16 @@ pub fn serve(
         depth: cfg.depth,
         max_io_bytes: cfg.max_io_bytes,
     };
-    let server = match control {
-        Some(p) => Some(ControlServer::start(
-            &p.resolve(dev_id),
-            shared.clone(),
-            info.clone(),
-        )?),
+    let control_path = control.map(|p| p.resolve(dev_id));
+    let server = match &control_path {
+        Some(p) => Some(ControlServer::start(p, shared.clone(), info.clone())?),
         None => None,
     };
+    if let Some(r) = lock(&shared.record).as_mut() {
+        r.dev_id = dev_id;
+        r.control = control_path.clone();
+    }
+    shared.save_state(false);
 
     let init = |dev: &mut UblkDev| init_target(dev, &shared);
     let ctx = QueueContext {
@@ -109,6 +131,9 @@ pub fn serve(
             Ok(rx) => rx.recv().unwrap_or(StopReason::ChannelClosed),
             Err(_) => StopReason::ChannelClosed,
         };
+        if reason == StopReason::Detach {
+            detach(&on_live_shared, &bdev);
+        }
         log::info!("stopping {bdev}: {reason}");
         readiness.stopping();
         // Parked requests must complete, or the kernel's teardown waits for them forever.
@@ -137,8 +162,35 @@ pub fn serve(
     };
     run.map_err(|e| anyhow!("serving ublk device {dev_id} failed: {e}"))?;
     del.map_err(|e| anyhow!("DEL_DEV of ublk device {dev_id} failed: {e}"))?;
+    shared.remove_state();
     log::info!("ublk device {dev_id} deleted");
     Ok(totals)
+}
+
+/// `shutdown --keep`: leave the device to a successor (`ublk-mirror recover`). Drains and
+/// flushes like a pause, ends an attached mirror cleanly, records the detach and exits without
+/// STOP_DEV: the kernel quiesces the device, and the requests this daemon had fetched but not
+/// answered (those parked by the pause) are reissued to the successor.
+fn detach(shared: &Shared, bdev: &str) -> ! {
+    log::info!("detaching from {bdev}: draining and flushing; the device stays for `recover`");
+    if let Err(e) = shared.pause(std::time::Duration::from_secs(30)) {
+        log::warn!("detach: {e}; requests still in flight will be reissued to the successor");
+    }
+    let mirror = shared
+        .mirror
+        .load()
+        .as_ref()
+        .map(|m| crate::state::MirrorRecord {
+            target: m.name.clone(),
+            export: m.export.name.clone(),
+        });
+    shared.stop_mirror();
+    if let Err(e) = shared.sync_image() {
+        log::error!("detach: final flush failed: {e}");
+    }
+    shared.save_detached(mirror);
+    log::info!("detached from {bdev}; exiting");
+    std::process::exit(0)
 }
 
 /// Refuses an explicit device id that already exists, *before* ADD_DEV.
@@ -210,6 +262,46 @@ fn init_target(dev: &mut UblkDev, shared: &Shared) -> Result<(), UblkError> {
     Ok(())
 }
 
+/// Refuses, with the reason, a device `recover` cannot take over: gone, not created for
+/// recovery, or still served. Waits a little for the kernel to quiesce a device whose daemon
+/// just died.
+pub fn check_recoverable(dev_id: u32) -> Result<()> {
+    let id = i32::try_from(dev_id).context("device id out of range")?;
+    if !Path::new(&format!("/sys/class/ublk-char/ublkc{dev_id}")).exists() {
+        bail!(
+            "cannot recover ublk device {dev_id}: it no longer exists (deleted, or the host \
+             rebooted); start a new daemon with `ublk-mirror serve`"
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let ctrl = UblkCtrl::new_simple(id)
+            .map_err(|e| anyhow!("cannot open ublk device {dev_id}: {e}"))?;
+        let info = ctrl.dev_info();
+        if info.flags & u64::from(sys::UBLK_F_USER_RECOVERY) == 0 {
+            bail!("cannot recover ublk device {dev_id}: it was not created with USER_RECOVERY");
+        }
+        let pid = info.ublksrv_pid;
+        let alive = pid > 0 && Path::new(&format!("/proc/{pid}")).exists();
+        match u32::from(info.state) {
+            sys::UBLK_S_DEV_QUIESCED if !alive => return Ok(()),
+            sys::UBLK_S_DEV_LIVE | sys::UBLK_S_DEV_QUIESCED if alive => bail!(
+                "cannot recover ublk device {dev_id}: it is served by a running daemon (pid \
+                 {pid}); stop or detach that one first"
+            ),
+            sys::UBLK_S_DEV_DEAD => bail!(
+                "cannot recover ublk device {dev_id}: it was stopped; delete it with \
+                 `ublk-mirror delete --dev-id {dev_id}` and serve the image again"
+            ),
+            state if std::time::Instant::now() >= deadline => bail!(
+                "cannot recover ublk device {dev_id}: it is in state {state}, not quiesced, \
+                 10 s after its daemon (pid {pid}) went away"
+            ),
+            _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+}
+
 /// `ublk-mirror delete`: remove a device whose daemon is gone.
 pub fn delete(dev_id: u32, force: bool) -> Result<()> {
     check_driver()?;
@@ -232,5 +324,7 @@ pub fn delete(dev_id: u32, force: bool) -> Result<()> {
     let _ = ctrl.kill_dev();
     ctrl.del_dev()
         .map_err(|e| anyhow!("DEL_DEV of ublk device {dev_id} failed: {e}"))?;
+    // Nothing can recover it any more.
+    let _ = std::fs::remove_file(crate::state::path_for(dev_id));
     Ok(())
 }

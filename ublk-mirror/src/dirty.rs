@@ -7,16 +7,30 @@
 //! was written back, which the daemon forces at pause and at exit (`flush`). The file starts
 //! with a header (magic, version, granularity, device size, the image's device and inode,
 //! generation) and is refused when it does not match.
+//!
+//! With a file, an activity log follows the bitmap, as in DRBD: one bit per 4 MiB extent that
+//! may have a mirrored write in flight. A write's extents are set, and written through to the
+//! disk, *before* the write goes to either leg; they are cleared lazily once idle
+//! (`clean_activity_log`, about every second). The out-of-sync bitmap itself is only cleared
+//! by copy and resync. When the file is opened again after a crash, every logged extent is
+//! OR-ed into the bitmap: a write that reached one leg and not the other is then covered.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 pub const DEFAULT_GRANULE: u64 = 64 << 10;
 const MAGIC: &[u8; 8] = b"UBLKMBM\0";
-const VERSION: u32 = 1;
+/// 2: the activity log after the bitmap.
+const VERSION: u32 = 2;
 const HEADER: usize = 4096;
+const PAGE: usize = 4096;
+/// Bytes of the device per activity-log bit.
+pub const AL_EXTENT: u64 = 4 << 20;
+/// Set in an extent's in-flight count while the cleaner decides whether to clear its bit.
+const CLEARING: u32 = 1 << 31;
 
 enum Storage {
     Memory(Vec<AtomicU64>),
@@ -32,6 +46,12 @@ pub struct DirtyMap {
     size: u64,
     nwords: usize,
     storage: Storage,
+    /// Mirrored writes in flight per activity-log extent (file only), plus CLEARING.
+    al_inflight: Vec<AtomicU32>,
+    /// Serializes setting a cold extent's bit against the cleaner clearing it.
+    al_lock: Mutex<()>,
+    /// Extents OR-ed into the bitmap from the log when the file was opened.
+    pub al_recovered: u64,
     /// Times the bitmap file was opened (1 for a new file); 0 in memory.
     pub generation: u64,
 }
@@ -70,8 +90,19 @@ impl DirtyMap {
             size,
             nwords,
             storage: Storage::Memory((0..nwords).map(|_| AtomicU64::new(0)).collect()),
+            al_inflight: Vec::new(),
+            al_lock: Mutex::new(()),
+            al_recovered: 0,
             generation: 0,
         }
+    }
+
+    fn al_offset(nwords: usize) -> usize {
+        (HEADER + nwords * 8).div_ceil(PAGE) * PAGE
+    }
+
+    fn al_words_for(size: u64) -> usize {
+        size.div_ceil(AL_EXTENT).div_ceil(64) as usize
     }
 
     /// Opens (or creates) the bitmap file for an image of `size` bytes at `image`.
@@ -89,7 +120,7 @@ impl DirtyMap {
         let meta = std::fs::metadata(image).map_err(io)?;
         let (dev, ino) = (meta.dev(), meta.ino());
         let nwords = size.div_ceil(granule).div_ceil(64) as usize;
-        let len = (HEADER + nwords * 8) as u64;
+        let len = (Self::al_offset(nwords) + Self::al_words_for(size) * 8) as u64;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -149,13 +180,156 @@ impl DirtyMap {
             g
         };
         map.flush().map_err(io)?;
-        Ok(DirtyMap {
+        let extents = size.div_ceil(AL_EXTENT) as usize;
+        let mut m = DirtyMap {
             granule,
             size,
             nwords,
             storage: Storage::File { map, _lock: file },
+            al_inflight: (0..extents).map(|_| AtomicU32::new(0)).collect(),
+            al_lock: Mutex::new(()),
+            al_recovered: 0,
             generation,
-        })
+        };
+        m.al_recovered = m.absorb_activity_log().map_err(io)?;
+        Ok(m)
+    }
+
+    /// The activity log's words (empty in memory).
+    fn al_words(&self) -> &[AtomicU64] {
+        match &self.storage {
+            Storage::Memory(_) => &[],
+            Storage::File { map, .. } => {
+                // SAFETY: the log starts at a page-aligned offset after the bitmap and holds
+                // al_words_for(size) words (the file length is checked at open); all access
+                // is atomic, as for the bitmap.
+                unsafe {
+                    std::slice::from_raw_parts(
+                        map.as_ptr()
+                            .add(Self::al_offset(self.nwords))
+                            .cast::<AtomicU64>(),
+                        Self::al_words_for(self.size),
+                    )
+                }
+            }
+        }
+    }
+
+    fn al_bit(&self, e: usize) -> bool {
+        self.al_words()[e / 64].load(Ordering::SeqCst) & (1 << (e % 64)) != 0
+    }
+
+    /// Writes the activity log through to the disk.
+    fn al_sync(&self) -> std::io::Result<()> {
+        match &self.storage {
+            Storage::File { map, .. } => map.flush_range(
+                Self::al_offset(self.nwords),
+                Self::al_words_for(self.size) * 8,
+            ),
+            Storage::Memory(_) => Ok(()),
+        }
+    }
+
+    fn extents_of(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
+        if len == 0 || offset >= self.size || self.al_inflight.is_empty() {
+            return 0..0;
+        }
+        let end = (offset + len).min(self.size);
+        (offset / AL_EXTENT) as usize..end.div_ceil(AL_EXTENT) as usize
+    }
+
+    /// Before a mirrored write to [offset, offset+len) is issued: its extents are in the log,
+    /// on disk. Cheap when the extents are already hot (one atomic add each).
+    pub fn al_begin(&self, offset: u64, len: u64) {
+        let mut cold = false;
+        for e in self.extents_of(offset, len) {
+            let prev = self.al_inflight[e].fetch_add(1, Ordering::SeqCst);
+            if prev & CLEARING != 0 || !self.al_bit(e) {
+                cold = true;
+            }
+        }
+        if !cold {
+            return;
+        }
+        let _g = self.al_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut changed = false;
+        for e in self.extents_of(offset, len) {
+            if !self.al_bit(e) {
+                self.al_words()[e / 64].fetch_or(1 << (e % 64), Ordering::SeqCst);
+                changed = true;
+            }
+        }
+        if changed {
+            if let Err(e) = self.al_sync() {
+                // The write goes on: a host crash could lose this extent, a daemon crash not
+                // (the mapping is shared).
+                log::error!("activity log: writing it to disk failed: {e}");
+            }
+        }
+    }
+
+    /// After both legs of the write that `al_begin` announced have completed.
+    pub fn al_end(&self, offset: u64, len: u64) {
+        for e in self.extents_of(offset, len) {
+            self.al_inflight[e].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Clears the bits of extents with no write in flight; returns how many were cleared.
+    pub fn clean_activity_log(&self) -> usize {
+        if self.al_inflight.is_empty() {
+            return 0;
+        }
+        let _g = self.al_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cleared = 0;
+        for (e, count) in self.al_inflight.iter().enumerate() {
+            if !self.al_bit(e) {
+                continue;
+            }
+            // Writers that arrive meanwhile see CLEARING, wait for al_lock and set it again.
+            if count
+                .compare_exchange(0, CLEARING, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                self.al_words()[e / 64].fetch_and(!(1 << (e % 64)), Ordering::SeqCst);
+                count.fetch_and(!CLEARING, Ordering::SeqCst);
+                cleared += 1;
+            }
+        }
+        if cleared > 0 {
+            if let Err(e) = self.al_sync() {
+                log::warn!("activity log: writing it to disk failed: {e}");
+            }
+        }
+        cleared
+    }
+
+    /// Extents in the activity log (hot, or left by a crash).
+    pub fn activity_extents(&self) -> usize {
+        self.al_words()
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed).count_ones() as usize)
+            .sum()
+    }
+
+    /// At open: every extent the log holds may differ between the legs; mark it out of sync
+    /// and empty the log. Returns how many extents were absorbed.
+    fn absorb_activity_log(&self) -> std::io::Result<u64> {
+        let mut n = 0;
+        for e in 0..self.al_inflight.len() {
+            if self.al_bit(e) {
+                self.mark(e as u64 * AL_EXTENT, AL_EXTENT);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.flush()?;
+            for w in self.al_words() {
+                w.store(0, Ordering::SeqCst);
+            }
+            self.al_sync()?;
+        }
+        Ok(n)
     }
 
     fn words(&self) -> &[AtomicU64] {
@@ -308,6 +482,61 @@ mod tests {
             DirtyMap::open_file(&bm, &img, 1 << 30, 64 << 10),
             Err(BitmapError::NotABitmap { .. })
         ));
+    }
+
+    #[test]
+    fn the_activity_log_covers_writes_in_flight_at_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("disk.img");
+        std::fs::write(&img, [0u8; 4096]).expect("image");
+        let bm = dir.path().join("disk.bitmap");
+        let m = DirtyMap::open_file(&bm, &img, 64 << 20, 64 << 10).expect("create");
+        m.al_begin(5 << 20, 4096); // extent 1
+        m.al_begin((8 << 20) - 4096, 8192); // extents 1 and 2
+        m.al_begin(40 << 20, 4096); // extent 10
+        m.al_end(40 << 20, 4096);
+        assert_eq!(m.activity_extents(), 3, "hot extents stay until cleaned");
+        assert_eq!(
+            m.clean_activity_log(),
+            1,
+            "only the idle extent 10 is cleared"
+        );
+        assert_eq!(m.activity_extents(), 2);
+        assert_eq!(m.dirty_bytes(), 0, "the log is not the bitmap");
+        drop(m); // a crash: writes to extents 1 and 2 still in flight
+        let m = DirtyMap::open_file(&bm, &img, 64 << 20, 64 << 10).expect("reopen");
+        assert_eq!(m.al_recovered, 2);
+        assert_eq!(m.extents(), vec![(4 << 20, 8 << 20)]);
+        assert_eq!(
+            m.activity_extents(),
+            0,
+            "the log is emptied into the bitmap"
+        );
+    }
+
+    #[test]
+    fn a_write_racing_the_cleaner_keeps_its_extent_logged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("disk.img");
+        std::fs::write(&img, [0u8; 4096]).expect("image");
+        let m = std::sync::Arc::new(
+            DirtyMap::open_file(&dir.path().join("b"), &img, 16 << 20, 64 << 10).expect("open"),
+        );
+        let cleaner = {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                for _ in 0..2000 {
+                    m.clean_activity_log();
+                }
+            })
+        };
+        for _ in 0..2000 {
+            m.al_begin(0, 4096);
+            // While the write is in flight its extent must be logged, whatever the cleaner does.
+            assert!(m.al_bit(0));
+            m.al_end(0, 4096);
+        }
+        cleaner.join().expect("cleaner");
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod range_lock;
 mod readiness;
 mod request;
 mod shared;
+mod state;
 mod stats;
 
 use std::io::Write;
@@ -57,7 +58,27 @@ enum Command {
     /// is stopped (requests in flight complete), the image is fdatasync'ed and the device is
     /// deleted; the exit status is 0.
     Serve(ServeArgs),
-    /// Delete a ublk device whose daemon is gone (e.g. after a crash).
+    /// Take over device N after its daemon died (SIGKILL, panic, OOM) or detached
+    /// (`ublk-mirror-ctl shutdown --keep`, for an upgrade of the binary).
+    ///
+    /// Devices are created with ublk's USER_RECOVERY and USER_RECOVERY_REISSUE: while no daemon
+    /// serves them, guest I/O waits instead of failing, and requests that were in flight are
+    /// issued again to the new daemon. Everything else comes from the state file
+    /// /run/ublk-mirror/N.state (image, queues, depth, control socket, bitmap). A mirror that
+    /// was attached is not resumed: `nbd_mirror_failed` reads 1 and the out-of-sync map covers
+    /// what the target may have missed (everything, without a --bitmap file), so the
+    /// orchestrator hands over a new connection and starts the mirror with --resync.
+    /// Refused when the device is gone, is still served, or the image is missing or in use.
+    Recover {
+        /// Device id N of /dev/ublkbN.
+        #[arg(long)]
+        dev_id: u32,
+        /// As for serve: write "READY=1 DEVICE=/dev/ublkbN" to this inherited fd once live.
+        #[arg(long)]
+        ready_fd: Option<RawFd>,
+    },
+    /// Delete a ublk device whose daemon is gone (e.g. after a crash). Guest I/O waiting on it
+    /// then fails with errors; use `recover` to keep the disk instead.
     Delete {
         /// Device id N of /dev/ublkbN.
         #[arg(long)]
@@ -123,6 +144,8 @@ pub enum StopReason {
     QueueStopped(u16),
     /// The control command `shutdown`.
     Control,
+    /// The control command `shutdown --keep`: leave the device to `recover`.
+    Detach,
     ChannelClosed,
 }
 
@@ -140,6 +163,7 @@ impl std::fmt::Display for StopReason {
                 )
             }
             StopReason::Control => write!(f, "control command shutdown"),
+            StopReason::Detach => write!(f, "control command shutdown --keep (detach)"),
             StopReason::ChannelClosed => write!(f, "stop channel closed"),
         }
     }
@@ -149,11 +173,12 @@ fn main() {
     let cli = Cli::parse();
     let label = match &cli.command {
         Command::Serve(a) => a.label.clone(),
-        Command::Delete { .. } => String::new(),
+        Command::Delete { .. } | Command::Recover { .. } => String::new(),
     };
     init_logging(&label);
     let res = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(args, None),
+        Command::Recover { dev_id, ready_fd } => recover(dev_id, ready_fd),
         Command::Delete { dev_id, force } => device::delete(dev_id, force).map(|()| {
             println!("deleted ublk device {dev_id}");
         }),
@@ -183,7 +208,48 @@ fn init_logging(label: &str) {
         .init();
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
+/// `recover`: the previous daemon's options from its state file, then `serve` in recovery mode.
+fn recover(dev_id: u32, ready_fd: Option<RawFd>) -> Result<()> {
+    device::check_driver()?;
+    let path = state::path_for(dev_id);
+    let st = state::DaemonState::load(&path)?;
+    device::check_recoverable(dev_id)?;
+    if !st.image.exists() {
+        anyhow::bail!(
+            "cannot recover ublk device {dev_id}: its image {} is missing (delete the device \
+             with `ublk-mirror delete --dev-id {dev_id}`, or restore the image)",
+            st.image.display()
+        );
+    }
+    log::info!(
+        "recovering ublk device {dev_id} from {} (previous daemon pid {}{})",
+        path.display(),
+        st.pid,
+        if st.detached { ", detached" } else { ", died" }
+    );
+    let args = ServeArgs {
+        image: st.image.clone(),
+        dev_id: Some(dev_id),
+        queues: st.queues,
+        depth: st.depth,
+        max_io: st.max_io,
+        direct: match st.direct.as_str() {
+            "on" => DirectMode::On,
+            "off" => DirectMode::Off,
+            _ => DirectMode::Auto,
+        },
+        label: st.label.clone(),
+        ready_fd,
+        control: st.control.clone(),
+        no_control: st.control.is_none(),
+        paused: false,
+        bitmap: st.bitmap.clone(),
+        granularity: st.granularity,
+    };
+    serve(args, Some(st))
+}
+
+fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> {
     if args.max_io % 4096 != 0 || args.max_io == 0 || args.max_io > (8 << 20) {
         anyhow::bail!(
             "--max-io {}: must be a multiple of 4096, at most 8 MiB",
@@ -209,10 +275,20 @@ fn serve(args: ServeArgs) -> Result<()> {
         Some(p) => {
             let m = DirtyMap::open_file(p, &image.path, image.size, args.granularity)?;
             log::info!(
-                "bitmap {}: generation {}, {} bytes out of sync",
+                "bitmap {}: generation {}, {} bytes out of sync{}",
                 p.display(),
                 m.generation,
-                m.dirty_bytes()
+                m.dirty_bytes(),
+                if m.al_recovered > 0 {
+                    format!(
+                        " ({} extents of {} MiB with mirrored writes in flight at the last \
+                         stop came from the activity log)",
+                        m.al_recovered,
+                        dirty::AL_EXTENT >> 20
+                    )
+                } else {
+                    String::new()
+                }
             );
             m
         }
@@ -233,11 +309,52 @@ fn serve(args: ServeArgs) -> Result<()> {
         dirty,
     )
     .context("setting up the queues' doorbells")?;
+    if let Some(prev) = &recovering {
+        if let Some(m) = &prev.mirror {
+            shared.inherit_mirror_failure(format!(
+                "the previous daemon (pid {}) {} while mirroring to {:?} (export {:?}): the \
+                 target may lack writes; hand over a new connection and mirror-start --resync",
+                prev.pid,
+                if prev.detached { "detached" } else { "died" },
+                m.target,
+                m.export
+            ));
+            if !shared.dirty.persistent() {
+                // Nothing recorded what the target missed: all of it is out of sync.
+                shared.dirty.mark_all();
+            }
+        }
+    }
+    if shared.dirty.persistent() {
+        start_activity_log_cleaner(&shared)?;
+    }
+    *shared::lock(&shared.record) = Some(state::DaemonState {
+        version: state::DaemonState::CURRENT_VERSION,
+        dev_id: 0,
+        pid: std::process::id(),
+        image: shared.image_path(),
+        direct: match args.direct {
+            DirectMode::On => "on",
+            DirectMode::Off => "off",
+            DirectMode::Auto => "auto",
+        }
+        .into(),
+        queues: args.queues,
+        depth: args.depth,
+        max_io: args.max_io,
+        label: shared.label.clone(),
+        control: None,
+        bitmap: args.bitmap.clone(),
+        granularity: args.granularity,
+        mirror: None,
+        detached: false,
+    });
     let cfg = DeviceConfig {
         dev_id: args.dev_id.map_or(-1, |id| id as i32),
         queues: args.queues,
         depth: args.depth,
         max_io_bytes: args.max_io,
+        recover: recovering.is_some(),
     };
     let control = match (args.no_control, args.control) {
         (true, _) => None,
@@ -246,6 +363,25 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let totals = device::serve(shared, &cfg, control, stop_rx, readiness)?;
     log::info!("stats at exit: {totals}");
+    Ok(())
+}
+
+/// Clears idle extents from the activity log about once a second, so that a crash marks out
+/// of sync only what was recently written.
+fn start_activity_log_cleaner(shared: &std::sync::Arc<Shared>) -> Result<()> {
+    let weak = std::sync::Arc::downgrade(shared);
+    std::thread::Builder::new()
+        .name("activity-log".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            match weak.upgrade() {
+                Some(s) => {
+                    s.dirty.clean_activity_log();
+                }
+                None => return,
+            }
+        })
+        .context("spawning the activity log cleaner")?;
     Ok(())
 }
 

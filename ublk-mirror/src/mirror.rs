@@ -12,7 +12,7 @@
 //! result and the range is marked out of sync), and later writes go local-only.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -41,6 +41,17 @@ pub enum MirrorOp {
         offset: u64,
         len: u32,
     },
+}
+
+impl MirrorOp {
+    /// Bytes of the device the operation covers (0 for a flush).
+    pub fn len(&self) -> u64 {
+        match self {
+            MirrorOp::Write { data, .. } => data.len() as u64,
+            MirrorOp::Flush => 0,
+            MirrorOp::WriteZeroes { len, .. } => u64::from(*len),
+        }
+    }
 }
 
 /// How the mirror leg of one request ended.
@@ -79,10 +90,19 @@ impl Mailboxes {
     }
 
     fn deliver(&self, qid: u16, tag: u16, outcome: Outcome) {
+        self.post(qid, tag, outcome);
+        self.ring(qid);
+    }
+
+    /// Delivers without ringing: the caller rings the queue once for a batch.
+    fn post(&self, qid: u16, tag: u16, outcome: Outcome) {
         if let Some(b) = self.boxes.get(usize::from(qid)) {
             b.push((tag, outcome));
-            self.ring(qid);
         }
+    }
+
+    pub fn queues(&self) -> usize {
+        self.doorbells.len()
     }
 
     /// The outcomes delivered to queue `qid` since the last call.
@@ -298,8 +318,50 @@ impl Mirror {
     fn send_loop(self: Arc<Self>, rx: Receiver<Job>, mut w: Stream) {
         let mut cookie: u64 = 1;
         let zeros = vec![0u8; 1 << 20];
-        for job in rx {
-            if job.qid == STOP_MARKER {
+        // Everything queued when the sender wakes goes out in one writev: under load one
+        // syscall carries many requests instead of two syscalls each.
+        let mut batch: Vec<Job> = Vec::with_capacity(SEND_BATCH);
+        while let Ok(first) = rx.recv() {
+            batch.push(first);
+            let mut payload = 0usize;
+            while batch.len() < SEND_BATCH && payload < SEND_BATCH_BYTES {
+                let Ok(job) = rx.try_recv() else { break };
+                if let MirrorOp::Write { data, .. } = &job.op {
+                    payload += data.len();
+                }
+                batch.push(job);
+            }
+            let stop = batch.iter().any(|j| j.qid == STOP_MARKER);
+            let mut headers: Vec<[u8; 28]> = Vec::with_capacity(batch.len() + 1);
+            let mut datas: Vec<Option<&[u8]>> = Vec::with_capacity(batch.len() + 1);
+            let (mut ops, mut bytes) = (0u64, 0u64);
+            for job in batch.iter().filter(|j| j.qid != STOP_MARKER) {
+                if !self.takes_io() {
+                    self.finish(job.qid, job.tag, Outcome::Failed);
+                    continue;
+                }
+                let frames = self.frames(&job.op, &zeros);
+                // One job may need several NBD requests (FUA emulation, zeroes written out);
+                // it completes when the last one is answered, so only the last carries it.
+                let last = frames.len() - 1;
+                let mut pending = lock(&self.pending);
+                for (i, (mut h, data)) in frames.into_iter().enumerate() {
+                    h.cookie = cookie;
+                    cookie = cookie.wrapping_add(1).max(1);
+                    let (qid, tag) = if i == last {
+                        (job.qid, job.tag)
+                    } else {
+                        (INTERNAL, 0)
+                    };
+                    let sent = Instant::now();
+                    pending.insert(h.cookie, Pending { qid, tag, sent });
+                    headers.push(h.encode());
+                    datas.push(data);
+                }
+                ops += 1;
+                bytes += job.op.len();
+            }
+            if stop {
                 let disc = RequestHeader {
                     flags: 0,
                     command: Command::Disc,
@@ -307,98 +369,88 @@ impl Mirror {
                     offset: 0,
                     length: 0,
                 };
-                let _ = w.write_all(&disc.encode());
-                return;
+                headers.push(disc.encode());
+                datas.push(None);
             }
-            if !self.takes_io() {
-                self.finish(job.qid, job.tag, Outcome::Failed);
-                continue;
-            }
-            let e = &self.export;
-            let mut frames: Vec<(RequestHeader, Option<&[u8]>)> = Vec::with_capacity(2);
-            let hdr = |command, flags, offset, length| RequestHeader {
-                flags,
-                command,
-                cookie: 0,
-                offset,
-                length,
-            };
-            let bytes;
-            match &job.op {
-                MirrorOp::Write { offset, data, fua } => {
-                    bytes = data.len() as u64;
-                    let native_fua = *fua && e.has(tx_flags::SEND_FUA);
-                    let flags = if native_fua { cmd_flags::FUA } else { 0 };
-                    frames.push((
-                        hdr(Command::Write, flags, *offset, data.len() as u32),
-                        Some(data),
-                    ));
-                    if *fua && !native_fua {
-                        frames.push((hdr(Command::Flush, 0, 0, 0), None));
-                    }
-                }
-                MirrorOp::Flush => {
-                    bytes = 0;
-                    frames.push((hdr(Command::Flush, 0, 0, 0), None));
-                }
-                MirrorOp::WriteZeroes { offset, len } => {
-                    bytes = u64::from(*len);
-                    if e.has(tx_flags::SEND_WRITE_ZEROES) {
-                        frames.push((hdr(Command::WriteZeroes, 0, *offset, *len), None));
-                    } else {
-                        let mut done = 0u64;
-                        while done < u64::from(*len) {
-                            let n = (u64::from(*len) - done).min(zeros.len() as u64) as u32;
-                            frames.push((
-                                hdr(Command::Write, 0, offset + done, n),
-                                Some(&zeros[..n as usize]),
-                            ));
-                            done += u64::from(n);
-                        }
-                    }
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(headers.len() * 2);
+            for (h, d) in headers.iter().zip(&datas) {
+                slices.push(IoSlice::new(h));
+                if let Some(d) = d {
+                    slices.push(IoSlice::new(d));
                 }
             }
-            // One job may need several NBD requests (FUA emulation, zeroes written out); the
-            // job completes when the last one is answered, so only the last carries its cookie.
-            let last = frames.len() - 1;
-            let mut failed = false;
-            for (i, (mut h, data)) in frames.into_iter().enumerate() {
-                h.cookie = cookie;
-                cookie = cookie.wrapping_add(1).max(1);
-                let (qid, tag) = if i == last {
-                    (job.qid, job.tag)
-                } else {
-                    (INTERNAL, 0)
-                };
-                lock(&self.pending).insert(
-                    h.cookie,
-                    Pending {
-                        qid,
-                        tag,
-                        sent: Instant::now(),
-                    },
-                );
-                let sent = w
-                    .write_all(&h.encode())
-                    .and_then(|()| data.map_or(Ok(()), |d| w.write_all(d)));
-                if let Err(err) = sent {
+            if let Err(err) = write_all_vectored(&mut w, &mut slices) {
+                if !stop {
                     self.fail(format!("sending to the target: {err}"));
-                    failed = true;
-                    break;
                 }
-            }
-            if !failed {
-                self.ops.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.ops.fetch_add(ops, Ordering::Relaxed);
                 self.bytes.fetch_add(bytes, Ordering::Relaxed);
             }
+            drop(slices);
+            batch.clear();
+            if stop {
+                return;
+            }
         }
+    }
+
+    /// The NBD requests (cookie still 0) that carry out one operation on this export.
+    fn frames<'a>(
+        &self,
+        op: &'a MirrorOp,
+        zeros: &'a [u8],
+    ) -> Vec<(RequestHeader, Option<&'a [u8]>)> {
+        let e = &self.export;
+        let hdr = |command, flags, offset, length| RequestHeader {
+            flags,
+            command,
+            cookie: 0,
+            offset,
+            length,
+        };
+        let mut frames = Vec::with_capacity(2);
+        match op {
+            MirrorOp::Write { offset, data, fua } => {
+                let native_fua = *fua && e.has(tx_flags::SEND_FUA);
+                let flags = if native_fua { cmd_flags::FUA } else { 0 };
+                frames.push((
+                    hdr(Command::Write, flags, *offset, data.len() as u32),
+                    Some(&data[..]),
+                ));
+                if *fua && !native_fua {
+                    frames.push((hdr(Command::Flush, 0, 0, 0), None));
+                }
+            }
+            MirrorOp::Flush => frames.push((hdr(Command::Flush, 0, 0, 0), None)),
+            MirrorOp::WriteZeroes { offset, len } => {
+                if e.has(tx_flags::SEND_WRITE_ZEROES) {
+                    frames.push((hdr(Command::WriteZeroes, 0, *offset, *len), None));
+                } else {
+                    let mut done = 0u64;
+                    while done < u64::from(*len) {
+                        let n = (u64::from(*len) - done).min(zeros.len() as u64) as u32;
+                        frames.push((
+                            hdr(Command::Write, 0, offset + done, n),
+                            Some(&zeros[..n as usize]),
+                        ));
+                        done += u64::from(n);
+                    }
+                }
+            }
+        }
+        frames
     }
 
     fn recv_loop(self: Arc<Self>, mut r: Stream) {
         let tick = Duration::from_millis(100);
         let _ = r.set_read_timeout(Some(tick));
-        let mut buf = [0u8; 16];
+        // Replies are 16 bytes: one read takes every reply that has arrived, and each queue's
+        // doorbell rings once per read rather than once per reply.
+        let mut buf = vec![0u8; 16 * 1024];
         let mut have = 0usize;
+        let mut rung = vec![false; self.mail.queues()];
+        let mut last_check = Instant::now();
         loop {
             match r.read(&mut buf[have..]) {
                 Ok(0) => {
@@ -422,47 +474,87 @@ impl Mirror {
             if self.failed() {
                 return;
             }
-            if have == buf.len() {
-                have = 0;
-                let reply = match SimpleReply::decode(&buf) {
-                    Ok(rep) => rep,
-                    Err(e) => {
-                        self.fail(format!("target sent a bad reply: {e}"));
-                        return;
+            let mut used = 0usize;
+            let mut bad = None;
+            while have - used >= 16 {
+                match self.complete_reply(&buf[used..used + 16], &mut rung) {
+                    Ok(()) => used += 16,
+                    Err(why) => {
+                        bad = Some(why);
+                        break;
                     }
-                };
-                let p = lock(&self.pending).remove(&reply.cookie);
-                let Some(p) = p else {
-                    self.fail(format!(
-                        "target replied to unknown cookie {:#x}",
-                        reply.cookie
-                    ));
-                    return;
-                };
-                if reply.error != 0 {
-                    self.fail(format!("target answered NBD error {}", reply.error));
-                    if p.qid != INTERNAL {
-                        self.finish(p.qid, p.tag, Outcome::Failed);
-                    }
-                    return;
-                }
-                if p.qid != INTERNAL {
-                    self.finish(p.qid, p.tag, Outcome::Done);
                 }
             }
+            buf.copy_within(used..have, 0);
+            have -= used;
+            for (q, r) in rung.iter_mut().enumerate() {
+                if std::mem::take(r) {
+                    self.mail.ring(q as u16);
+                }
+            }
+            if let Some(why) = bad {
+                self.fail(why);
+                return;
+            }
             if let Some(t) = self.timeout {
-                let oldest = lock(&self.pending).values().map(|p| p.sent).min();
-                if let Some(sent) = oldest {
-                    if sent.elapsed() > t {
-                        self.fail(format!(
-                            "a request waited {:.1} s for the target (mirror timeout {} s)",
-                            sent.elapsed().as_secs_f64(),
-                            t.as_secs_f64()
-                        ));
-                        return;
+                if last_check.elapsed() >= tick {
+                    last_check = Instant::now();
+                    let oldest = lock(&self.pending).values().map(|p| p.sent).min();
+                    if let Some(sent) = oldest {
+                        if sent.elapsed() > t {
+                            self.fail(format!(
+                                "a request waited {:.1} s for the target (mirror timeout {} s)",
+                                sent.elapsed().as_secs_f64(),
+                                t.as_secs_f64()
+                            ));
+                            return;
+                        }
                     }
                 }
             }
         }
     }
+
+    /// Completes the request one 16-byte simple reply answers; marks its queue's doorbell to
+    /// ring. Err: the reply breaks the protocol or reports an error, and the mirror must fail.
+    fn complete_reply(&self, bytes: &[u8], rung: &mut [bool]) -> Result<(), String> {
+        let mut raw = [0u8; 16];
+        raw.copy_from_slice(bytes);
+        let reply =
+            SimpleReply::decode(&raw).map_err(|e| format!("target sent a bad reply: {e}"))?;
+        let p = lock(&self.pending)
+            .remove(&reply.cookie)
+            .ok_or_else(|| format!("target replied to unknown cookie {:#x}", reply.cookie))?;
+        if reply.error != 0 {
+            if p.qid != INTERNAL {
+                self.finish(p.qid, p.tag, Outcome::Failed);
+            }
+            return Err(format!("target answered NBD error {}", reply.error));
+        }
+        if p.qid != INTERNAL {
+            self.jobs.fetch_sub(1, Ordering::SeqCst);
+            self.mail.post(p.qid, p.tag, Outcome::Done);
+            if let Some(r) = rung.get_mut(usize::from(p.qid)) {
+                *r = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Largest batch of jobs the sender writes in one syscall, and its payload bound.
+const SEND_BATCH: usize = 64;
+const SEND_BATCH_BYTES: usize = 4 << 20;
+
+/// write_all for a vector of slices (std's write_all_vectored is unstable).
+fn write_all_vectored(w: &mut Stream, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

@@ -256,9 +256,10 @@ async fn serve(
     t.counters.local_only_begin();
     let mirror = t.shared.mirror.load_full();
     let Some(m) = mirror.as_ref().filter(|m| m.takes_io()) else {
-        // With a mirror attached but not taking I/O (failed, stopping), the write will differ
-        // from the target: its bits are set before it is issued, so a crash cannot lose them.
-        if mirror.is_some() {
+        // With a mirror attached but not taking I/O (failed, stopping), or one a previous
+        // daemon had when it died, the write will differ from the target: its bits are set
+        // before it is issued, so a crash cannot lose them.
+        if mirror.is_some() || t.shared.tracks_without_mirror() {
             mark_dirty(t.shared, &req);
         }
         let res = serve_local(t.leg, req, buf).await;
@@ -279,6 +280,11 @@ async fn serve(
     let Some(op) = mirror_op(req, buf) else {
         return serve_local(t.leg, req, buf).await;
     };
+    // On disk before either leg sees the write: a crash between the legs is then covered.
+    let logged = req.range();
+    if let Some((off, len)) = logged {
+        t.shared.dirty.al_begin(off, len);
+    }
     t.parked.outcomes.borrow_mut()[usize::from(tag)] = None;
     m.submit(t.qid, tag, op);
     let remote = async {
@@ -298,6 +304,9 @@ async fn serve(
     }
     if remote == Outcome::Failed {
         mark_dirty(t.shared, &req);
+    }
+    if let Some((off, len)) = logged {
+        t.shared.dirty.al_end(off, len);
     }
     local
 }

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -29,6 +29,7 @@ use crate::image::{DirectMode, Image};
 use crate::mirror::{Mailboxes, Mirror, MirrorState};
 use crate::range_lock::RangeLock;
 use crate::request::Request;
+use crate::state::{self, DaemonState, MirrorRecord};
 use crate::stats::Stats;
 use crate::StopReason;
 
@@ -162,6 +163,15 @@ pub struct Shared {
     /// The last `unpause --mirror` (mirroring itself is another issue).
     pub mirror_request: Mutex<Option<String>>,
     pub stop: Mutex<Sender<StopReason>>,
+    /// What `ublk-mirror recover` needs, once the device has an id; saved on every change.
+    pub record: Mutex<Option<DaemonState>>,
+    /// Set when this daemon recovered a device whose previous daemon was mirroring: the
+    /// target missed writes, so `nbd_mirror_failed` reads 1 until the next mirror-start or
+    /// mirror-stop.
+    inherited_failure: Mutex<Option<String>>,
+    /// inherited_failure.is_some(), for the data path: writes then mark themselves out of sync
+    /// as under a failed mirror.
+    inherited: AtomicBool,
 }
 
 /// Locks a mutex, taking over a poisoned one: a panicked holder must not stop the daemon
@@ -229,6 +239,9 @@ impl Shared {
             fds: Mutex::new(BTreeMap::new()),
             mirror_request: Mutex::new(None),
             stop: Mutex::new(stop),
+            record: Mutex::new(None),
+            inherited_failure: Mutex::new(None),
+            inherited: AtomicBool::new(false),
         }))
     }
 
@@ -421,6 +434,8 @@ impl Shared {
                 .store(candidate.file.as_raw_fd(), Ordering::SeqCst);
             *lock(&self.image) = Some(candidate);
             *lock(&self.image_path) = path;
+            // Before any request reaches the new image: a successor must open this one.
+            self.save_state(false);
         }
         *lock(&self.state) = DeviceState::Running;
         self.set_gate(Gate::Open);
@@ -538,6 +553,7 @@ impl Shared {
             std::thread::sleep(Duration::from_micros(200));
         }
         mirror.set_active();
+        self.clear_inherited();
         if let Some(old) = self.copy.swap(None) {
             old.cancel();
         }
@@ -562,6 +578,7 @@ impl Shared {
             mirror.export.size,
             timeout.map_or("none".to_string(), |t| format!("{} s", t.as_secs_f64()))
         );
+        self.save_state(false);
         Ok(mirror)
     }
 
@@ -570,19 +587,88 @@ impl Shared {
     pub fn stop_mirror(&self) -> bool {
         let _admin = lock(&self.admin);
         let Some(m) = self.mirror.load_full() else {
-            return false;
+            // The orchestrator acknowledges a failure inherited from a previous daemon.
+            return self.clear_inherited();
         };
         if let Some(job) = self.copy.swap(None) {
             job.cancel();
         }
         m.stop(Duration::from_secs(30));
         self.mirror.store(None);
+        self.clear_inherited();
+        self.save_state(false);
         log::info!("mirror {:?} stopped", m.name);
         true
     }
 
     pub fn mirror_failed(&self) -> bool {
         self.mirror.load().as_ref().is_some_and(|m| m.failed())
+            || lock(&self.inherited_failure).is_some()
+    }
+
+    /// A previous daemon of this device died (or detached) while mirroring.
+    pub fn inherit_mirror_failure(&self, why: String) {
+        log::warn!("nbd_mirror_failed=1: {why}");
+        *lock(&self.inherited_failure) = Some(why);
+        self.inherited.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether writes must mark themselves out of sync although no mirror is attached.
+    pub fn tracks_without_mirror(&self) -> bool {
+        self.inherited.load(Ordering::Relaxed)
+    }
+
+    fn clear_inherited(&self) -> bool {
+        self.inherited.store(false, Ordering::SeqCst);
+        lock(&self.inherited_failure).take().is_some()
+    }
+
+    pub fn inherited_failure(&self) -> Option<String> {
+        lock(&self.inherited_failure).clone()
+    }
+
+    /// Rewrites the state file from the current image and mirror; a no-op before the device
+    /// has an id. A failure is logged: the device keeps serving, only recovery would suffer.
+    pub fn save_state(&self, detached: bool) {
+        let mut rec = lock(&self.record);
+        let Some(r) = rec.as_mut() else { return };
+        r.pid = std::process::id();
+        r.image = self.image_path();
+        r.mirror = self.mirror.load().as_ref().map(|m| MirrorRecord {
+            target: m.name.clone(),
+            export: m.export.name.clone(),
+        });
+        r.detached = detached;
+        if let Err(e) = r.save(&state::path_for(r.dev_id)) {
+            log::error!("{:#}", anyhow::Error::from(e));
+        }
+    }
+
+    /// The last save before a detach: the mirror that was attached (already stopped) stays on
+    /// record, so the successor reports it failed: it will not see the writes in between.
+    pub fn save_detached(&self, mirror: Option<MirrorRecord>) {
+        let inherited = self.inherited_failure();
+        let mut rec = lock(&self.record);
+        let Some(r) = rec.as_mut() else { return };
+        r.pid = std::process::id();
+        r.image = self.image_path();
+        r.mirror = mirror.or_else(|| {
+            inherited.map(|_| MirrorRecord {
+                target: String::new(),
+                export: String::new(),
+            })
+        });
+        r.detached = true;
+        if let Err(e) = r.save(&state::path_for(r.dev_id)) {
+            log::error!("{:#}", anyhow::Error::from(e));
+        }
+    }
+
+    /// Deletes the state file (the device is gone).
+    pub fn remove_state(&self) {
+        if let Some(r) = lock(&self.record).take() {
+            let _ = std::fs::remove_file(state::path_for(r.dev_id));
+        }
     }
 
     pub fn image_is_open(&self) -> bool {

@@ -68,8 +68,13 @@ enum Cmd {
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
     },
-    /// Stop the daemon gracefully (as SIGTERM).
-    Shutdown,
+    /// Stop the daemon gracefully (as SIGTERM): the device is deleted.
+    Shutdown {
+        /// Detach instead (live upgrade): drain and flush, then exit leaving the device in
+        /// place; guest I/O waits until `ublk-mirror recover --dev-id N` takes it over.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Mirror every write to the NBD target on the stored fd NAME.
     MirrorStart {
         name: String,
@@ -164,7 +169,7 @@ fn run(cli: Cli) -> Result<()> {
             },
             timeout + 10.0,
         ),
-        Cmd::Shutdown => (Command::Shutdown, 10.0),
+        Cmd::Shutdown { keep } => (Command::Shutdown { keep }, 40.0),
         Cmd::MirrorStart {
             name,
             export,

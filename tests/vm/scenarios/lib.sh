@@ -12,25 +12,30 @@ make_image() { rm -f "$1"; fallocate -l "$2" "$1"; }
 
 # start_daemon IMAGE [serve args...]: starts ublk-mirror in the background and waits until the
 # device is live. Sets DEV (/dev/ublkbN), DEV_ID, DAEMON_PID, DAEMON_LOG.
-start_daemon() {
-    local img=$1; shift
+start_daemon() { local img=$1; shift; launch_daemon serve --image "$img" "$@"; }
+
+# recover_daemon DEV_ID: `ublk-mirror recover` of a device whose daemon died or detached;
+# sets the same variables as start_daemon.
+recover_daemon() { launch_daemon recover --dev-id "$1"; }
+
+launch_daemon() {
     DAEMON_LOG=$WORK/daemon.$RANDOM.log
     local fifo=$WORK/ready.$RANDOM
     mkfifo "$fifo"
-    ublk-mirror serve --image "$img" --ready-fd 3 "$@" 3>"$fifo" >"$DAEMON_LOG.out" 2>"$DAEMON_LOG" &
+    ublk-mirror "$@" --ready-fd 3 3>"$fifo" >"$DAEMON_LOG.out" 2>"$DAEMON_LOG" &
     DAEMON_PID=$!
     local line=""
     read -r -t 60 line < "$fifo" || true
     rm -f "$fifo"
     if [[ $line != READY=1* ]]; then
         cat "$DAEMON_LOG" >&2
-        fail "daemon did not become ready (got '$line')"
+        fail "daemon ($1) did not become ready (got '$line')"
     fi
     DEV=${line#*DEVICE=}
     DEV_ID=${DEV#/dev/ublkb}
     CTL=/run/ublk-mirror/$DEV_ID.sock
     [ -b "$DEV" ] || fail "$DEV is not a block device"
-    log "daemon $DAEMON_PID serves $DEV"
+    log "daemon $DAEMON_PID ($1) serves $DEV"
 }
 
 # stop_daemon [SIGNAL]: signals the daemon, waits, and requires exit 0 and no device left.

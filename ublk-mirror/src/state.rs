@@ -1,0 +1,212 @@
+//! The daemon's state file: everything a successor needs to take over a device whose daemon
+//! died (or detached for an upgrade), in `/run/ublk-mirror/N.state`.
+//!
+//! Written atomically (a temporary file, fsync, rename, fsync of the directory) whenever what
+//! it records changes: when the device is added, when an unpause moves the image, when a mirror
+//! starts or stops. Removed when the device is deleted; kept by a crash and by `shutdown
+//! --keep`, and read by `ublk-mirror recover`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const STATE_DIR: &str = "/run/ublk-mirror";
+const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MirrorRecord {
+    pub target: String,
+    pub export: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonState {
+    pub version: u32,
+    pub dev_id: u32,
+    /// The daemon that wrote it last.
+    pub pid: u32,
+    pub image: PathBuf,
+    /// "on", "off" or "auto".
+    pub direct: String,
+    pub queues: u16,
+    pub depth: u16,
+    pub max_io: u32,
+    pub label: String,
+    /// None: no control socket.
+    pub control: Option<PathBuf>,
+    pub bitmap: Option<PathBuf>,
+    pub granularity: u64,
+    /// The mirror attached when this was written: after a crash it must be treated as failed.
+    pub mirror: Option<MirrorRecord>,
+    /// Set by `shutdown --keep`: the daemon left on purpose, the image was flushed.
+    pub detached: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "no state file {0}: nothing to recover (was device created by ublk-mirror since boot?)"
+    )]
+    Missing(PathBuf),
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a ublk-mirror state file: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: version {found}, this daemon reads version {VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    #[error("writing {path}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+pub fn path_for(dev_id: u32) -> PathBuf {
+    Path::new(STATE_DIR).join(format!("{dev_id}.state"))
+}
+
+impl DaemonState {
+    pub const CURRENT_VERSION: u32 = VERSION;
+
+    pub fn load(path: &Path) -> Result<DaemonState, StateError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StateError::Missing(path.to_owned()))
+            }
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        let s: DaemonState = serde_json::from_str(&text).map_err(|source| StateError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        if s.version != VERSION {
+            return Err(StateError::Version {
+                path: path.to_owned(),
+                found: s.version,
+            });
+        }
+        Ok(s)
+    }
+
+    /// Replaces `path` atomically: a reader sees the old or the new file, never a torn one,
+    /// and a crash right after this returns keeps the new one.
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let err = |source| StateError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let tmp = path.with_extension(format!("state.tmp{}", std::process::id()));
+        let mut text =
+            serde_json::to_vec_pretty(self).map_err(|e| err(std::io::Error::other(e)))?;
+        text.push(b'\n');
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode_0600()
+                .open(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            std::fs::File::open(dir)?.sync_all()
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            err(e)
+        })
+    }
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> DaemonState {
+        DaemonState {
+            version: VERSION,
+            dev_id: 3,
+            pid: 42,
+            image: "/images/disk.img".into(),
+            direct: "auto".into(),
+            queues: 2,
+            depth: 128,
+            max_io: 512 << 10,
+            label: "vm1-xvda".into(),
+            control: Some("/run/ublk-mirror/3.sock".into()),
+            bitmap: None,
+            granularity: 65536,
+            mirror: Some(MirrorRecord {
+                target: "dest".into(),
+                export: "disk".into(),
+            }),
+            detached: false,
+        }
+    }
+
+    #[test]
+    fn round_trips_and_replaces_atomically() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("3.state");
+        let mut s = sample();
+        s.save(&p).expect("save");
+        assert_eq!(DaemonState::load(&p).expect("load"), s);
+        s.mirror = None;
+        s.save(&p).expect("save again");
+        assert_eq!(DaemonState::load(&p).expect("load"), s);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(
+            names,
+            vec![std::ffi::OsString::from("3.state")],
+            "no temp file left"
+        );
+    }
+
+    #[test]
+    fn refuses_missing_foreign_and_newer_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("9.state");
+        assert!(matches!(DaemonState::load(&p), Err(StateError::Missing(_))));
+        std::fs::write(&p, "not json").expect("write");
+        assert!(matches!(
+            DaemonState::load(&p),
+            Err(StateError::Parse { .. })
+        ));
+        let mut s = sample();
+        s.version = 99;
+        std::fs::write(&p, serde_json::to_string(&s).expect("json")).expect("write");
+        assert!(matches!(
+            DaemonState::load(&p),
+            Err(StateError::Version { found: 99, .. })
+        ));
+    }
+}
