@@ -256,9 +256,10 @@ async fn serve(
     t.counters.local_only_begin();
     let mirror = t.shared.mirror.load_full();
     let Some(m) = mirror.as_ref().filter(|m| m.takes_io()) else {
-        // With a mirror attached but not taking I/O (failed, stopping), or one a previous
-        // daemon had when it died, the write will differ from the target: its bits are set
-        // before it is issued, so a crash cannot lose them.
+        // With a mirror attached but not taking I/O (failed, stopping), or none since one was
+        // stopped or a previous daemon's died, the write will differ from the target (a later
+        // --resync must copy it): its bits are set before it is issued, so a crash cannot lose
+        // them.
         if mirror.is_some() || t.shared.tracks_without_mirror() {
             mark_dirty(t.shared, &req);
         }

@@ -169,9 +169,10 @@ pub struct Shared {
     /// target missed writes, so `nbd_mirror_failed` reads 1 until the next mirror-start or
     /// mirror-stop.
     inherited_failure: Mutex<Option<String>>,
-    /// inherited_failure.is_some(), for the data path: writes then mark themselves out of sync
-    /// as under a failed mirror.
-    inherited: AtomicBool,
+    /// Set once a mirror has been attached (or a previous daemon's was inherited), for good:
+    /// from then on a write that no mirror takes marks itself out of sync, also after
+    /// mirror-stop, so that a later `mirror-start --resync` to the same target converges.
+    tracking: AtomicBool,
 }
 
 /// Locks a mutex, taking over a poisoned one: a panicked holder must not stop the daemon
@@ -241,7 +242,7 @@ impl Shared {
             stop: Mutex::new(stop),
             record: Mutex::new(None),
             inherited_failure: Mutex::new(None),
-            inherited: AtomicBool::new(false),
+            tracking: AtomicBool::new(false),
         }))
     }
 
@@ -547,6 +548,7 @@ impl Shared {
         .map_err(|e| refuse(format!("starting the mirror threads: {e}")))?;
         // Publish, then wait for writes that began local-only (they mark themselves dirty);
         // the store and the gauge loads are SeqCst, paired with the queues' side.
+        self.tracking.store(true, Ordering::SeqCst);
         self.mirror.store(Some(mirror.clone()));
         let start = Instant::now();
         while self.stats.local_only() > 0 && start.elapsed() < Duration::from_secs(30) {
@@ -610,16 +612,15 @@ impl Shared {
     pub fn inherit_mirror_failure(&self, why: String) {
         log::warn!("nbd_mirror_failed=1: {why}");
         *lock(&self.inherited_failure) = Some(why);
-        self.inherited.store(true, Ordering::SeqCst);
+        self.tracking.store(true, Ordering::SeqCst);
     }
 
     /// Whether writes must mark themselves out of sync although no mirror is attached.
     pub fn tracks_without_mirror(&self) -> bool {
-        self.inherited.load(Ordering::Relaxed)
+        self.tracking.load(Ordering::Relaxed)
     }
 
     fn clear_inherited(&self) -> bool {
-        self.inherited.store(false, Ordering::SeqCst);
         lock(&self.inherited_failure).take().is_some()
     }
 

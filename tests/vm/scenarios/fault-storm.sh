@@ -40,12 +40,13 @@ log "self-test: fio caught the corrupted block"
 # mode: normal | eio (EIO on every write while $WORK/eio exists) | slow (20 ms per write)
 start_nbdkit() { # MODE
     local extra=()
-    [ "$1" = slow ] && extra=(delay-write=20ms delay-flush=20ms)
+    [ "$1" = slow ] && extra=(delay-write=20ms delay-zero=20ms)
     nbdkit -f -i 127.0.0.1 -p $PORT --filter=error --filter=delay file "$R" \
         error-pwrite=EIO error-pwrite-rate=100% error-pwrite-file="$WORK/eio" "${extra[@]}" \
         2>> "$WORK/nbdkit.log" &
     TARGET_PID=$!
-    wait_port $PORT
+    for _ in $(seq 100); do (exec 9<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && return; sleep 0.1; done
+    tail -n 5 "$WORK/nbdkit.log"; fail "nbdkit ($1) did not start"
 }
 target_down() { kill -KILL "$TARGET_PID" 2>/dev/null || true; wait "$TARGET_PID" 2>/dev/null || true; }
 N=0
