@@ -51,47 +51,30 @@ pub fn markdown(m: &Matrix, stamp: &str, host: &str) -> String {
          one VM run. `loop2` is a second kernel loop device: its ratio to `loop` is the noise \
          floor. Reproduce with `bench/run`.\n"
     );
-    let _ = writeln!(o, "## IOPS: median (ratio to kernel loop) [min–max]\n");
-    let _ = writeln!(o, "| job | {} |", DEVICES.join(" | "));
-    let _ = writeln!(o, "|---|{}", "---|".repeat(DEVICES.len()));
-    for job in JOBS {
-        let cells: Vec<String> = DEVICES
-            .iter()
-            .map(|d| {
-                let c = m.cell(job, d);
-                format!(
-                    "{} ({:.2}x) [{}]",
-                    si(c.iops.median),
-                    m.iops_ratio(job, d, "loop"),
-                    range(&c.iops)
-                )
-            })
-            .collect();
-        let _ = writeln!(o, "| {job} | {} |", cells.join(" | "));
-    }
-    let _ = writeln!(o, "\n## Throughput, MB/s (median)\n");
-    let _ = writeln!(o, "| job | {} |", DEVICES.join(" | "));
-    let _ = writeln!(o, "|---|{}", "---|".repeat(DEVICES.len()));
-    for job in JOBS {
-        let cells: Vec<String> = DEVICES
-            .iter()
-            .map(|d| si(m.cell(job, d).mb_s.median))
-            .collect();
-        let _ = writeln!(o, "| {job} | {} |", cells.join(" | "));
-    }
-    let _ = writeln!(o, "\n## Latency, µs: mean / p99 (median over reps)\n");
-    let _ = writeln!(o, "| job | {} |", DEVICES.join(" | "));
-    let _ = writeln!(o, "|---|{}", "---|".repeat(DEVICES.len()));
-    for job in JOBS {
-        let cells: Vec<String> = DEVICES
-            .iter()
-            .map(|d| {
-                let c = m.cell(job, d);
-                format!("{} / {}", si(c.lat_mean_us.median), si(c.p99_us.median))
-            })
-            .collect();
-        let _ = writeln!(o, "| {job} | {} |", cells.join(" | "));
-    }
+    device_table(
+        &mut o,
+        "IOPS: median (ratio to kernel loop) [min–max]",
+        |job, d| {
+            let c = m.cell(job, d);
+            format!(
+                "{} ({:.2}x) [{}]",
+                si(c.iops.median),
+                m.iops_ratio(job, d, "loop"),
+                range(&c.iops)
+            )
+        },
+    );
+    device_table(&mut o, "Throughput, MB/s (median)", |job, d| {
+        si(m.cell(job, d).mb_s.median)
+    });
+    device_table(
+        &mut o,
+        "Latency, µs: mean / p99 (median over reps)",
+        |job, d| {
+            let c = m.cell(job, d);
+            format!("{} / {}", si(c.lat_mean_us.median), si(c.p99_us.median))
+        },
+    );
     let d = m.cell(DIRECT.1, DIRECT.0);
     let _ = writeln!(
         o,
@@ -164,6 +147,17 @@ pub fn markdown(m: &Matrix, stamp: &str, host: &str) -> String {
         "\n![IOPS and p99 latency per device and job]({stamp}.svg)"
     );
     o
+}
+
+/// A section with one row per job and one column per device.
+fn device_table(o: &mut String, title: &str, cell: impl Fn(&str, &str) -> String) {
+    let _ = writeln!(o, "\n## {title}\n");
+    let _ = writeln!(o, "| job | {} |", DEVICES.join(" | "));
+    let _ = writeln!(o, "|---|{}", "---|".repeat(DEVICES.len()));
+    for job in JOBS {
+        let cells: Vec<String> = DEVICES.iter().map(|d| cell(job, d)).collect();
+        let _ = writeln!(o, "| {job} | {} |", cells.join(" | "));
+    }
 }
 
 const COLORS: &[&str] = &[

@@ -7,6 +7,7 @@
 //! --keep`, and read by `ublk-mirror recover`.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -119,7 +120,7 @@ impl DaemonState {
                 .write(true)
                 .create(true)
                 .truncate(true)
-                .mode_0600()
+                .mode(0o600)
                 .open(&tmp)?;
             f.write_all(&text)?;
             f.sync_all()?;
@@ -130,17 +131,6 @@ impl DaemonState {
             let _ = std::fs::remove_file(&tmp);
             err(e)
         })
-    }
-}
-
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Mode0600 for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.mode(0o600)
     }
 }
 

@@ -27,6 +27,16 @@ run_fio() { # NAME SECONDS: in the background, pid in FIO_PID
     fio_job "$1" --time_based --runtime="$2" > "$WORK/$1.out" 2>&1 &
     FIO_PID=$!
 }
+# resync_converges NAME: a new connection to the (restarted) target, mirror-start --resync,
+# ready; then, paused, local and remote must be identical.
+resync_converges() {
+    mirror_to "$1" --resync
+    ctl wait-ready > /dev/null || fail "$1: the resync did not become ready"
+    ctl pause > /dev/null
+    blkcmp "$L" "$R" > "$WORK/cmp.out" || { cat "$WORK/cmp.out"; fail "$1: not identical after the resync"; }
+    ctl unpause > /dev/null
+    ctl mirror-stop > /dev/null
+}
 fio_ok() { # NAME
     wait "$FIO_PID" || { cat "$WORK/$1.out"; fail "fio $1 failed: the guest saw an error"; }
     grep -q "err= 0" "$WORK/$1.out" || { cat "$WORK/$1.out"; fail "fio $1 reported errors"; }
@@ -81,12 +91,7 @@ ctl_get stats mirror.last_error | grep -q "died while mirroring" || fail "no rea
 [ "$(ctl_get stats mirror.dirty_bytes)" = $((512 << 20)) ] || fail "without a bitmap file, everything must be out of sync"
 stop_pid "$TARGET_PID"
 start_target "$R"
-mirror_to m2 --resync
-ctl wait-ready > /dev/null || fail "resync after recovery did not become ready"
-ctl pause > /dev/null
-blkcmp "$L" "$R" > "$WORK/cmp.out" || { cat "$WORK/cmp.out"; fail "target differs after the resync"; }
-ctl unpause > /dev/null
-ctl mirror-stop > /dev/null
+resync_converges m2
 stop_pid "$TARGET_PID"
 log "crash while mirroring: flagged failed, resync converged"
 
@@ -144,11 +149,6 @@ blkcmp "$L" "$R" --allowed "$(ctl --json dirty-map)" > "$WORK/cmp.out" \
 ctl unpause > /dev/null
 log "activity log: $dirty bytes out of sync after the crash ($(grep -o '[0-9]* extents of' "$DAEMON_LOG" | head -n 1) 4 MiB), differences all inside"
 start_target "$R"
-mirror_to a2 --resync
-ctl wait-ready > /dev/null || fail "resync did not become ready"
-ctl pause > /dev/null
-blkcmp "$L" "$R" > "$WORK/cmp.out" || { cat "$WORK/cmp.out"; fail "not identical after the resync"; }
-ctl unpause > /dev/null
-ctl mirror-stop > /dev/null
+resync_converges a2
 stop_daemon
 stop_pid "$TARGET_PID"
