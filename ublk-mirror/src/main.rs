@@ -56,7 +56,9 @@ enum Command {
     ///
     /// Prints the device path on stdout once the device is live. On SIGTERM or SIGINT the device
     /// is stopped (requests in flight complete), the image is fdatasync'ed and the device is
-    /// deleted; the exit status is 0.
+    /// deleted; the exit status is 0. If the daemon dies instead (SIGKILL, panic, OOM), the
+    /// device stays and guest I/O waits until `ublk-mirror recover --dev-id N` takes over (or
+    /// `ublk-mirror delete` removes it).
     Serve(ServeArgs),
     /// Take over device N after its daemon died (SIGKILL, panic, OOM) or detached
     /// (`ublk-mirror-ctl shutdown --keep`, for an upgrade of the binary).
