@@ -638,7 +638,6 @@ fn socket_family(fd: &OwnedFd) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::{DirectMode, Image};
     use control::fdpass::send_with_fd;
     use std::io::{BufRead, BufReader};
     use std::os::fd::AsFd;
@@ -651,27 +650,23 @@ mod tests {
         UnixStream,
         BufReader<UnixStream>,
     ) {
-        let f = tempfile::NamedTempFile::new().expect("tempfile");
-        f.as_file().set_len(1 << 20).expect("size");
-        let img = Image::open(f.path(), DirectMode::Off).expect("image");
-        let (tx, _rx) = std::sync::mpsc::channel();
-        let dirty = crate::dirty::DirtyMap::new(img.size, crate::dirty::DEFAULT_GRANULE);
-        let shared =
-            Shared::new(img, DirectMode::Off, 1, "t".into(), false, tx, dirty).expect("shared");
+        let (f, shared) = crate::shared::tests::shared_with(1 << 20, 1);
         let (ours, theirs) = UnixStream::pair().expect("pair");
-        let (s2, info) = (
-            shared.clone(),
-            DeviceInfo {
-                dev_id: 0,
-                bdev: "/dev/ublkb0".into(),
-                queues: 1,
-                depth: 1,
-                max_io_bytes: 4096,
-            },
-        );
+        let (s2, info) = (shared.clone(), test_info());
         std::thread::spawn(move || serve_client(theirs, &s2, &info));
         let reader = BufReader::new(ours.try_clone().expect("clone"));
         (f, shared, ours, reader)
+    }
+
+    /// What the handler is told of the (absent) device.
+    pub(super) fn test_info() -> DeviceInfo {
+        DeviceInfo {
+            dev_id: 0,
+            bdev: "/dev/ublkb0".into(),
+            queues: 1,
+            depth: 1,
+            max_io_bytes: 4096,
+        }
     }
 
     fn reply(r: &mut BufReader<UnixStream>) -> Reply {
@@ -802,7 +797,6 @@ mod tests {
 #[cfg(test)]
 mod fuzz {
     use super::*;
-    use crate::image::{DirectMode, Image};
     use proptest::prelude::*;
     use proptest::sample::select;
     use std::sync::OnceLock;
@@ -816,25 +810,11 @@ mod fuzz {
     fn target() -> &'static Target {
         static T: OnceLock<Target> = OnceLock::new();
         T.get_or_init(|| {
-            let f = tempfile::NamedTempFile::new().expect("tempfile");
-            f.as_file().set_len(1 << 20).expect("size");
-            let img = Image::open(f.path(), DirectMode::Off).expect("image");
-            let (tx, rx) = std::sync::mpsc::channel();
-            std::mem::forget(rx); // `shutdown` requests go nowhere
-            let dirty = crate::dirty::DirtyMap::new(img.size, crate::dirty::DEFAULT_GRANULE);
-            let shared = Shared::new(img, DirectMode::Off, 1, "fuzz".into(), false, tx, dirty)
-                .expect("shared");
-            let info = DeviceInfo {
-                dev_id: 0,
-                bdev: "/dev/ublkb0".into(),
-                queues: 1,
-                depth: 1,
-                max_io_bytes: 4096,
-            };
+            let (image, shared) = crate::shared::tests::shared_with(1 << 20, 1);
             Target {
-                _image: f,
+                _image: image,
                 shared,
-                info,
+                info: super::tests::test_info(),
             }
         })
     }

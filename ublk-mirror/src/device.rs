@@ -111,7 +111,7 @@ pub fn serve(
         r.dev_id = dev_id;
         r.control = control_path.clone();
     }
-    shared.save_state(false);
+    shared.save_state();
 
     let init = |dev: &mut UblkDev| init_target(dev, &shared);
     let ctx = QueueContext {
@@ -176,14 +176,7 @@ fn detach(shared: &Shared, bdev: &str) -> ! {
     if let Err(e) = shared.pause(std::time::Duration::from_secs(30)) {
         log::warn!("detach: {e}; requests still in flight will be reissued to the successor");
     }
-    let mirror = shared
-        .mirror
-        .load()
-        .as_ref()
-        .map(|m| crate::state::MirrorRecord {
-            target: m.name.clone(),
-            export: m.export.name.clone(),
-        });
+    let mirror = shared.mirror_record();
     shared.stop_mirror();
     if let Err(e) = shared.sync_image() {
         log::error!("detach: final flush failed: {e}");

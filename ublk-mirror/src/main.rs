@@ -235,11 +235,7 @@ fn recover(dev_id: u32, ready_fd: Option<RawFd>) -> Result<()> {
         queues: st.queues,
         depth: st.depth,
         max_io: st.max_io,
-        direct: match st.direct.as_str() {
-            "on" => DirectMode::On,
-            "off" => DirectMode::Off,
-            _ => DirectMode::Auto,
-        },
+        direct: st.direct,
         label: st.label.clone(),
         ready_fd,
         control: st.control.clone(),
@@ -335,12 +331,7 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
         dev_id: 0,
         pid: std::process::id(),
         image: shared.image_path(),
-        direct: match args.direct {
-            DirectMode::On => "on",
-            DirectMode::Off => "off",
-            DirectMode::Auto => "auto",
-        }
-        .into(),
+        direct: args.direct,
         queues: args.queues,
         depth: args.depth,
         max_io: args.max_io,

@@ -436,7 +436,7 @@ impl Shared {
             *lock(&self.image) = Some(candidate);
             *lock(&self.image_path) = path;
             // Before any request reaches the new image: a successor must open this one.
-            self.save_state(false);
+            self.save_state();
         }
         *lock(&self.state) = DeviceState::Running;
         self.set_gate(Gate::Open);
@@ -580,7 +580,7 @@ impl Shared {
             mirror.export.size,
             timeout.map_or("none".to_string(), |t| format!("{} s", t.as_secs_f64()))
         );
-        self.save_state(false);
+        self.save_state();
         Ok(mirror)
     }
 
@@ -598,7 +598,7 @@ impl Shared {
         m.stop(Duration::from_secs(30));
         self.mirror.store(None);
         self.clear_inherited();
-        self.save_state(false);
+        self.save_state();
         log::info!("mirror {:?} stopped", m.name);
         true
     }
@@ -628,38 +628,39 @@ impl Shared {
         lock(&self.inherited_failure).clone()
     }
 
-    /// Rewrites the state file from the current image and mirror; a no-op before the device
-    /// has an id. A failure is logged: the device keeps serving, only recovery would suffer.
-    pub fn save_state(&self, detached: bool) {
-        let mut rec = lock(&self.record);
-        let Some(r) = rec.as_mut() else { return };
-        r.pid = std::process::id();
-        r.image = self.image_path();
-        r.mirror = self.mirror.load().as_ref().map(|m| MirrorRecord {
+    /// What the state file records of the attached mirror, if any.
+    pub fn mirror_record(&self) -> Option<MirrorRecord> {
+        self.mirror.load().as_ref().map(|m| MirrorRecord {
             target: m.name.clone(),
             export: m.export.name.clone(),
-        });
-        r.detached = detached;
-        if let Err(e) = r.save(&state::path_for(r.dev_id)) {
-            log::error!("{:#}", anyhow::Error::from(e));
-        }
+        })
+    }
+
+    /// Rewrites the state file from the current image and mirror; a no-op before the device
+    /// has an id. A failure is logged: the device keeps serving, only recovery would suffer.
+    pub fn save_state(&self) {
+        self.write_state(false, self.mirror_record());
     }
 
     /// The last save before a detach: the mirror that was attached (already stopped) stays on
     /// record, so the successor reports it failed: it will not see the writes in between.
     pub fn save_detached(&self, mirror: Option<MirrorRecord>) {
-        let inherited = self.inherited_failure();
-        let mut rec = lock(&self.record);
-        let Some(r) = rec.as_mut() else { return };
-        r.pid = std::process::id();
-        r.image = self.image_path();
-        r.mirror = mirror.or_else(|| {
-            inherited.map(|_| MirrorRecord {
+        let mirror = mirror.or_else(|| {
+            self.inherited_failure().map(|_| MirrorRecord {
                 target: String::new(),
                 export: String::new(),
             })
         });
-        r.detached = true;
+        self.write_state(true, mirror);
+    }
+
+    fn write_state(&self, detached: bool, mirror: Option<MirrorRecord>) {
+        let mut rec = lock(&self.record);
+        let Some(r) = rec.as_mut() else { return };
+        r.pid = std::process::id();
+        r.image = self.image_path();
+        r.mirror = mirror;
+        r.detached = detached;
         if let Err(e) = r.save(&state::path_for(r.dev_id)) {
             log::error!("{:#}", anyhow::Error::from(e));
         }
@@ -707,23 +708,26 @@ pub fn socket_family(fd: RawFd) -> i32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::mpsc::channel;
 
-    fn shared_on(len: u64) -> (tempfile::NamedTempFile, Arc<Shared>) {
+    /// A Shared on a temp-file image of `len` bytes with `queues` queues (no ublk needed);
+    /// stop requests go nowhere.
+    pub(crate) fn shared_with(len: u64, queues: u16) -> (tempfile::NamedTempFile, Arc<Shared>) {
         let f = tempfile::NamedTempFile::new().expect("tempfile");
         f.as_file().set_len(len).expect("size");
         let img = Image::open(f.path(), DirectMode::Off).expect("image");
         let (tx, _rx) = channel();
         let dirty = DirtyMap::new(img.size, crate::dirty::DEFAULT_GRANULE);
-        let s = Shared::new(img, DirectMode::Off, 2, "t".into(), false, tx, dirty).expect("shared");
+        let s = Shared::new(img, DirectMode::Off, queues, "t".into(), false, tx, dirty)
+            .expect("shared");
         (f, s)
     }
 
     #[test]
     fn stats_are_answered_while_a_pause_drains_and_a_timeout_undoes_it() {
-        let (_f, shared) = shared_on(1 << 20);
+        let (_f, shared) = shared_with(1 << 20, 2);
         shared.stats.queue(1).start(); // one request being served
         let s2 = shared.clone();
         let pause = std::thread::spawn(move || s2.pause(Duration::from_millis(400)));
@@ -758,7 +762,7 @@ mod tests {
 
     #[test]
     fn unpause_onto_a_wrong_image_stays_paused() {
-        let (_f, shared) = shared_on(1 << 20);
+        let (_f, shared) = shared_with(1 << 20, 2);
         shared.pause(Duration::from_secs(1)).expect("pause");
         let small = tempfile::NamedTempFile::new().expect("tempfile");
         small.as_file().set_len(4096).expect("size");

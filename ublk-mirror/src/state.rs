@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::image::DirectMode;
+
 pub const STATE_DIR: &str = "/run/ublk-mirror";
 const VERSION: u32 = 1;
 
@@ -28,8 +30,7 @@ pub struct DaemonState {
     /// The daemon that wrote it last.
     pub pid: u32,
     pub image: PathBuf,
-    /// "on", "off" or "auto".
-    pub direct: String,
+    pub direct: DirectMode,
     pub queues: u16,
     pub depth: u16,
     pub max_io: u32,
@@ -144,7 +145,7 @@ mod tests {
             dev_id: 3,
             pid: 42,
             image: "/images/disk.img".into(),
-            direct: "auto".into(),
+            direct: DirectMode::Auto,
             queues: 2,
             depth: 128,
             max_io: 512 << 10,
@@ -167,6 +168,11 @@ mod tests {
         let mut s = sample();
         s.save(&p).expect("save");
         assert_eq!(DaemonState::load(&p).expect("load"), s);
+        let text = std::fs::read_to_string(&p).expect("read");
+        assert!(
+            text.contains("\"direct\": \"auto\""),
+            "as on the command line: {text}"
+        );
         s.mirror = None;
         s.save(&p).expect("save again");
         assert_eq!(DaemonState::load(&p).expect("load"), s);
