@@ -57,20 +57,14 @@ for _ in $(seq 100); do [ -b /dev/ublkb40 ] && break; kill -0 $RUBLK_PID 2>/dev/
 [ -b /dev/ublkb40 ] || { cat "$WORK/rublk.out"; fail "rublk did not create /dev/ublkb40"; }
 DEVS[rublk]=/dev/ublkb40
 
-# One nbd-proxy serve with three exports on identical images: the mirrored device's target,
-# dm-raid1's nbd leg, and the direct-latency export.
-nbd-proxy serve --listen tcp:127.0.0.1:10809 --export "mir=$(img mir-remote)" \
-    --export "dmr=$(img dmr-remote)" --export "tgt=$(img tgt)" > "$WORK/target.out" 2> "$WORK/target.log" &
-TARGET_PID=$!
+# One nbd-proxy serve with three exports on identical images: the mirrored device's target
+# ("disk"), dm-raid1's nbd leg, and the direct-latency export.
+start_target "$(img mir-remote)" --export "dmr=$(img dmr-remote)" --export "tgt=$(img tgt)"
 CLEANUP+=("kill $TARGET_PID; wait $TARGET_PID")
-for _ in $(seq 100); do grep -q listening "$WORK/target.out" 2>/dev/null && break; sleep 0.1; done
-grep -q listening "$WORK/target.out" || { cat "$WORK/target.log"; fail "nbd-proxy serve did not start"; }
 
 start_daemon "$(img mir-local)" --queues 1 --label bench-mirrored
 DEVS[mirrored]=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
-nbd-proxy connect --to tcp:127.0.0.1:10809 --export mir --handoff "$CTL" --name bench 2> /dev/null \
-    || fail "nbd-proxy connect failed"
-ctl mirror-start bench --export mir --timeout 30 > /dev/null || fail "mirror-start failed"
+mirror_to bench --timeout 30 2> /dev/null
 MIRRORED_CTL=$CTL
 
 dmr_loop=$(loop_dev "$(img dmr-local)")
@@ -135,36 +129,29 @@ for rep in $(seq "$REPS"); do
     log "rep $rep of $REPS done ($(( $(date +%s) - start )) s)"
 done
 
-# Background copy vs nbdcopy of the same image to the same server, interleaved.
+# Background copy vs nbdcopy of the same image to the same server, interleaved; the matrix's
+# devices and target are gone by now.
+cleanup; CLEANUP=()
 log "background copy vs nbdcopy, $REPS reps"
 fill_scattered "$WORK/copy-src.img" "$SIZE"
 mkdir -p "$OUT/copy"
 for rep in $(seq "$REPS"); do
     make_image "$WORK/copy-dst.img" "${SIZE}M"
-    ublk-mirror serve --image "$WORK/copy-src.img" --ready-fd 3 3> "$WORK/copy.ready" 2> "$WORK/copy.log" &
-    cpid=$!
-    for _ in $(seq 100); do grep -q READY "$WORK/copy.ready" 2>/dev/null && break; sleep 0.1; done
-    cdev=$(sed -n 's/.*DEVICE=//p' "$WORK/copy.ready")
-    [ -b "$cdev" ] || fail "copy daemon did not start"
-    cctl=/run/ublk-mirror/${cdev#/dev/ublkb}.sock
-    nbd-proxy serve --listen tcp:127.0.0.1:10810 --export "c=$WORK/copy-dst.img" > "$WORK/t2.out" 2> "$WORK/t2.log" &
-    t2=$!
-    for _ in $(seq 100); do grep -q listening "$WORK/t2.out" 2>/dev/null && break; sleep 0.1; done
-    nbd-proxy connect --to tcp:127.0.0.1:10810 --export c --handoff "$cctl" --name c 2> /dev/null || fail "connect failed"
-    ublk-mirror-ctl --socket "$cctl" mirror-start c --export c --copy > /dev/null || fail "copy mirror-start failed"
-    ublk-mirror-ctl --socket "$cctl" wait-ready > /dev/null || fail "copy did not become ready"
-    ublk-mirror-ctl --socket "$cctl" --json stats > "$OUT/copy/ublk-mirror.$rep.json"
-    kill "$cpid"; wait "$cpid" || fail "copy daemon exited non-zero"
-    kill "$t2"; wait "$t2" || true
+    start_target "$WORK/copy-dst.img"
+    start_daemon "$WORK/copy-src.img"
+    mirror_to "c$rep" --copy 2> /dev/null
+    ctl wait-ready > /dev/null || fail "copy did not become ready"
+    ctl --json stats > "$OUT/copy/ublk-mirror.$rep.json"
+    ctl mirror-stop > /dev/null
+    stop_daemon
+    stop_pid "$TARGET_PID"
     make_image "$WORK/copy-dst.img" "${SIZE}M"
-    nbd-proxy serve --listen tcp:127.0.0.1:10810 --export "c=$WORK/copy-dst.img" > "$WORK/t2.out" 2> "$WORK/t2.log" &
-    t2=$!
-    for _ in $(seq 100); do grep -q listening "$WORK/t2.out" 2>/dev/null && break; sleep 0.1; done
+    start_target "$WORK/copy-dst.img"
     t0=$(now_ms)
-    nbdcopy --flush "$WORK/copy-src.img" nbd://127.0.0.1:10810/c || fail "nbdcopy failed"
+    nbdcopy --flush "$WORK/copy-src.img" nbd://127.0.0.1:10809/disk || fail "nbdcopy failed"
     t1=$(now_ms)
     echo "{\"bytes\": $((SIZE << 20)), \"ms\": $((t1 - t0))}" > "$OUT/copy/nbdcopy.$rep.json"
-    kill "$t2"; wait "$t2" || true
+    stop_pid "$TARGET_PID"
     log "copy rep $rep done"
 done
 
@@ -174,7 +161,6 @@ cat > "$OUT/machine.json" <<EOF
  "reps": $REPS, "secs": $SECS, "size_mib": $SIZE, "fio": "$(fio --version)",
  "rublk": "$(rublk --version 2>/dev/null | head -n 1)", "ublk_mirror": "$(ublk-mirror --version)"}
 EOF
-cleanup; CLEANUP=()
 sum=$(tar czf - -C "$OUT" . | tee "$WORK/results.tgz" | sha256sum | cut -d' ' -f1)
 echo "@@ARCHIVE-BEGIN $sum"
 base64 "$WORK/results.tgz"

@@ -12,12 +12,12 @@ start_daemon "$L" --dev-id 6 --bitmap "$BM"
 mirror_to b1
 fio --name=m --filename="$DEV" --direct=1 --ioengine=io_uring --iodepth=16 --rw=randwrite --bs=4k \
     --size=256M --io_size=16M --verify=crc32c > "$WORK/fio.out" || fail "mirrored fio failed"
-kill -KILL "$TARGET_PID"; stop_pid "$TARGET_PID"
+stop_pid "$TARGET_PID" KILL
 head -c 16M /dev/urandom | dd of="$DEV" bs=1M seek=100 oflag=direct status=none
 [ "$(ctl_get stats nbd_mirror_failed)" = 1 ] || fail "mirror did not fail"
 before=$(ctl_get dirty-map dirty_bytes)
 [ "$before" -ge $((16 << 20)) ] || fail "local-only writes not in the bitmap ($before bytes)"
-kill -KILL "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true
+stop_pid "$DAEMON_PID" KILL
 log "daemon SIGKILLed with $before bytes out of sync"
 [ -e /dev/ublkc6 ] || fail "expected the crashed daemon's device to remain"
 ublk-mirror delete --dev-id 6 || fail "delete of the orphaned device failed"

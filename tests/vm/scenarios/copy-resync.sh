@@ -12,6 +12,12 @@
 L=$WORK/local.img R=$WORK/remote.img
 garbage() { head -c "$2" < <(tr '\0' '\125' < /dev/zero) > "$1"; }
 sparse() { rm -f "$1"; truncate -s "$2" "$1"; }   # holes, unlike make_image's fallocate
+fresh() { # SIZE: local holes, remote garbage, target and daemon started
+    sparse "$L" "$1"; garbage "$R" "$1"
+    start_target "$R"
+    start_daemon "$L"
+}
+finish() { ctl mirror-stop > /dev/null; stop_daemon; stop_pid "$TARGET_PID"; }
 identical() { # WHAT
     ctl pause > /dev/null
     blkcmp "$L" "$R" > "$WORK/cmp.out" || { cat "$WORK/cmp.out"; fail "$1: images differ"; }
@@ -40,14 +46,10 @@ secs=$(ctl_get stats mirror.copy.elapsed)
 identical "full copy"
 log "full copy ready: $(tail -n 1 "$WORK/progress.txt"); images identical"
 echo "COPY THROUGHPUT: 1073741824 bytes in $secs s = $(awk -v s="$secs" 'BEGIN{printf "%.1f", 1073.741824 / s}') MB/s (30% data, under fio load)"
-ctl mirror-stop > /dev/null
-stop_daemon
-stop_pid $TARGET_PID
+finish
 
 # 2. Rate limit.
-sparse "$L" 256M; garbage "$R" 256M
-start_target "$R"
-start_daemon "$L"
+fresh 256M
 mirror_to c2 --copy --speed 20MiB
 # 5. While it runs: the progress bar on a terminal.
 script -qec "ublk-mirror-ctl --socket $CTL wait-ready --progress" /dev/null > "$WORK/tty.txt" \
@@ -59,15 +61,11 @@ rate=$(awk -v s="$secs" 'BEGIN{printf "%.2f", 256 / s}')
 log "rate-limited copy: 256 MiB in $secs s = $rate MiB/s (limit 20)"
 awk -v r="$rate" 'BEGIN{exit !(r >= 16 && r <= 24)}' || fail "rate $rate MiB/s is not within 20% of 20 MiB/s"
 identical "rate-limited copy"
-ctl mirror-stop > /dev/null
-stop_daemon
-stop_pid $TARGET_PID
+finish
 
 # Cancel: mirror-stop in the middle of a copy leaves the device serving, the flag clear, and
 # the target merely incomplete.
-sparse "$L" 256M; garbage "$R" 256M
-start_target "$R"
-start_daemon "$L"
+fresh 256M
 mirror_to c4 --copy --speed 20MiB
 sleep 2
 [ "$(ctl_get stats mirror.copy.state)" = copying ] || fail "copy not running"
@@ -96,15 +94,14 @@ while :; do
     [ "$done_b" -ge $((512 << 20)) ] && break
     sleep 0.2
 done
-kill -KILL $TARGET_PID; stop_pid $TARGET_PID
+stop_pid "$TARGET_PID" KILL
 for _ in $(seq 50); do [ "$(ctl_get stats nbd_mirror_failed)" = 1 ] && break; sleep 0.1; done
 kill -INT $fp 2>/dev/null || true; wait $fp || true
 grep -q "err= 0" "$WORK/fio.out" || { cat "$WORK/fio.out"; fail "fio errors at the failure"; }
 [ "$(ctl_get stats nbd_mirror_failed)" = 1 ] || fail "mirror did not fail"
 log "target killed after $((done_b >> 20)) MiB copied; $(ctl_get dirty-map dirty_bytes) bytes out of sync"
 start_target "$R"
-nbd-proxy connect --to tcp:127.0.0.1:10809 --export disk --handoff "$CTL" --name r1 > /dev/null
-ctl mirror-start r1 --export disk --resync > /dev/null || fail "resync start failed"
+mirror_to r1 --resync
 ctl wait-ready > /dev/null || fail "resync did not become ready"
 total=$(ctl_get stats mirror.copy.bytes_total)
 log "resync copied $total bytes ($((total * 100 / (1 << 30)))% of the device)"
@@ -112,6 +109,4 @@ log "resync copied $total bytes ($((total * 100 / (1 << 30)))% of the device)"
 [ "$(ctl_get stats nbd_mirror_failed)" = 0 ] || fail "flag still set after a successful resync"
 identical "resync"
 log "resync: images identical"
-ctl mirror-stop > /dev/null
-stop_daemon
-stop_pid $TARGET_PID
+finish

@@ -49,7 +49,7 @@ run_fio crash $((8 * CYCLES + 6))
 for c in $(seq "$CYCLES"); do
     sleep 4
     before=$(ctl_get stats ops.write.count)
-    kill -KILL "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true
+    stop_pid "$DAEMON_PID" KILL
     [ -b "$DEV" ] || fail "cycle $c: $DEV disappeared with its daemon"
     [ -f "/run/ublk-mirror/$id.state" ] || fail "cycle $c: no state file after the crash"
     sleep 2   # guest I/O waits meanwhile
@@ -82,7 +82,7 @@ start_target "$R"
 mirror_to m1
 run_fio mirrored 10
 sleep 4
-kill -KILL "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true
+stop_pid "$DAEMON_PID" KILL
 grep -q '"target": "m1"' "/run/ublk-mirror/$id.state" || fail "the state file does not record the mirror"
 recover_daemon "$id"
 fio_ok mirrored
@@ -100,7 +100,7 @@ out=$(ublk-mirror recover --dev-id "$id" 2>&1) && fail "recover of a served devi
 echo "$out" | grep -q "served by a running daemon" || fail "unexpected message: $out"
 out=$(ublk-mirror recover --dev-id 77 2>&1) && fail "recover of a nonexistent device succeeded"
 echo "$out" | grep -qi "no state file\|no longer exists" || fail "unexpected message: $out"
-kill -KILL "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true
+stop_pid "$DAEMON_PID" KILL
 mv "$L" "$L.away"
 out=$(ublk-mirror recover --dev-id "$id" 2>&1) && fail "recover with a missing image succeeded"
 echo "$out" | grep -q "is missing" || fail "unexpected message: $out"
@@ -136,7 +136,7 @@ fio_job al --rw=randwrite --offset=64M --size=64M --time_based --runtime=30 > "$
 FIO_PID=$!
 sleep 5
 [ "$(ctl_get stats mirror.activity_log_extents)" -gt 0 ] || fail "no extent in the activity log under mirrored writes"
-kill -KILL "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true
+stop_pid "$DAEMON_PID" KILL
 stop_pid "$TARGET_PID"   # the target keeps what it got; the legs may now differ
 recover_daemon "$id"
 grep -q "came from the activity log" "$DAEMON_LOG" || { cat "$DAEMON_LOG"; fail "the recovered daemon did not absorb the activity log"; }

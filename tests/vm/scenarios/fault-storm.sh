@@ -45,10 +45,8 @@ start_nbdkit() { # MODE
         error-pwrite=EIO error-pwrite-rate=100% error-pwrite-file="$WORK/eio" "${extra[@]}" \
         2>> "$WORK/nbdkit.log" &
     TARGET_PID=$!
-    for _ in $(seq 100); do (exec 9<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && return; sleep 0.1; done
-    tail -n 5 "$WORK/nbdkit.log"; fail "nbdkit ($1) did not start"
+    wait_port $PORT "$WORK/nbdkit.log"
 }
-target_down() { kill -KILL "$TARGET_PID" 2>/dev/null || true; wait "$TARGET_PID" 2>/dev/null || true; }
 N=0
 connect_mirror() { # [mirror-start args]: a new connection, mirroring with resync
     N=$((N + 1))
@@ -71,7 +69,7 @@ heal() {
         kill -0 "$TARGET_PID" 2>/dev/null || start_nbdkit normal
         kill -CONT "$TARGET_PID" 2>/dev/null || true
         ctl mirror-stop > /dev/null 2>&1 || true
-        connect_mirror --resync || { target_down; start_nbdkit normal; continue; }
+        connect_mirror --resync || { stop_pid "$TARGET_PID" KILL; start_nbdkit normal; continue; }
         ctl wait-ready > /dev/null 2>&1 || true
     done
     HEALS=$((HEALS + 1))
@@ -107,14 +105,14 @@ while [ $(( $(date +%s) - start )) -lt "$STORM_SECS" ]; do
     FAULTS[$kind]=$(( ${FAULTS[$kind]:-0} + 1 ))
     log "fault: $kind"
     case $kind in
-        target-kill) target_down; sleep 1; start_nbdkit normal ;;
+        target-kill) stop_pid "$TARGET_PID" KILL; sleep 1; start_nbdkit normal ;;
         target-stall) kill -STOP "$TARGET_PID"; sleep 4; kill -CONT "$TARGET_PID" ;;
         target-eio) touch "$WORK/eio"; sleep 2; rm -f "$WORK/eio" ;;
-        target-slow) target_down; start_nbdkit slow; heal; sleep 3; target_down; start_nbdkit normal ;;
+        target-slow) stop_pid "$TARGET_PID" KILL; start_nbdkit slow; heal; sleep 3; stop_pid "$TARGET_PID" KILL; start_nbdkit normal ;;
         pause) ctl pause > /dev/null || fail "pause failed"; sleep 1; ctl unpause > /dev/null || fail "unpause failed" ;;
         resync) ctl mirror-stop > /dev/null; connect_mirror --resync || true ;;
         daemon-kill)
-            kill -KILL "$DAEMON_PID"; wait "$DAEMON_PID" 2>/dev/null || true
+            stop_pid "$DAEMON_PID" KILL
             sleep 1
             recover_daemon "$ID"
             [ "$(ctl_get stats nbd_mirror_failed)" = 1 ] || fail "a recovered daemon must report the mirror failed"
@@ -131,7 +129,7 @@ grep -q "err= 0" "$WORK/fio.out" || { cat "$WORK/fio.out"; fail "fio reported er
 grep -E "^ *(write|read):" "$WORK/fio.out" | sed 's/^ */  /'
 ctl mirror-stop > /dev/null
 stop_daemon
-target_down
+stop_pid "$TARGET_PID" KILL
 summary=""
 for k in "${kinds[@]}"; do summary+=" $k=${FAULTS[$k]:-0}"; done
 total=0; for k in "${!FAULTS[@]}"; do total=$((total + FAULTS[$k])); done

@@ -79,9 +79,11 @@ start_target() {
     cat "$WORK/target.log"; fail "nbd-proxy serve did not start"
 }
 
-# wait_port PORT: until something listens on 127.0.0.1:PORT.
+# wait_port PORT [LOG]: until something listens on 127.0.0.1:PORT; on failure shows the end of
+# the server's LOG.
 wait_port() {
     for _ in $(seq 100); do (exec 9<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.1; done
+    [ -n "${2:-}" ] && tail -n 5 "$2" >&2
     fail "nothing listens on port $1"
 }
 
@@ -95,8 +97,9 @@ mirror_to() {
     [ "$(ctl_get stats mirror.state)" = active ] || fail "mirror is not active"
 }
 
-# stop_pid PID: ends a helper process that may already have exited.
-stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+# stop_pid PID [SIGNAL]: ends a process that may already have exited (SIGTERM by default;
+# KILL to crash a daemon on purpose).
+stop_pid() { kill -"${2:-TERM}" "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 # fill_scattered IMAGE MIB: a sparse IMAGE of MIB MiB with 30% of its MiB-sized slots filled with
 # random data at random places, the rest holes.

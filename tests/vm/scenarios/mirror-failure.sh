@@ -34,7 +34,7 @@ start_target "$R"
 start_daemon "$L" --queues 2
 mirror_to t1
 fio_bg 10; sleep 4
-kill -KILL "$TARGET_PID"; stop_pid "$TARGET_PID"
+stop_pid "$TARGET_PID" KILL
 check_outcome "target SIGKILL"
 
 # 2. Target answers EIO (from the moment the trigger file appears).
