@@ -44,7 +44,7 @@ while read -r line; do
     fi
     path=$line
     [[ $path == /* ]] || path=$(command -v "$line" || true)
-    [ -n "$path" ] && [ -e "$path" ] || { echo "initramfs.sh: guest tool '$line' not found on the host (see tests/vm/setup-host.sh)" >&2; exit 1; }
+    [ -n "$path" ] && [ -e "$path" ] || { echo "initramfs.sh: guest tool '$line' not found on the host (run scripts/setup-host, which installs it)" >&2; exit 1; }
     add_file "$path"
     # Real tools win over busybox applets of the same name.
     name=$(basename "$path")
@@ -89,6 +89,7 @@ for b in ublk-mirror nbd-proxy ublk-mirror-ctl blkcmp; do
     [ -x "$repo/target/release/$b" ] && add_file "$repo/target/release/$b" "/usr/local/bin/$b"
 done
 cp "$here"/scenarios/*.sh "$root/scenarios/"
+cp "$repo/README.md" "$root/scenarios/README.md"   # the quickstart scenario runs its block
 cp "$here/guest-init.sh" "$root/init"
 chmod +x "$root/init"
 echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
