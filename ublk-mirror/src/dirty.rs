@@ -4,22 +4,36 @@
 //!
 //! In memory, or (`serve --bitmap PATH`) in a file mapped shared: every bit set is in the page
 //! cache at once, so it survives a daemon crash (SIGKILL, abort); a host crash keeps only what
-//! was written back, which the daemon forces at pause and at exit (`flush`). The file starts
-//! with a header (magic, version, granularity, device size, the image's device and inode,
-//! generation) and is refused when it does not match.
+//! was written back, which the daemon forces at pause, at exit (`flush`) and before it clears
+//! extents from the activity log (below). The file starts with a header (magic, version,
+//! granularity, device size, the image's device and inode, generation) and is refused when it
+//! does not match.
 //!
 //! With a file, an activity log follows the bitmap, as in DRBD: one bit per 4 MiB extent that
 //! may have a mirrored write in flight. A write's extents are set, and written through to the
-//! disk, *before* the write goes to either leg; they are cleared lazily once idle
-//! (`clean_activity_log`, about every second). The out-of-sync bitmap itself is only cleared
-//! by copy and resync. When the file is opened again after a crash, every logged extent is
-//! OR-ed into the bitmap: a write that reached one leg and not the other is then covered.
+//! disk, *before* the write goes to either leg; they are cleared once idle: lazily while a
+//! mirror takes writes (`clean_activity_log`, about every second), at once while none does
+//! (`set_mirroring(false)`: after a failure or a stop, every idle extent, and each busy one
+//! when its last write ends). An extent is cleared only after the bitmap was written back
+//! (`write_back_marks`), so the marks of the failed writes that ended in it are on disk first.
+//! The out-of-sync bitmap itself is only cleared by copy and resync. When the file is opened
+//! again after a crash, every logged extent is OR-ed into the bitmap: a write that reached one
+//! leg and not the other is then covered.
+//!
+//! Why clearing an idle extent is always safe: `al_end` comes after both legs of the write
+//! completed and after a write the target did not take was marked out of sync. An extent with
+//! no write between `al_begin` and `al_end` therefore holds no write that reached one leg
+//! only, and the bits of every failed write that ended in it are set; once they are written
+//! back, bitmap and log together still cover every block that may differ, whatever moment a
+//! crash (of the daemon or of the host) picks.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use crate::shared::lock;
 
 pub const DEFAULT_GRANULE: u64 = 64 << 10;
 const MAGIC: &[u8; 8] = b"UBLKMBM\0";
@@ -50,6 +64,18 @@ pub struct DirtyMap {
     al_inflight: Vec<AtomicU32>,
     /// Serializes setting a cold extent's bit against the cleaner clearing it.
     al_lock: Mutex<()>,
+    /// No mirror takes writes (none attached, or it failed or is stopping), as the owner last
+    /// said (`set_mirroring`; false until then): an extent leaves the log as soon as its last
+    /// write ends, not at the next cleaning.
+    al_eager: AtomicBool,
+    /// Calls of `mark` so far, each counted after its bits are set.
+    marks: AtomicU64,
+    /// `marks` as read before the last write-back of the bitmap that succeeded: those marks
+    /// are on disk. Held across a write-back.
+    written_back: Mutex<u64>,
+    /// Tests: the next write-backs of the bitmap fail.
+    #[cfg(test)]
+    fail_write_back: AtomicBool,
     /// Extents OR-ed into the bitmap from the log when the file was opened.
     pub al_recovered: u64,
     /// Times the bitmap file was opened (1 for a new file); 0 in memory.
@@ -92,6 +118,11 @@ impl DirtyMap {
             storage: Storage::Memory((0..nwords).map(|_| AtomicU64::new(0)).collect()),
             al_inflight: Vec::new(),
             al_lock: Mutex::new(()),
+            al_eager: AtomicBool::new(false),
+            marks: AtomicU64::new(0),
+            written_back: Mutex::new(0),
+            #[cfg(test)]
+            fail_write_back: AtomicBool::new(false),
             al_recovered: 0,
             generation: 0,
         }
@@ -188,6 +219,11 @@ impl DirtyMap {
             storage: Storage::File { map, _lock: file },
             al_inflight: (0..extents).map(|_| AtomicU32::new(0)).collect(),
             al_lock: Mutex::new(()),
+            al_eager: AtomicBool::new(false),
+            marks: AtomicU64::new(0),
+            written_back: Mutex::new(0),
+            #[cfg(test)]
+            fail_write_back: AtomicBool::new(false),
             al_recovered: 0,
             generation,
         };
@@ -251,7 +287,7 @@ impl DirtyMap {
         if !cold {
             return;
         }
-        let _g = self.al_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = lock(&self.al_lock);
         let mut changed = false;
         for e in self.extents_of(offset, len) {
             if !self.al_bit(e) {
@@ -268,40 +304,118 @@ impl DirtyMap {
         }
     }
 
-    /// After both legs of the write that `al_begin` announced have completed.
+    /// After both legs of the write that `al_begin` announced have completed and, if the
+    /// target did not take it, after it was marked out of sync. While no mirror takes writes,
+    /// an extent this leaves idle is cleared at once (see `clear_idle`).
     pub fn al_end(&self, offset: u64, len: u64) {
+        let mut idle = false;
         for e in self.extents_of(offset, len) {
-            self.al_inflight[e].fetch_sub(1, Ordering::SeqCst);
+            idle |= self.al_inflight[e].fetch_sub(1, Ordering::SeqCst) == 1;
+        }
+        // SeqCst, paired with `set_mirroring`: either this load sees the eager mode, or the
+        // cleaning that follows its store sees this extent idle.
+        if idle && self.al_eager.load(Ordering::SeqCst) {
+            self.clear_idle(self.extents_of(offset, len));
+        }
+    }
+
+    /// Whether a mirror takes writes now; the caller says so after every change (attached,
+    /// failed, stopping, detached). While none does, every write it had was or will be failed
+    /// back to its queue, which marks it out of sync before `al_end`, and later writes go
+    /// local-only, marked before they are issued: nothing needs the log once a write ended.
+    /// So the idle extents are cleared now and each busy one when its last write ends, and a
+    /// crash from then on adds nothing to the bitmap. Returns how many were cleared now.
+    pub fn set_mirroring(&self, mirroring: bool) -> usize {
+        self.al_eager.store(!mirroring, Ordering::SeqCst);
+        if mirroring {
+            0
+        } else {
+            self.clean_activity_log()
         }
     }
 
     /// Clears the bits of extents with no write in flight; returns how many were cleared.
     pub fn clean_activity_log(&self) -> usize {
+        self.clear_idle(0..self.al_inflight.len())
+    }
+
+    /// Clears the bits of the extents in `extents` that have no write in flight, after
+    /// writing the bitmap back; returns how many were cleared.
+    ///
+    /// Crash safety, step by step. (1) An extent is claimed only when its in-flight count is
+    /// 0: every write that `al_begin` logged in it has passed `al_end`, so both of its legs
+    /// completed and, if the target did not take it, its granules were marked (the queue marks
+    /// before `al_end`; `mark` counts itself in `marks` after setting the bits, and the
+    /// SeqCst count it decremented orders that before the claim). Writers arriving now see
+    /// CLEARING and wait for `al_lock` (through the write-back), then set the bit again.
+    /// (2) `write_back_marks` puts every mark counted so far on disk, those of step 1
+    /// included. (3) Only then are the bits cleared, in memory (which the kernel may write
+    /// back at any time) and on disk. A crash before (3) finds the extent still logged; after
+    /// it, the marks are durable. If the write-back fails, nothing is cleared.
+    fn clear_idle(&self, extents: std::ops::Range<usize>) -> usize {
         if self.al_inflight.is_empty() {
             return 0;
         }
-        let _g = self.al_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let mut cleared = 0;
-        for (e, count) in self.al_inflight.iter().enumerate() {
+        let _g = lock(&self.al_lock);
+        let mut claimed = Vec::new();
+        for e in extents {
             if !self.al_bit(e) {
                 continue;
             }
             // Writers that arrive meanwhile see CLEARING, wait for al_lock and set it again.
-            if count
+            if self.al_inflight[e]
                 .compare_exchange(0, CLEARING, Ordering::SeqCst, Ordering::SeqCst)
                 .is_ok()
             {
+                claimed.push(e);
+            }
+        }
+        if claimed.is_empty() {
+            return 0;
+        }
+        let durable = self.write_back_marks();
+        if let Err(err) = &durable {
+            log::warn!(
+                "out-of-sync bitmap: writing it back failed: {err}; {} extents stay in the \
+                 activity log",
+                claimed.len()
+            );
+        }
+        for &e in &claimed {
+            if durable.is_ok() {
                 self.al_words()[e / 64].fetch_and(!(1 << (e % 64)), Ordering::SeqCst);
-                count.fetch_and(!CLEARING, Ordering::SeqCst);
-                cleared += 1;
             }
+            self.al_inflight[e].fetch_and(!CLEARING, Ordering::SeqCst);
         }
-        if cleared > 0 {
-            if let Err(e) = self.al_sync() {
-                log::warn!("activity log: writing it to disk failed: {e}");
-            }
+        if durable.is_err() {
+            return 0;
         }
-        cleared
+        if let Err(e) = self.al_sync() {
+            log::warn!("activity log: writing it to disk failed: {e}");
+        }
+        claimed.len()
+    }
+
+    /// Writes the header and the bitmap back, so that every mark counted so far is on disk; a
+    /// no-op when no mark came since the last write-back that succeeded (or in memory).
+    fn write_back_marks(&self) -> std::io::Result<()> {
+        let Storage::File { map, .. } = &self.storage else {
+            return Ok(());
+        };
+        let mut done = lock(&self.written_back);
+        let marks = self.marks.load(Ordering::Acquire);
+        if marks == *done {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if self.fail_write_back.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other(
+                "write-back failure injected by a test",
+            ));
+        }
+        map.flush_range(0, Self::al_offset(self.nwords))?;
+        *done = marks;
+        Ok(())
     }
 
     /// Extents in the activity log (hot, or left by a crash).
@@ -349,12 +463,16 @@ impl DirtyMap {
         }
     }
 
-    /// Writes the bitmap back to its file (a no-op in memory).
+    /// Writes the bitmap (and the activity log) back to its file (a no-op in memory).
     pub fn flush(&self) -> std::io::Result<()> {
-        match &self.storage {
-            Storage::File { map, .. } => map.flush(),
-            Storage::Memory(_) => Ok(()),
-        }
+        let Storage::File { map, .. } = &self.storage else {
+            return Ok(());
+        };
+        let mut done = lock(&self.written_back);
+        let marks = self.marks.load(Ordering::Acquire);
+        map.flush()?;
+        *done = marks;
+        Ok(())
     }
 
     pub fn persistent(&self) -> bool {
@@ -370,6 +488,8 @@ impl DirtyMap {
         for g in offset / self.granule..end.div_ceil(self.granule) {
             self.words()[(g / 64) as usize].fetch_or(1 << (g % 64), Ordering::Relaxed);
         }
+        // After the bits: a write-back that reads this count has them (see `clear_idle`).
+        self.marks.fetch_add(1, Ordering::Release);
     }
 
     /// Clears the granules lying wholly inside [offset, offset+len) (or cut by the device's
@@ -537,6 +657,155 @@ mod tests {
             m.al_end(0, 4096);
         }
         cleaner.join().expect("cleaner");
+    }
+
+    /// A 64 MiB device (16 extents) with a bitmap file; the directory holds both.
+    fn bitmap_file() -> (tempfile::TempDir, DirtyMap) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("disk.img"), [0u8; 4096]).expect("image");
+        let m = reopen(&dir);
+        (dir, m)
+    }
+
+    /// Opens the bitmap of `bitmap_file` again (after a drop, which is a crash: no flush).
+    fn reopen(dir: &tempfile::TempDir) -> DirtyMap {
+        let (bm, img) = (dir.path().join("disk.bitmap"), dir.path().join("disk.img"));
+        DirtyMap::open_file(&bm, &img, 64 << 20, 64 << 10).expect("open")
+    }
+
+    fn covers(m: &DirtyMap, offset: u64, len: u64) -> bool {
+        m.extents()
+            .iter()
+            .any(|&(o, l)| o <= offset && offset + len <= o + l)
+    }
+
+    fn marks_on_disk(m: &DirtyMap) -> bool {
+        *lock(&m.written_back) == m.marks.load(Ordering::SeqCst)
+    }
+
+    #[test]
+    fn a_mirror_failure_clears_the_log_only_once_the_marks_are_on_disk() {
+        let (_dir, m) = bitmap_file();
+        m.set_mirroring(true);
+        m.al_begin(5 << 20, 4096); // extent 1: both legs done
+        m.al_end(5 << 20, 4096);
+        m.al_begin(12 << 20, 4096); // extent 3: in flight when the target fails
+        assert_eq!(m.activity_extents(), 2);
+        assert_eq!(m.set_mirroring(false), 1, "the idle extent goes at once");
+        assert!(m.al_bit(3), "a write in flight keeps its extent");
+        // Its target leg failed; the queue marks it, but the bitmap cannot be written back.
+        m.mark(12 << 20, 4096);
+        assert!(!marks_on_disk(&m));
+        m.fail_write_back.store(true, Ordering::SeqCst);
+        m.al_end(12 << 20, 4096);
+        assert!(m.al_bit(3), "cleared before its mark was on disk");
+        assert_eq!(m.clean_activity_log(), 0);
+        m.fail_write_back.store(false, Ordering::SeqCst);
+        assert_eq!(m.clean_activity_log(), 1);
+        assert!(
+            marks_on_disk(&m),
+            "the mark is written back before the extent is cleared"
+        );
+        assert_eq!(m.activity_extents(), 0);
+    }
+
+    #[test]
+    fn a_crash_after_a_mirror_failure_reopens_to_exactly_the_bitmap() {
+        let (dir, m) = bitmap_file();
+        m.set_mirroring(true);
+        for e in 0..16u64 {
+            m.al_begin(e * AL_EXTENT + 8192, 4096); // mirrored, both legs done
+            m.al_end(e * AL_EXTENT + 8192, 4096);
+        }
+        m.al_begin(21 << 20, 4096); // extent 5: in flight at the failure
+        assert_eq!(m.activity_extents(), 16);
+        assert_eq!(m.set_mirroring(false), 15);
+        m.mark(21 << 20, 4096); // failed back to its queue
+        m.al_end(21 << 20, 4096);
+        // A write that saw the mirror taking I/O just before the failure logs itself after it.
+        m.al_begin(30 << 20, 8192);
+        m.mark(30 << 20, 8192);
+        m.al_end(30 << 20, 8192);
+        m.mark(50 << 20, 1 << 20); // a later write, local-only
+        assert_eq!(m.activity_extents(), 0, "nothing left for the cleaner");
+        let before = m.extents();
+        assert_eq!(before.len(), 3);
+        drop(m); // SIGKILL
+        let m = reopen(&dir);
+        assert_eq!((m.generation, m.al_recovered), (2, 0));
+        assert_eq!(m.extents(), before, "the crash added nothing");
+    }
+
+    #[test]
+    fn a_crash_between_marking_and_clearing_still_covers_every_write() {
+        // A write in flight when the mirror fails, crashed after each step of its end.
+        let (off, len) = ((20 << 20) - 4096, 8192); // extents 4 and 5
+        let steps = ["al_begin", "failure", "mark", "write-back fails", "al_end"];
+        for crash_after in 1..=steps.len() {
+            let (dir, m) = bitmap_file();
+            m.set_mirroring(true);
+            for &step in &steps[..crash_after] {
+                match step {
+                    "al_begin" => m.al_begin(off, len),
+                    "failure" => assert_eq!(m.set_mirroring(false), 0),
+                    "mark" => m.mark(off, len),
+                    "write-back fails" => m.fail_write_back.store(true, Ordering::SeqCst),
+                    _ => m.al_end(off, len),
+                }
+            }
+            let logged = m.activity_extents();
+            drop(m);
+            let m = reopen(&dir);
+            let what = format!("crash after {:?}", steps[crash_after - 1]);
+            assert!(covers(&m, off, len), "{what}: the write is not covered");
+            assert_eq!(m.al_recovered, logged as u64, "{what}");
+            if crash_after < steps.len() {
+                assert_eq!(logged, 2, "{what}: the log must still hold both extents");
+            }
+        }
+        // With the write-back working, the last step clears the log: the bitmap covers alone.
+        let (dir, m) = bitmap_file();
+        m.set_mirroring(false);
+        m.al_begin(off, len);
+        m.mark(off, len);
+        m.al_end(off, len);
+        assert_eq!(m.activity_extents(), 0);
+        drop(m);
+        let m = reopen(&dir);
+        assert_eq!(m.al_recovered, 0);
+        assert_eq!(m.extents(), vec![((20 << 20) - (64 << 10), 128 << 10)]);
+    }
+
+    #[test]
+    fn failed_writes_racing_the_eager_clearing_stay_covered() {
+        let (_dir, m) = bitmap_file();
+        let m = std::sync::Arc::new(m);
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let (m, done) = (m.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut mirroring = false;
+                while !done.load(Ordering::SeqCst) {
+                    mirroring = !mirroring;
+                    m.set_mirroring(mirroring);
+                    m.clean_activity_log();
+                }
+            })
+        };
+        for i in 0..1000u64 {
+            let off = (i * 7 % 16) * AL_EXTENT + (i % 64) * 4096;
+            m.al_begin(off, 4096);
+            // Until the write ends, its extent is logged, whoever clears what.
+            assert!(m.al_bit((off / AL_EXTENT) as usize));
+            m.mark(off, 4096); // its target leg failed
+            m.al_end(off, 4096);
+            assert!(covers(&m, off, 4096));
+        }
+        done.store(true, Ordering::SeqCst);
+        flipper.join().expect("flipper");
+        m.set_mirroring(false);
+        assert_eq!(m.activity_extents(), 0);
+        assert!(marks_on_disk(&m));
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! Failure (an NBD error reply, EOF, a socket error, or a request older than the mirror
 //! timeout) is final for this connection: `nbd_mirror_failed` is set, the socket is shut down,
 //! every operation waiting on the target completes as `Failed` (the guest gets the local
-//! result and the range is marked out of sync), and later writes go local-only.
+//! result and the range is marked out of sync), later writes go local-only, and the owner's
+//! `on_failure` runs once (the daemon then empties the activity log as those writes end).
 
 use std::collections::HashMap;
 use std::io::{IoSlice, Read, Write};
@@ -171,16 +172,21 @@ pub struct Mirror {
     pub bytes: AtomicU64,
     mail: Arc<Mailboxes>,
     stopped: AtomicBool,
+    /// Run once, on the thread that failed the mirror, after every waiting operation was
+    /// failed back; not on a clean stop.
+    on_failure: Box<dyn Fn() + Send + Sync>,
 }
 
 impl Mirror {
-    /// Starts the sender and receiver on a socket already in the transmission phase.
+    /// Starts the sender and receiver on a socket already in the transmission phase;
+    /// `on_failure` runs once if the mirror fails.
     pub fn start(
         name: String,
         wire: Stream,
         export: Export,
         timeout: Option<Duration>,
         mail: Arc<Mailboxes>,
+        on_failure: Box<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<Arc<Mirror>> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let reader = wire.try_clone()?;
@@ -199,6 +205,7 @@ impl Mirror {
             bytes: AtomicU64::new(0),
             mail,
             stopped: AtomicBool::new(false),
+            on_failure,
         });
         let (ms, mr) = (m.clone(), m.clone());
         std::thread::Builder::new()
@@ -282,6 +289,7 @@ impl Mirror {
         *lock(&self.failure) = Some((reason, SystemTime::now()));
         let _ = self.wire.shutdown(Shutdown::Both);
         self.fail_pending();
+        (self.on_failure)();
     }
 
     fn fail_pending(&self) {
@@ -573,6 +581,8 @@ mod tests {
         mirror: Arc<Mirror>,
         server: UnixStream,
         mail: Arc<Mailboxes>,
+        /// Calls of the mirror's `on_failure`.
+        failures: Arc<AtomicU64>,
         _bell: (UnixStream, UnixStream),
     }
 
@@ -586,12 +596,17 @@ mod tests {
             flags: tx_flags::HAS_FLAGS | tx_flags::SEND_FLUSH | tx_flags::SEND_FUA,
             block_size: BlockSize::from_array([1, 4096, 32 << 20]),
         };
+        let failures = Arc::new(AtomicU64::new(0));
+        let counted = failures.clone();
         let mirror = Mirror::start(
             "t".into(),
             Stream::Unix(ours),
             export,
             timeout,
             mail.clone(),
+            Box::new(move || {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }),
         )
         .expect("start");
         mirror.set_active();
@@ -599,6 +614,7 @@ mod tests {
             mirror,
             server,
             mail,
+            failures,
             _bell: bell,
         }
     }
@@ -681,6 +697,37 @@ mod tests {
         r.server.write_all(&reply).expect("reply");
         let why = wait_failed(&r, Duration::from_secs(2));
         assert!(why.contains("NBD error 5"), "{why}");
+    }
+
+    #[test]
+    fn on_failure_runs_once_after_a_failure_and_never_on_a_clean_stop() {
+        let mut r = rig(Some(Duration::from_secs(5)));
+        r.mirror.submit(0, 3, write_op());
+        let cookie = read_request(&mut r.server);
+        let reply = SimpleReply { error: 5, cookie }.encode();
+        r.server.write_all(&reply).expect("reply");
+        wait_failed(&r, Duration::from_secs(2));
+        let start = Instant::now();
+        while r.failures.load(Ordering::SeqCst) == 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(2),
+                "on_failure not run"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        r.mirror.fail("and again".into());
+        assert_eq!(r.failures.load(Ordering::SeqCst), 1, "run once");
+
+        let r = rig(Some(Duration::from_secs(5)));
+        r.mirror.stop(Duration::from_secs(1));
+        drop(r.server); // the target hangs up after NBD_CMD_DISC
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(r.mirror.state(), MirrorState::Stopping);
+        assert_eq!(
+            r.failures.load(Ordering::SeqCst),
+            0,
+            "a clean stop is no failure"
+        );
     }
 
     #[test]

@@ -1,8 +1,12 @@
-//! What the queue threads and the control plane share: the pause gate, the image slot, the
-//! queues' doorbells, counters, stored fds.
+//! What the queue threads, the copy workers and the control plane share: the pause gate, the
+//! image slot, the doorbells, counters, the mirror slot, the out-of-sync bitmap, the range
+//! lock, the copy job, stored fds and the state record.
 //!
-//! The common path of a request touches only atomics: its queue's own counters and one load of
-//! the gate. Locks are taken by control operations only.
+//! The common path of a request touches only atomics: its queue's own counters, one load of
+//! the gate and one of the mirror slot. While a mirror is attached a write-like request also
+//! takes the range lock's mutex (a few instructions), and the activity log's lock when its
+//! extent is not logged yet (or, with no mirror taking writes, when it leaves an extent idle).
+//! Every other lock is taken by control operations only.
 //!
 //! Pausing without stranding or racing requests (a Dekker-style handshake, all SeqCst):
 //! a queue counts a request as started *before* it looks at the gate; the control thread closes
@@ -139,15 +143,18 @@ pub struct Shared {
     image: Mutex<Option<Image>>,
     image_path: Mutex<PathBuf>,
     state: Mutex<DeviceState>,
-    /// One eventfd per queue: written to wake the queue's parked requests. Owned here; the
-    /// mailboxes hold their numbers.
+    /// One eventfd per queue and per copy worker: written to wake its parked requests or
+    /// deliver a mirror completion. Owned here; the mailboxes hold their numbers.
     _doorbells: Vec<OwnedFd>,
-    /// Per-queue doorbells and mirror completions.
+    /// The doorbells and mirror completions of every queue and copy worker.
     pub mail: Arc<Mailboxes>,
     /// The mirror, while one is attached (in any state). Loaded without a lock per request.
     pub mirror: ArcSwapOption<Mirror>,
-    /// Out-of-sync granules between the image and the mirror target.
+    /// Out-of-sync granules between the image and the mirror target (and, with a file, the
+    /// activity log).
     pub dirty: DirtyMap,
+    /// Serializes telling the activity log whether a mirror takes writes (`mirror_changed`).
+    al_mode: Mutex<()>,
     /// Orders overlapping write-like requests while a mirror is attached.
     pub ranges: RangeLock,
     /// The background copy or resync of the current mirror, if any.
@@ -157,10 +164,12 @@ pub struct Shared {
     /// TEST ONLY (UBLK_MIRROR_DEBUG_NO_RANGE_LOCK=1): skip the range lock, to prove the overlap
     /// test can fail without it.
     pub range_lock_disabled: bool,
-    /// Serializes pause, unpause and stop.
+    /// Serializes pause, unpause, mirror start and stop, and the stop of the device.
     admin: Mutex<()>,
     pub fds: Mutex<BTreeMap<String, StoredFd>>,
-    /// The last `unpause --mirror` (mirroring itself is another issue).
+    /// The fd name the last `mirror-start NAME` or `unpause --mirror NAME` mirrored to (None
+    /// after `unpause --mirror null`; kept by `mirror-stop`); `stats` shows it as
+    /// `mirror.requested`.
     pub mirror_request: Mutex<Option<String>>,
     pub stop: Mutex<Sender<StopReason>>,
     /// What `ublk-mirror recover` needs, once the device has an id; saved on every change.
@@ -215,6 +224,7 @@ impl Shared {
             mail,
             mirror: ArcSwapOption::empty(),
             dirty,
+            al_mode: Mutex::new(()),
             ranges: RangeLock::default(),
             copy: ArcSwapOption::empty(),
             queues,
@@ -368,8 +378,9 @@ impl Shared {
         }
     }
 
-    /// Reopen the image (at `new_path` if given; it must have the same size) and resume.
-    /// On any error the device stays paused on its old image.
+    /// Reopen the image (at `new_path` if given; it must have the same size and a logical
+    /// block no larger than the device's) and resume. On any error the device stays paused
+    /// (or attached, after `serve --paused`) on its old image.
     pub fn unpause(&self, new_path: Option<PathBuf>) -> Result<(), ControlError> {
         let _admin = lock(&self.admin);
         let state = self.state();
@@ -467,7 +478,8 @@ impl Shared {
     /// Attaches a mirror on the stored fd `fd_name`: runs the NBD handshake unless the fd came
     /// negotiated, checks the export can take this device, starts the link, and returns once
     /// the mirror is active (every write that started local-only has completed and marked
-    /// itself out of sync). On error the fd is closed and nothing else changes.
+    /// itself out of sync, or 30 s have passed). On error the fd is closed and nothing else
+    /// changes.
     pub fn start_mirror(
         self: &Arc<Self>,
         fd_name: &str,
@@ -538,18 +550,26 @@ impl Shared {
                 self.logical_block, max_io
             )));
         }
+        let weak = Arc::downgrade(self);
+        let on_failure = Box::new(move || {
+            if let Some(shared) = weak.upgrade() {
+                shared.mirror_changed();
+            }
+        });
         let mirror = Mirror::start(
             fd_name.to_owned(),
             stream,
             export,
             timeout,
             self.mail.clone(),
+            on_failure,
         )
         .map_err(|e| refuse(format!("starting the mirror threads: {e}")))?;
         // Publish, then wait for writes that began local-only (they mark themselves dirty);
         // the store and the gauge loads are SeqCst, paired with the queues' side.
         self.tracking.store(true, Ordering::SeqCst);
         self.mirror.store(Some(mirror.clone()));
+        self.mirror_changed();
         let start = Instant::now();
         while self.stats.local_only() > 0 && start.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_micros(200));
@@ -584,8 +604,10 @@ impl Shared {
         Ok(mirror)
     }
 
-    /// Ends mirroring cleanly: requests in flight to the target complete, then disconnect. The
-    /// failed flag is cleared with it (as `tap-ctl unpause -2 null`).
+    /// Ends mirroring cleanly: requests in flight to the target complete (for up to 30 s; the
+    /// rest are failed back and marked out of sync), then disconnect, and the activity log is
+    /// emptied as the last writes end. The failed flag is cleared with it (as `tap-ctl
+    /// unpause -2 null`). False if there was neither a mirror nor an inherited failure.
     pub fn stop_mirror(&self) -> bool {
         let _admin = lock(&self.admin);
         let Some(m) = self.mirror.load_full() else {
@@ -597,10 +619,27 @@ impl Shared {
         }
         m.stop(Duration::from_secs(30));
         self.mirror.store(None);
+        self.mirror_changed();
         self.clear_inherited();
         self.save_state();
         log::info!("mirror {:?} stopped", m.name);
         true
+    }
+
+    /// After every change of whether a mirror takes writes (published, failed, stopped):
+    /// tells the activity log, which, while none does, is emptied as the writes end (see
+    /// `DirtyMap::set_mirroring`). Each call reads the slot under `al_mode`, so the last one
+    /// leaves the log in the mode that matches the slot, whatever the order of the callers.
+    fn mirror_changed(&self) {
+        let _g = lock(&self.al_mode);
+        let mirroring = self.mirror.load().as_ref().is_some_and(|m| m.takes_io());
+        let cleared = self.dirty.set_mirroring(mirroring);
+        if cleared > 0 {
+            log::info!(
+                "activity log: {cleared} idle extents cleared (no mirror takes writes; the \
+                 out-of-sync bitmap holds every write that may differ and is written back)"
+            );
+        }
     }
 
     pub fn mirror_failed(&self) -> bool {

@@ -1,9 +1,10 @@
 #!/bin/bash
 # The persistent out-of-sync bitmap survives a daemon crash: a mirror fails (target killed),
-# local-only writes mark the bitmap, the daemon is SIGKILLed; `ublk-mirror delete` removes the
-# orphaned device, a new daemon on the same image and bitmap finds the same out-of-sync bytes
-# (generation 2), and a resync to the restarted target converges. A bitmap belonging to
-# another image, or one in use, is refused.
+# local-only writes mark the bitmap, the daemon empties the activity log (every write that may
+# differ is in the bitmap by then) and is SIGKILLed; `ublk-mirror delete` removes the orphaned
+# device, a new daemon on the same image and bitmap finds exactly the same out-of-sync bytes
+# (generation 2, nothing from the activity log), and a resync to the restarted target
+# converges. A bitmap belonging to another image, or one in use, is refused.
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
 L=$WORK/local.img R=$WORK/remote.img BM=$WORK/disk.bitmap
 make_image "$L" 256M; make_image "$R" 256M
@@ -15,6 +16,15 @@ fio --name=m --filename="$DEV" --direct=1 --ioengine=io_uring --iodepth=16 --rw=
 stop_pid "$TARGET_PID" KILL
 head -c 16M /dev/urandom | dd of="$DEV" bs=1M seek=100 oflag=direct status=none
 [ "$(ctl_get stats nbd_mirror_failed)" = 1 ] || fail "mirror did not fail"
+# The mirrored writes (fio's, and any in flight when the target died) logged their extents in
+# the activity log. Once the failed mirror's last write has ended the daemon clears the log:
+# wait for that state, not for a cleaning on a timer, so that the crash adds nothing.
+t0=$(now_ms)
+until [ "$(ctl_get stats mirror.activity_log_extents)" = 0 ]; do
+    [ $(( $(now_ms) - t0 )) -lt 30000 ] || fail "activity log not empty 30 s after the mirror failed"
+    sleep 0.05
+done
+log "activity log empty $(( $(now_ms) - t0 )) ms after the local-only writes"
 before=$(ctl_get dirty-map dirty_bytes)
 [ "$before" -ge $((16 << 20)) ] || fail "local-only writes not in the bitmap ($before bytes)"
 stop_pid "$DAEMON_PID" KILL
@@ -31,6 +41,9 @@ out=$(ublk-mirror serve --image "$WORK/other.img" --bitmap "$BM" 2>&1) && fail "
 
 start_daemon "$L" --dev-id 6 --bitmap "$BM"
 grep -q "generation 2" "$DAEMON_LOG" || { cat "$DAEMON_LOG"; fail "bitmap generation not 2"; }
+if grep -q "came from the activity log" "$DAEMON_LOG"; then
+    cat "$DAEMON_LOG"; fail "the crash left extents in the activity log"
+fi
 after=$(ctl_get dirty-map dirty_bytes)
 [ "$after" = "$before" ] || fail "bitmap did not survive: $before bytes before the crash, $after after"
 out=$(ublk-mirror serve --image "$WORK/other.img" --bitmap "$BM" 2>&1) && fail "a bitmap in use was accepted"
