@@ -10,7 +10,8 @@ use crate::protocol::{Command, NegotiatedNbd, Reply, Request, MAX_FD_NAME, MAX_L
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    #[error("control socket {path}: {source}")]
+    /// The cause is the error's `source()` (so `{:#}` chains print it once).
+    #[error("cannot connect to control socket {path}")]
     Connect { path: String, source: io::Error },
     #[error("control socket I/O: {0}")]
     Io(#[from] io::Error),

@@ -2,10 +2,17 @@
 //! over a Unix stream socket, with fds passed as SCM_RIGHTS. `control/PROTOCOL.md` is the
 //! reference for other languages.
 //!
-//! Implemented so far: the message envelope and `pass-fd` (what `nbd-proxy connect` needs).
-//! The daemon's side, the other commands and `ublk-mirror-ctl` belong to the control-plane
-//! issue and do not exist yet.
+//! `protocol` holds the messages (every command the daemon serves, its defaults and the one
+//! timeout rule), `client` the orchestrator's side, `fdpass` the SCM_RIGHTS rules; the daemon's
+//! side is `ublk-mirror/src/control_server.rs` and the command line `ublk-mirror-ctl`
+//! (`src/bin/ublk-mirror-ctl.rs`). For every command line of the project, `units` parses sizes
+//! the same way and `help` is the rule their `--help` keeps; `logging` (feature `logging`) is
+//! the one log format of its daemons.
 
 pub mod client;
 pub mod fdpass;
+pub mod help;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod protocol;
+pub mod units;

@@ -1,4 +1,10 @@
 //! Messages. One request or reply per line, UTF-8 JSON, at most [`MAX_LINE`] bytes.
+//!
+//! Every command here is served by the daemon (`ublk-mirror/src/control_server.rs`) and has a
+//! verb of the same name in `ublk-mirror-ctl`; the one older name still accepted is
+//! `wait-ready` for `mirror-wait-ready`.
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -9,6 +15,37 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const MAX_FD_NAME: usize = 64;
 /// fds a daemon keeps at once.
 pub const MAX_FDS: usize = 16;
+
+/// Defaults of the commands' `timeout` arguments, in seconds (PROTOCOL.md's table).
+pub mod defaults {
+    /// `pause`: how long the drain may take.
+    pub const PAUSE_TIMEOUT: f64 = 30.0;
+    /// `wait-idle`: how long to wait for no request outstanding.
+    pub const WAIT_IDLE_TIMEOUT: f64 = 30.0;
+    /// `mirror-start`: how long a request may wait for the target before the mirror fails:
+    /// well under a guest's own disk timeout (30 s or more), long enough for a busy target.
+    pub const MIRROR_TIMEOUT: f64 = 10.0;
+    /// `mirror-wait-ready`: how long to wait for the copy or resync (one day).
+    pub const MIRROR_WAIT_READY_TIMEOUT: f64 = 86_400.0;
+}
+
+/// Largest `timeout` other than 0, in seconds (one day).
+pub const MAX_TIMEOUT: f64 = 86_400.0;
+
+/// The one rule for every `timeout` argument: absent is `default`, 0 means no limit (`None`),
+/// anything else is a number of seconds up to [`MAX_TIMEOUT`] (fractions allowed).
+pub fn timeout_limit(timeout: Option<f64>, default: f64) -> Result<Option<Duration>, String> {
+    let secs = timeout.unwrap_or(default);
+    if secs == 0.0 {
+        return Ok(None);
+    }
+    if !(secs > 0.0 && secs <= MAX_TIMEOUT) {
+        return Err(format!(
+            "timeout {secs}: expected seconds from 0 (no limit) to {MAX_TIMEOUT}"
+        ));
+    }
+    Ok(Some(Duration::from_secs_f64(secs)))
+}
 
 /// A request: `{"v":1,"id":7,"cmd":"pass-fd","args":{...}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,17 +71,19 @@ pub enum Command {
     Stats,
     /// Park new requests, wait until none is outstanding, flush, close the image.
     Pause {
-        /// Seconds to wait for the drain (default 30); at the timeout the pause is undone and
-        /// an error returned.
+        /// Seconds to wait for the drain (default 30; 0 = no limit); at the timeout the pause
+        /// is undone and a `timeout` error returned.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout: Option<f64>,
     },
     /// Reopen the image (optionally at a new path of the same size) and resume.
     Unpause {
+        /// A new path for the image (same size required); default: the current path.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         image: Option<String>,
-        /// An fd name to mirror to, or "null" to stop mirroring (recorded; mirroring is
-        /// another issue).
+        /// After resuming, start mirroring to the stored fd of this name (as `mirror-start`
+        /// with the default export and timeout), or "null" to stop mirroring and clear
+        /// `nbd_mirror_failed`; default: the mirror is left as it is.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mirror: Option<String>,
     },
@@ -56,11 +95,11 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nbd: Option<NegotiatedNbd>,
     },
+    /// The stored fds: name, socket family, whether negotiated, export.
     ListFds,
-    CloseFd {
-        name: String,
-    },
-    /// Wait until no request is outstanding.
+    /// Close the stored fd `name`.
+    CloseFd { name: String },
+    /// Wait until no request is outstanding (default 30 s; 0 = no limit).
     WaitIdle {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout: Option<f64>,
@@ -78,7 +117,7 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         export: Option<String>,
         /// Seconds a request may wait for the target before the mirror fails (default 10;
-        /// 0 = wait forever, like tapdisk).
+        /// 0 = no limit, like tapdisk).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout: Option<f64>,
         /// Also copy the whole device in the background (sparse-aware).
@@ -87,11 +126,14 @@ pub enum Command {
         /// Copy only what the out-of-sync map holds (after a failure).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         resync: bool,
-        /// Copy rate limit in bytes per second of device covered (holes included).
+        /// Copy rate limit in bytes per second of device covered (holes included); absent or
+        /// 0: no limit.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         speed: Option<u64>,
     },
-    /// Wait until the background copy or resync is ready (actively synced).
+    /// Wait until the background copy or resync is ready (actively synced); default 1 day,
+    /// 0 = no limit. Also accepted under its older name `wait-ready` (the CLI verb's alias).
+    #[serde(alias = "wait-ready")]
     MirrorWaitReady {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout: Option<f64>,
@@ -209,5 +251,56 @@ mod tests {
             r#"{"v":1,"id":4,"cmd":"pause","args":{"timeout":1,"bogus":2}}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn wait_ready_is_an_alias_of_mirror_wait_ready() {
+        let canonical: Request = serde_json::from_str(
+            r#"{"v":1,"id":1,"cmd":"mirror-wait-ready","args":{"timeout":5}}"#,
+        )
+        .expect("mirror-wait-ready");
+        let alias: Request =
+            serde_json::from_str(r#"{"v":1,"id":1,"cmd":"wait-ready","args":{"timeout":5}}"#)
+                .expect("wait-ready");
+        assert_eq!(alias, canonical);
+        assert_eq!(
+            alias.command,
+            Command::MirrorWaitReady { timeout: Some(5.0) }
+        );
+        let alias: Request = serde_json::from_str(r#"{"v":1,"id":2,"cmd":"wait-ready","args":{}}"#)
+            .expect("default timeout");
+        assert_eq!(alias.command, Command::MirrorWaitReady { timeout: None });
+        // Sent under the one name.
+        let s = serde_json::to_string(&alias).expect("serialize");
+        assert_eq!(s, r#"{"v":1,"id":2,"cmd":"mirror-wait-ready","args":{}}"#);
+    }
+
+    #[test]
+    fn zero_timeout_means_no_limit_everywhere() {
+        use defaults::*;
+        for default in [
+            PAUSE_TIMEOUT,
+            WAIT_IDLE_TIMEOUT,
+            MIRROR_TIMEOUT,
+            MIRROR_WAIT_READY_TIMEOUT,
+        ] {
+            assert_eq!(timeout_limit(Some(0.0), default), Ok(None));
+            assert_eq!(
+                timeout_limit(None, default),
+                Ok(Some(Duration::from_secs_f64(default)))
+            );
+        }
+        assert_eq!(
+            timeout_limit(Some(2.5), PAUSE_TIMEOUT),
+            Ok(Some(Duration::from_millis(2500)))
+        );
+        assert_eq!(
+            timeout_limit(Some(MAX_TIMEOUT), PAUSE_TIMEOUT),
+            Ok(Some(Duration::from_secs(86_400)))
+        );
+        for bad in [-1.0, MAX_TIMEOUT + 1.0, f64::NAN, f64::INFINITY] {
+            let e = timeout_limit(Some(bad), PAUSE_TIMEOUT).expect_err("refused");
+            assert!(e.contains("0 (no limit)"), "{e}");
+        }
     }
 }

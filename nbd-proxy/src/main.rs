@@ -23,7 +23,10 @@ use nbd_proxy::server::{Export, Server, ServerConfig};
     about = "NBD export of image files, and the source side's connect-and-hand-off",
     long_about = "NBD export of image files (the migration's destination side), and the source \
                   side's connect-and-hand-off to a ublk-mirror daemon.\n\n\
-                  Logging: RUST_LOG=debug|info|warn (default info), to stderr."
+                  Durations are seconds, except --reorder-jitter (milliseconds, a test knob).\n\n\
+                  Logging: RUST_LOG=debug|info|warn (default info), to stderr, as plain lines \
+                  (\"TIME LEVEL nbd-proxy[PID]: message\", as ublk-mirror's), never coloured.",
+    color = clap::ColorChoice::Never
 )]
 struct Cli {
     #[command(subcommand)]
@@ -49,7 +52,7 @@ enum Command {
 #[derive(clap::Args)]
 struct ControlArgs {
     /// The server's --control socket.
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     socket: PathBuf,
     /// `add NAME=PATH [ro]`, `remove NAME` or `list`.
     #[arg(required = true, num_args = 1..)]
@@ -58,11 +61,12 @@ struct ControlArgs {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// NAME=PATH of an image to export; repeat for several.
+    /// NAME=PATH of an image to export; repeat for several [default: none; add them at run
+    /// time through --control].
     #[arg(long = "export", value_name = "NAME=PATH")]
     exports: Vec<String>,
-    /// tcp:ADDR:PORT or unix:PATH.
-    #[arg(long)]
+    /// Where to listen: tcp:ADDR:PORT or unix:PATH.
+    #[arg(long, value_name = "ADDRESS")]
     listen: Address,
     /// Export every image read-only.
     #[arg(long)]
@@ -72,32 +76,35 @@ struct ServeArgs {
     #[arg(long)]
     insecure_listen: bool,
     /// Server certificate (PEM). With --tls-key, TLS is offered and required: clients must
-    /// NBD_OPT_STARTTLS before anything else.
-    #[arg(long, requires = "tls_key")]
+    /// NBD_OPT_STARTTLS before anything else [default: none, plain NBD].
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
-    /// Server private key (PEM).
-    #[arg(long, requires = "tls_cert")]
+    /// Server private key (PEM) [default: none; required with --tls-cert].
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// CA (PEM) that signs client certificates: with it, a client without a valid certificate
-    /// is refused during the TLS handshake.
-    #[arg(long, requires = "tls_cert")]
+    /// is refused during the TLS handshake [default: none, clients are not verified].
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
     /// Unix socket for adding and removing exports at run time, one command per line:
     /// `add NAME=PATH [ro]`, `remove NAME` (flushes, drains and closes its connections, then
-    /// releases the image), `list`. Each is answered with one line, `ok ...` or `error ...`.
-    #[arg(long)]
+    /// releases the image), `list`. Each is answered with one line, `ok ...` or `error ...`
+    /// [default: none, the exports are fixed].
+    #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
-    /// Seconds a client has to finish the handshake.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds a client has to finish the handshake, at least 1 (no "0 for no limit": a client
+    /// that never finishes would hold a connection slot for ever).
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = parse_handshake_timeout)]
     handshake_timeout: u64,
-    /// Connections at once; more are refused.
-    #[arg(long, default_value_t = 64)]
+    /// Connections at once (1 or more); more are refused.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_max_connections)]
     max_connections: usize,
-    /// Requests executed concurrently per connection.
-    #[arg(long, default_value_t = 4)]
-    workers: usize,
+    /// Requests executed concurrently per connection (1 to 64).
+    #[arg(long, value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u8).range(1..=64))]
+    workers: u8,
     /// TEST ONLY: delay each request by a random 0..=MS milliseconds so replies come back out
-    /// of order.
+    /// of order; 0: off.
     #[arg(long, value_name = "MS", default_value_t = 0)]
     reorder_jitter: u64,
 }
@@ -105,13 +112,18 @@ struct ServeArgs {
 #[derive(clap::Args)]
 struct ConnectArgs {
     /// The NBD server: tcp:ADDR:PORT or unix:PATH.
-    #[arg(long)]
+    #[arg(long, value_name = "ADDRESS")]
     to: Address,
-    /// Export name on the server.
-    #[arg(long, default_value = "")]
+    /// Export name on the server [default: "", the server's default export].
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "",
+        hide_default_value = true
+    )]
     export: String,
     /// The ublk-mirror daemon's control socket.
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     handoff: PathBuf,
     /// Name under which the daemon stores the socket (referenced later by `mirror-start NAME`).
     #[arg(long)]
@@ -123,26 +135,26 @@ struct ConnectArgs {
     negotiate: bool,
     /// CA (PEM) to verify the server with. Turns TLS on: the proxy negotiates (STARTTLS, then
     /// GO), hands the daemon one end of a socketpair in the transmission phase, and stays
-    /// running to relay between it and the TLS session until either side closes.
-    #[arg(long)]
+    /// running to relay between it and the TLS session until either side closes [default:
+    /// none, plain NBD].
+    #[arg(long, value_name = "PATH")]
     tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM), for servers that verify clients.
-    #[arg(long, requires = "tls_key", requires = "tls_ca")]
+    /// Client certificate (PEM), for servers that verify clients [default: none].
+    #[arg(long, value_name = "PATH", requires = "tls_key", requires = "tls_ca")]
     tls_cert: Option<PathBuf>,
-    /// Client private key (PEM).
-    #[arg(long, requires = "tls_cert")]
+    /// Client private key (PEM) [default: none; required with --tls-cert].
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Name to verify in the server's certificate (default: the --to host, or "localhost"
-    /// for a unix socket).
-    #[arg(long)]
+    /// Name to verify in the server's certificate [default: the --to host, or "localhost" for
+    /// a unix socket].
+    #[arg(long, value_name = "NAME")]
     tls_hostname: Option<String>,
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
-    let res = match Cli::parse().command {
+    let cli = Cli::parse();
+    control::logging::init("nbd-proxy", "");
+    let res = match cli.command {
         Command::Serve(a) => serve(a),
         Command::Connect(a) => {
             let tls = a.tls_ca.as_ref().map(|ca| handoff::TlsClient {
@@ -157,6 +169,30 @@ fn main() {
     if let Err(e) = res {
         eprintln!("nbd-proxy: error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// `--handshake-timeout`: seconds, at least 1. Where other timeouts take 0 for "no limit", this
+/// one refuses it: a client that never finishes its handshake would hold a slot for ever.
+fn parse_handshake_timeout(s: &str) -> std::result::Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err(
+            "0 would mean no limit, which the handshake does not take (a client that \
+                      never finishes would hold a connection slot for ever): give 1 or more \
+                      seconds"
+                .into(),
+        ),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?}: expected a whole number of seconds")),
+    }
+}
+
+/// `--max-connections`: 1 or more.
+fn parse_max_connections(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("at least 1 (0 would refuse every client)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?}: expected a whole number")),
     }
 }
 
@@ -204,9 +240,9 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let config = ServerConfig {
         tls: tls.clone(),
-        handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
-        max_connections: args.max_connections.max(1),
-        workers_per_connection: args.workers.clamp(1, 64),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        max_connections: args.max_connections,
+        workers_per_connection: usize::from(args.workers),
         reorder_jitter_ms: args.reorder_jitter,
         ..ServerConfig::default()
     };
@@ -375,5 +411,29 @@ fn control_command(server: &Server, line: &str, default_ro: bool) -> String {
     match result {
         Ok(s) => format!("ok {s}"),
         Err(e) => format!("error {e:#}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent_and_every_option_says_its_default() {
+        Cli::command().debug_assert();
+        let breakers = control::help::rule_breakers(&Cli::command());
+        assert!(breakers.is_empty(), "{breakers:#?}");
+    }
+
+    #[test]
+    fn zero_is_refused_where_no_limit_is_unsafe() {
+        assert_eq!(parse_handshake_timeout("10"), Ok(10));
+        assert!(parse_handshake_timeout("0")
+            .expect_err("0")
+            .contains("1 or more seconds"));
+        assert!(parse_handshake_timeout("-1").is_err());
+        assert_eq!(parse_max_connections("64"), Ok(64));
+        assert!(parse_max_connections("0").is_err());
     }
 }

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use control::fdpass::recv_with_fd;
-use control::protocol::{code, Command, Reply, Request, MAX_FDS, MAX_FD_NAME, MAX_LINE, VERSION};
+use control::protocol::{
+    code, defaults, timeout_limit, Command, Reply, Request, MAX_FDS, MAX_FD_NAME, MAX_LINE, VERSION,
+};
 use serde_json::{json, Value};
 
 use crate::copy::{CopyJob, CopyState};
@@ -26,9 +28,6 @@ use crate::StopReason;
 pub const RUN_DIR: &str = "/run/ublk-mirror";
 /// Control clients connected at once; more are told so and closed.
 const MAX_CLIENTS: usize = 16;
-/// How long a request may wait for the mirror target before the mirror fails: well under a
-/// guest's own disk timeout (30 s or more), long enough for a busy target.
-const DEFAULT_MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the control socket goes.
 #[derive(Debug, Clone)]
@@ -305,15 +304,18 @@ fn handle_line(
 
 type Outcome = std::result::Result<Value, (&'static str, String)>;
 
-fn timeout_of(t: Option<f64>) -> std::result::Result<Duration, (&'static str, String)> {
-    let secs = t.unwrap_or(30.0);
-    if !(0.0..=86_400.0).contains(&secs) {
-        return Err((
-            code::BAD_REQUEST,
-            format!("timeout {secs} out of 0..=86400 s"),
-        ));
-    }
-    Ok(Duration::from_secs_f64(secs))
+/// A command's `timeout` by the protocol's one rule: absent is `default`, 0 is no limit
+/// (`None`), otherwise seconds up to a day.
+fn timeout_of(
+    t: Option<f64>,
+    default: f64,
+) -> std::result::Result<Option<Duration>, (&'static str, String)> {
+    timeout_limit(t, default).map_err(|m| (code::BAD_REQUEST, m))
+}
+
+/// A wait with `timeout_of`'s limit; no limit waits as long as it takes.
+fn wait_limit(limit: Option<Duration>) -> Duration {
+    limit.unwrap_or(Duration::MAX)
 }
 
 fn control_error(e: ControlError) -> (&'static str, String) {
@@ -346,7 +348,8 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &Devi
         })),
         Command::Stats => Ok(stats_json(shared)),
         Command::Pause { timeout } => {
-            let took = shared.pause(timeout_of(timeout)?).map_err(control_error)?;
+            let limit = timeout_of(timeout, defaults::PAUSE_TIMEOUT)?;
+            let took = shared.pause(wait_limit(limit)).map_err(control_error)?;
             Ok(json!({ "drain_ms": took.as_secs_f64() * 1000.0 }))
         }
         Command::Unpause { image, mirror } => {
@@ -367,14 +370,9 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &Devi
                     shared.stop_mirror();
                 }
                 Some(name) => {
+                    let timeout = timeout_of(None, defaults::MIRROR_TIMEOUT)?;
                     shared
-                        .start_mirror(
-                            name,
-                            "",
-                            Some(DEFAULT_MIRROR_TIMEOUT),
-                            info.max_io_bytes,
-                            CopyPlan::None,
-                        )
+                        .start_mirror(name, "", timeout, info.max_io_bytes, CopyPlan::None)
                         .map_err(control_error)?;
                 }
                 None => {}
@@ -428,9 +426,8 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &Devi
             None => Err((code::NO_SUCH_FD, format!("no fd named {name:?}"))),
         },
         Command::WaitIdle { timeout } => {
-            shared
-                .wait_idle(timeout_of(timeout)?)
-                .map_err(control_error)?;
+            let limit = timeout_of(timeout, defaults::WAIT_IDLE_TIMEOUT)?;
+            shared.wait_idle(wait_limit(limit)).map_err(control_error)?;
             Ok(
                 json!({ "reqs_outstanding": 0, "nbd_mirror_failed": u8::from(shared.mirror_failed()) }),
             )
@@ -449,19 +446,15 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &Devi
                     "copy and resync exclude each other".into(),
                 ));
             }
+            // A speed of 0 is no limit, as an absent one.
+            let speed = speed.filter(|&s| s > 0);
             let plan = match (copy, resync) {
                 (true, _) => CopyPlan::Copy { speed },
                 (_, true) => CopyPlan::Resync { speed },
                 _ => CopyPlan::None,
             };
-            // 0 waits forever, like tapdisk (a hung target then hangs the guest).
-            let timeout = if timeout == Some(0.0) {
-                None
-            } else {
-                Some(timeout_of(
-                    timeout.or(Some(DEFAULT_MIRROR_TIMEOUT.as_secs_f64())),
-                )?)
-            };
+            // 0 is no limit, like tapdisk (a hung target then hangs the guest).
+            let timeout = timeout_of(timeout, defaults::MIRROR_TIMEOUT)?;
             let m = shared
                 .start_mirror(
                     &name,
@@ -476,7 +469,8 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &Devi
         }
         Command::MirrorStop => Ok(json!({ "stopped": shared.stop_mirror() })),
         Command::MirrorWaitReady { timeout } => {
-            let deadline = std::time::Instant::now() + timeout_of(timeout.or(Some(86_400.0)))?;
+            let limit = timeout_of(timeout, defaults::MIRROR_WAIT_READY_TIMEOUT)?;
+            let deadline = limit.map(|d| std::time::Instant::now() + d);
             loop {
                 let Some(job) = shared.copy.load_full() else {
                     return Err((code::BAD_STATE, "no copy or resync is running".into()));
@@ -491,7 +485,7 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &Devi
                         ))
                     }
                 }
-                if std::time::Instant::now() >= deadline {
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                     return Err((code::TIMEOUT, format!("{} not ready yet", job.kind)));
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -771,6 +765,58 @@ mod tests {
         );
     }
 
+    /// `pause` and `wait-idle` with `timeout: 0` wait as long as it takes (as `mirror-start`'s
+    /// 0 does); they do not fail at once.
+    #[test]
+    fn a_zero_timeout_is_no_limit() {
+        let (_f, shared, mut c, mut r) = session();
+        shared.stats.queue(0).start(); // one request being served
+        for (id, cmd) in [(1, "wait-idle"), (2, "pause")] {
+            let line =
+                format!("{{\"v\":1,\"id\":{id},\"cmd\":\"{cmd}\",\"args\":{{\"timeout\":0}}}}\n");
+            c.write_all(line.as_bytes()).expect("send");
+            r.get_ref()
+                .set_read_timeout(Some(Duration::from_millis(300)))
+                .expect("timeout");
+            let mut early = String::new();
+            assert!(
+                r.read_line(&mut early).is_err(),
+                "{cmd} with timeout 0 answered while a request was outstanding: {early}"
+            );
+            r.get_ref().set_read_timeout(None).expect("timeout");
+            shared.stats.queue(0).complete();
+            let rep = reply(&mut r);
+            assert!(rep.ok && rep.id == id, "{cmd}: {rep:?}");
+            shared.stats.queue(0).start();
+        }
+        assert_eq!(shared.state(), crate::shared::DeviceState::Paused);
+        shared.stats.queue(0).complete();
+        // Out of range is refused, with the rule.
+        c.write_all(b"{\"v\":1,\"id\":3,\"cmd\":\"wait-idle\",\"args\":{\"timeout\":-1}}\n")
+            .expect("send");
+        let rep = reply(&mut r);
+        assert_eq!(code_of(&rep), code::BAD_REQUEST);
+        assert!(rep
+            .error
+            .is_some_and(|e| e.message.contains("0 (no limit)")));
+    }
+
+    #[test]
+    fn wait_ready_is_served_as_mirror_wait_ready() {
+        let (_f, _s, mut c, mut r) = session();
+        for (id, cmd) in [(1, "mirror-wait-ready"), (2, "wait-ready")] {
+            let line = format!("{{\"v\":1,\"id\":{id},\"cmd\":\"{cmd}\",\"args\":{{}}}}\n");
+            c.write_all(line.as_bytes()).expect("send");
+            let rep = reply(&mut r);
+            // Known, and answered: no copy is running.
+            assert_eq!(
+                (code_of(&rep), rep.id),
+                (code::BAD_STATE, id),
+                "{cmd}: {rep:?}"
+            );
+        }
+    }
+
     #[test]
     fn at_most_sixteen_fds() {
         let (_f, _s, c, mut r) = session();
@@ -832,6 +878,7 @@ mod fuzz {
         "mirror-start",
         "mirror-stop",
         "mirror-wait-ready",
+        "wait-ready",
         "dirty-map",
         "frob",
     ];

@@ -21,7 +21,6 @@ mod shared;
 mod state;
 mod stats;
 
-use std::io::Write;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -36,14 +35,24 @@ use crate::image::{DirectMode, Image};
 use crate::readiness::Readiness;
 use crate::shared::Shared;
 
+fn long_about() -> String {
+    format!(
+        "Serve a raw disk image as a Linux ublk block device (/dev/ublkbN), one daemon per \
+         virtual disk. Every request is served from the local image with io_uring.\n\n\
+         {}\n\n\
+         Logging: RUST_LOG=debug|info|warn (default info), to stderr, as plain lines \
+         (\"TIME LEVEL ublk-mirror[PID][LABEL]: message\"), never coloured.",
+        control::units::SIZE_UNITS
+    )
+}
+
 #[derive(Parser)]
 #[command(
     name = "ublk-mirror",
     version,
     about = "Serve a raw disk image as a Linux ublk block device (/dev/ublkbN)",
-    long_about = "Serve a raw disk image as a Linux ublk block device (/dev/ublkbN), one daemon \
-                  per virtual disk. Every request is served from the local image with io_uring.\n\n\
-                  Logging: RUST_LOG=debug|info|warn (default info), to stderr."
+    long_about = long_about(),
+    color = clap::ColorChoice::Never
 )]
 struct Cli {
     #[command(subcommand)]
@@ -59,6 +68,7 @@ enum Command {
     /// deleted; the exit status is 0. If the daemon dies instead (SIGKILL, panic, OOM), the
     /// device stays and guest I/O waits until `ublk-mirror recover --dev-id N` takes over (or
     /// `ublk-mirror delete` removes it).
+    #[command(after_help = control::units::SIZE_UNITS)]
     Serve(ServeArgs),
     /// Take over device N after its daemon died (SIGKILL, panic, OOM) or detached
     /// (`ublk-mirror-ctl shutdown --keep`, for an upgrade of the binary).
@@ -73,17 +83,18 @@ enum Command {
     /// Refused when the device is gone, is still served, or the image is missing or in use.
     Recover {
         /// Device id N of /dev/ublkbN.
-        #[arg(long)]
+        #[arg(long, value_name = "N")]
         dev_id: u32,
-        /// As for serve: write "READY=1 DEVICE=/dev/ublkbN" to this inherited fd once live.
-        #[arg(long)]
+        /// As for serve: write "READY=1 DEVICE=/dev/ublkbN" to this inherited fd once live
+        /// [default: none].
+        #[arg(long, value_name = "FD")]
         ready_fd: Option<RawFd>,
     },
     /// Delete a ublk device whose daemon is gone (e.g. after a crash). Guest I/O waiting on it
     /// then fails with errors; use `recover` to keep the disk instead.
     Delete {
         /// Device id N of /dev/ublkbN.
-        #[arg(long)]
+        #[arg(long, value_name = "N")]
         dev_id: u32,
         /// Delete even if the daemon that serves it is still running.
         #[arg(long)]
@@ -94,32 +105,40 @@ enum Command {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// Raw image file to serve (size must be a multiple of 512 bytes).
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     image: PathBuf,
-    /// Device id N for /dev/ublkbN; the driver picks a free one if omitted.
-    #[arg(long)]
+    /// Device id N for /dev/ublkbN [default: a free one, picked by the driver].
+    #[arg(long, value_name = "N")]
     dev_id: Option<u32>,
-    /// Number of hardware queues, each served by its own thread and io_uring.
+    /// Number of hardware queues (1 to 32), each served by its own thread and io_uring.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=32))]
     queues: u16,
-    /// Requests in flight per queue.
+    /// Requests in flight per queue (1 to 4096).
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..=4096))]
     depth: u16,
-    /// Largest request in bytes (the kernel splits larger ones); a multiple of 4096.
-    #[arg(long, default_value_t = 512 * 1024)]
+    /// Largest request, a size: a multiple of 4KiB, at most 8MiB (the kernel splits larger
+    /// ones).
+    #[arg(long, value_name = "SIZE", value_parser = control::units::parse_size_u32,
+          default_value_t = 512 * 1024)]
     max_io: u32,
     /// O_DIRECT on the image: on, off, or auto (on if the filesystem allows it).
     #[arg(long, value_enum, default_value_t = DirectMode::Auto)]
     direct: DirectMode,
-    /// Free text (e.g. the VM and disk uuid) shown in every log line.
-    #[arg(long, default_value = "")]
+    /// Free text (e.g. the VM and disk uuid) shown in every log line [default: "", no label].
+    #[arg(
+        long,
+        value_name = "TEXT",
+        default_value = "",
+        hide_default_value = true
+    )]
     label: String,
-    /// Write "READY=1 DEVICE=/dev/ublkbN" to this inherited fd, then close it, once live.
-    #[arg(long)]
+    /// Write "READY=1 DEVICE=/dev/ublkbN" to this inherited fd, then close it, once live
+    /// [default: none].
+    #[arg(long, value_name = "FD")]
     ready_fd: Option<RawFd>,
     /// Control socket (see control/PROTOCOL.md) [default: /run/ublk-mirror/<dev-id>.sock].
     /// Created 0600 in a 0700 directory; only root and this user may connect.
-    #[arg(long, conflicts_with = "no_control")]
+    #[arg(long, value_name = "PATH", conflicts_with = "no_control")]
     control: Option<PathBuf>,
     /// Serve without a control socket.
     #[arg(long)]
@@ -129,11 +148,13 @@ struct ServeArgs {
     #[arg(long)]
     paused: bool,
     /// Keep the out-of-sync bitmap in this file (created if missing; refused if it belongs to
-    /// another image or size), so it survives a daemon crash and a resync can follow.
-    #[arg(long)]
+    /// another image or size), so it survives a daemon crash and a resync can follow
+    /// [default: none, the bitmap is in memory only].
+    #[arg(long, value_name = "PATH")]
     bitmap: Option<PathBuf>,
-    /// Bytes per bit of the out-of-sync bitmap: a power of two from 4 KiB to 64 MiB.
-    #[arg(long, default_value_t = DEFAULT_GRANULE)]
+    /// Bytes per bit of the out-of-sync bitmap, a size: a power of two from 4KiB to 64MiB.
+    #[arg(long, value_name = "SIZE", value_parser = control::units::parse_size,
+          default_value_t = DEFAULT_GRANULE)]
     granularity: u64,
 }
 
@@ -177,7 +198,7 @@ fn main() {
         Command::Serve(a) => a.label.clone(),
         Command::Delete { .. } | Command::Recover { .. } => String::new(),
     };
-    init_logging(&label);
+    control::logging::init("ublk-mirror", &label);
     let res = match cli.command {
         Command::Serve(args) => serve(args, None),
         Command::Recover { dev_id, ready_fd } => recover(dev_id, ready_fd),
@@ -189,25 +210,6 @@ fn main() {
         eprintln!("ublk-mirror: error: {e:#}");
         std::process::exit(1);
     }
-}
-
-fn init_logging(label: &str) {
-    let tag = if label.is_empty() {
-        format!("ublk-mirror[{}]", std::process::id())
-    } else {
-        format!("ublk-mirror[{}][{label}]", std::process::id())
-    };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(move |buf, record| {
-            writeln!(
-                buf,
-                "{} {} {tag}: {}",
-                buf.timestamp_millis(),
-                record.level(),
-                record.args()
-            )
-        })
-        .init();
 }
 
 /// `recover`: the previous daemon's options from its state file, then `serve` in recovery mode.
@@ -414,6 +416,47 @@ fn private_mount_namespace() {
             "cannot enter a private mount namespace ({}); do not mount this daemon's device \
              in its own namespace",
             std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent_and_every_option_says_its_default() {
+        Cli::command().debug_assert();
+        let breakers = control::help::rule_breakers(&Cli::command());
+        assert!(breakers.is_empty(), "{breakers:#?}");
+    }
+
+    #[test]
+    fn sizes_take_units() {
+        let cli = Cli::try_parse_from([
+            "ublk-mirror",
+            "serve",
+            "--image",
+            "i",
+            "--max-io",
+            "1MiB",
+            "--granularity",
+            "4KiB",
+        ])
+        .expect("sizes");
+        let Command::Serve(a) = cli.command else {
+            panic!("not serve");
+        };
+        assert_eq!((a.max_io, a.granularity), (1 << 20, 4096));
+        let cli = Cli::try_parse_from(["ublk-mirror", "serve", "--image", "i"]).expect("defaults");
+        let Command::Serve(a) = cli.command else {
+            panic!("not serve");
+        };
+        assert_eq!((a.max_io, a.granularity), (512 * 1024, DEFAULT_GRANULE));
+        assert!(
+            Cli::try_parse_from(["ublk-mirror", "serve", "--image", "i", "--max-io", "8GiB"])
+                .is_err()
         );
     }
 }

@@ -24,6 +24,11 @@ pub enum RequestError {
     },
     #[error("op {op}: {len} bytes exceed the {max}-byte io buffer")]
     TooLarge { op: u32, len: u64, max: u32 },
+    /// A READ, WRITE, DISCARD or WRITE_ZEROES of zero sectors. The block layer never sends one;
+    /// refusing it keeps every leg's code free of the empty case (a 0-byte NBD WRITE, an empty
+    /// batch of zero-writes that would never complete).
+    #[error("op {op}: zero-length request at offset {offset}")]
+    Empty { op: u32, offset: u64 },
     /// An op we do not serve (zone ops, WRITE_SAME, anything newer than us).
     #[error("unsupported op {0}")]
     Unsupported(u32),
@@ -32,7 +37,9 @@ pub enum RequestError {
 impl RequestError {
     pub fn errno(&self) -> i32 {
         match self {
-            RequestError::OutOfRange { .. } | RequestError::TooLarge { .. } => libc::EINVAL,
+            RequestError::OutOfRange { .. }
+            | RequestError::TooLarge { .. }
+            | RequestError::Empty { .. } => libc::EINVAL,
             RequestError::Unsupported(_) => libc::EOPNOTSUPP,
         }
     }
@@ -75,6 +82,9 @@ impl Request {
             | sys::UBLK_IO_OP_DISCARD
             | sys::UBLK_IO_OP_WRITE_ZEROES => {}
             other => return Err(RequestError::Unsupported(other)),
+        }
+        if nr_sectors == 0 {
+            return Err(RequestError::Empty { op, offset });
         }
         if !in_range() {
             return Err(range_err);
@@ -162,6 +172,21 @@ mod tests {
             Request::parse(sys::UBLK_IO_OP_READ, 0, (MAX >> 9) + 1, SIZE, MAX),
             Err(RequestError::TooLarge { .. })
         ));
+        for op in [
+            sys::UBLK_IO_OP_READ,
+            sys::UBLK_IO_OP_WRITE,
+            sys::UBLK_IO_OP_DISCARD,
+            sys::UBLK_IO_OP_WRITE_ZEROES,
+        ] {
+            let e = Request::parse(op, 8, 0, SIZE, MAX).expect_err("zero-length is refused");
+            assert_eq!(e, RequestError::Empty { op, offset: 4096 });
+            assert_eq!(e.errno(), libc::EINVAL);
+        }
+        // A FLUSH has no length: it stays valid.
+        assert_eq!(
+            Request::parse(sys::UBLK_IO_OP_FLUSH, 0, 0, SIZE, MAX),
+            Ok(Request::Flush)
+        );
         let e = Request::parse(sys::UBLK_IO_OP_ZONE_APPEND, 0, 8, SIZE, MAX)
             .expect_err("zone append is unsupported");
         assert_eq!(e.errno(), libc::EOPNOTSUPP);

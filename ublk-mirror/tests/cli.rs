@@ -91,3 +91,115 @@ fn help_explains_the_flags() {
         assert!(out.contains(flag), "serve --help lacks {flag}:\n{out}");
     }
 }
+
+/// The help line (with its continuation) of `option` in `help`.
+fn option_help<'a>(help: &'a str, option: &str) -> &'a str {
+    let start = help
+        .find(&format!("{option} <"))
+        .unwrap_or_else(|| panic!("no {option} in:\n{help}"));
+    let rest = &help[start..];
+    let end = rest[2..].find("\n  -").map_or(rest.len(), |e| e + 2);
+    &rest[..end]
+}
+
+#[test]
+fn help_shows_defaults_and_units() {
+    let help = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_ublk-mirror"))
+            .args(args)
+            .output()
+            .expect("run ublk-mirror");
+        assert!(o.status.success(), "{args:?}: {o:?}");
+        assert!(!o.stdout.contains(&0x1b), "ANSI escape in {args:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let out = help(&["serve", "--help"]);
+    for (option, default) in [
+        ("--dev-id", "[default: a free one"),
+        ("--queues", "[default: 1]"),
+        ("--depth", "[default: 128]"),
+        ("--max-io", "[default: 524288]"),
+        ("--direct", "[default: auto]"),
+        ("--label", "[default: \"\""),
+        ("--ready-fd", "[default: none]"),
+        ("--control", "[default: /run/ublk-mirror/<dev-id>.sock]"),
+        ("--bitmap", "[default: none"),
+        ("--granularity", "[default: 65536]"),
+    ] {
+        let line = option_help(&out, option);
+        assert!(
+            line.contains(default),
+            "serve {option} lacks {default}: {line}"
+        );
+    }
+    assert!(
+        out.contains("powers of 1000") && out.contains("powers of 1024"),
+        "serve --help does not say what K and KiB mean:\n{out}"
+    );
+    let out = help(&["recover", "--help"]);
+    assert!(
+        option_help(&out, "--ready-fd").contains("[default: none]"),
+        "{out}"
+    );
+    let out = help(&["--help"]);
+    assert!(out.contains("never coloured"), "{out}");
+}
+
+#[test]
+fn sizes_take_units() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path(), "disk.img", 1 << 20);
+    // 1000 bytes is no multiple of 4096; 4K is 4000 bytes, not 4096.
+    for bad in ["1000", "4K"] {
+        let o = serve(&["--image", &img, "--max-io", bad]);
+        assert_eq!(o.status.code(), Some(1), "--max-io {bad}");
+        assert!(stderr(&o).contains("multiple of 4096"), "{}", stderr(&o));
+    }
+    let o = serve(&["--image", &img, "--max-io", "4Q"]);
+    assert_eq!(o.status.code(), Some(2), "unknown unit");
+    assert!(stderr(&o).contains("unknown unit"), "{}", stderr(&o));
+}
+
+/// The log is plain lines, "TIME LEVEL ublk-mirror[PID]: message", never colour, even when
+/// RUST_LOG_STYLE asks for it. (An image is opened and logged before a bad --granularity
+/// stops the daemon, driver or not.)
+#[test]
+fn logs_are_plain_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = image(dir.path(), "disk.img", 1 << 20);
+    let child = Command::new(env!("CARGO_BIN_EXE_ublk-mirror"))
+        .args([
+            "serve",
+            "--image",
+            &img,
+            "--granularity",
+            "3",
+            "--label",
+            "vm1",
+        ])
+        .env("RUST_LOG_STYLE", "always")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ublk-mirror");
+    let pid = child.id();
+    let o = child.wait_with_output().expect("wait");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!o.stderr.contains(&0x1b), "ANSI escape in the log: {o:?}");
+    let e = stderr(&o);
+    let line = e
+        .lines()
+        .find(|l| l.contains(" INFO "))
+        .unwrap_or_else(|| panic!("no INFO line: {e}"));
+    let (time, rest) = line.split_once(' ').expect("time");
+    assert!(
+        time.len() == 24 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+        "timestamp {time:?} in {line:?}"
+    );
+    let want = format!("INFO ublk-mirror[{pid}][vm1]: image {img}: ");
+    assert!(
+        rest.starts_with(&want),
+        "{line:?} does not start with {want:?}"
+    );
+}

@@ -1,115 +1,228 @@
 //! `ublk-mirror-ctl`: drive a ublk-mirror daemon through its control socket.
+//!
+//! One verb per protocol command, of the same name (control/PROTOCOL.md; `wait-ready` stays
+//! as an alias of `mirror-wait-ready`), plus `list` and `raw`. Each verb takes only what it
+//! uses: the verbs that address one daemon take `--socket` or `--dev-id`, the verbs that print
+//! a reply `--json`, either before the verb (the older spelling) or after it.
 
 use std::os::fd::{BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use control::client::Client;
-use control::protocol::Command;
+use control::protocol::{defaults, timeout_limit, Command};
+use control::units::{parse_size, SIZE_UNITS};
 use serde_json::Value;
 
 const RUN_DIR: &str = "/run/ublk-mirror";
+/// How long a quick command's reply may take.
+const QUICK: Duration = Duration::from_secs(10);
+/// How long `unpause`, `mirror-start`, `mirror-stop` and `shutdown` may take (reopen,
+/// handshake, drain).
+const SLOW: Duration = Duration::from_secs(60);
+/// How much longer than its own timeout a command's reply may take.
+const SLACK: Duration = Duration::from_secs(10);
+
+fn long_about() -> String {
+    format!(
+        "Drive a ublk-mirror daemon through its control socket (see control/PROTOCOL.md). The \
+         verbs are the protocol's commands, plus `list` and `raw`.\n\n\
+         Which daemon: --socket PATH or --dev-id N, before or after the verb. Durations are \
+         seconds (fractions allowed); a timeout of 0 means no limit. {SIZE_UNITS}\n\n\
+         Output is plain text (or JSON with --json), never coloured."
+    )
+}
 
 #[derive(Parser)]
 #[command(
     name = "ublk-mirror-ctl",
     version,
-    about = "Drive a ublk-mirror daemon through its control socket (see control/PROTOCOL.md)"
+    about = "Drive a ublk-mirror daemon through its control socket (see control/PROTOCOL.md)",
+    long_about = long_about(),
+    color = clap::ColorChoice::Never
 )]
 struct Cli {
-    /// The daemon's control socket.
-    #[arg(long, global = true, conflicts_with = "dev_id")]
-    socket: Option<PathBuf>,
-    /// The device id N: the socket is /run/ublk-mirror/N.sock.
-    #[arg(long, global = true)]
-    dev_id: Option<u32>,
-    /// Print the daemon's JSON reply instead of text.
-    #[arg(long, global = true)]
-    json: bool,
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// The options that may also come before the verb, for the verbs that use them.
+#[derive(clap::Args)]
+struct Global {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    output: Output,
+}
+
+/// Which daemon.
+#[derive(clap::Args)]
+struct Target {
+    /// The daemon's control socket (this or --dev-id is required).
+    #[arg(long, value_name = "PATH", conflicts_with = "dev_id")]
+    socket: Option<PathBuf>,
+    /// The device id N: the socket is /run/ublk-mirror/N.sock (this or --socket is required).
+    #[arg(long, value_name = "N")]
+    dev_id: Option<u32>,
+}
+
+#[derive(clap::Args, Clone, Copy)]
+struct Output {
+    /// Print the daemon's JSON reply instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A verb addressed to one daemon: which one, how to print, and the verb's own arguments.
+#[derive(clap::Args)]
+struct On<A: clap::Args> {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    output: Output,
+    #[command(flatten)]
+    args: A,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Device path, id, size, image, queues, depth, state.
-    Info,
+    Info(On<NoArgs>),
     /// Request counters, reqs_outstanding, reqs_parked, nbd_mirror_failed, mirror.
-    Stats,
+    Stats(On<NoArgs>),
     /// Park new requests, drain, flush and close the image.
-    Pause {
-        /// Seconds to wait for the drain; at the timeout the pause is undone.
-        #[arg(long, default_value_t = 30.0)]
-        timeout: f64,
-    },
+    Pause(On<PauseArgs>),
     /// Reopen the image (optionally at a new path of the same size) and resume.
-    Unpause {
-        #[arg(long)]
-        image: Option<PathBuf>,
-        /// fd name to mirror to, or "null".
-        #[arg(long)]
-        mirror: Option<String>,
-    },
+    Unpause(On<UnpauseArgs>),
     /// Pass an inherited fd (e.g. a connected NBD socket) under NAME.
-    PassFd {
-        name: String,
-        /// The fd number in this process (inherited from the caller).
-        #[arg(long)]
-        fd: RawFd,
-    },
+    PassFd(On<PassFdArgs>),
     /// The fds the daemon holds.
-    ListFds,
+    ListFds(On<NoArgs>),
     /// Close a stored fd.
-    CloseFd { name: String },
+    CloseFd(On<CloseFdArgs>),
     /// Wait until no request is outstanding.
-    WaitIdle {
-        #[arg(long, default_value_t = 30.0)]
-        timeout: f64,
-    },
+    WaitIdle(On<WaitIdleArgs>),
     /// Stop the daemon gracefully (as SIGTERM): the device is deleted.
-    Shutdown {
-        /// Detach instead (live upgrade): drain and flush, then exit leaving the device in
-        /// place; guest I/O waits until `ublk-mirror recover --dev-id N` takes it over.
-        #[arg(long)]
-        keep: bool,
-    },
+    Shutdown(On<ShutdownArgs>),
     /// Mirror every write to the NBD target on the stored fd NAME.
-    MirrorStart {
-        name: String,
-        /// Export name for the handshake (when the fd was not passed negotiated).
-        #[arg(long)]
-        export: Option<String>,
-        /// Seconds a request may wait for the target before the mirror fails (0: forever).
-        #[arg(long)]
-        timeout: Option<f64>,
-        /// Also copy the whole device in the background (sparse-aware).
-        #[arg(long, conflicts_with = "resync")]
-        copy: bool,
-        /// Copy only what is out of sync (after a failure).
-        #[arg(long)]
-        resync: bool,
-        /// Copy rate limit, bytes per second of device covered (suffixes K, M, G, KiB, MiB, GiB).
-        #[arg(long, value_parser = parse_size)]
-        speed: Option<u64>,
-    },
+    MirrorStart(On<MirrorStartArgs>),
     /// Wait until the background copy or resync is ready (actively synced).
-    WaitReady {
-        #[arg(long, default_value_t = 86_400.0)]
-        timeout: f64,
-        /// Show progress: a bar on a terminal, a line every 2 s otherwise.
-        #[arg(long)]
-        progress: bool,
-    },
+    #[command(visible_alias = "wait-ready")]
+    MirrorWaitReady(On<MirrorWaitReadyArgs>),
     /// End mirroring cleanly and clear nbd_mirror_failed.
-    MirrorStop,
+    MirrorStop(On<NoArgs>),
     /// The out-of-sync extents (offset, length).
-    DirtyMap,
+    DirtyMap(On<NoArgs>),
     /// Every daemon under /run/ublk-mirror with its state.
-    List,
-    /// Send one line verbatim and print the reply line (for debugging the protocol).
-    Raw { line: String },
+    List {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Send one line verbatim and print the reply line as it is (for debugging the protocol).
+    Raw {
+        #[command(flatten)]
+        target: Target,
+        /// The request line, e.g. '{"v":1,"id":1,"cmd":"stats"}'.
+        line: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct NoArgs {}
+
+#[derive(clap::Args)]
+struct PauseArgs {
+    /// Seconds to wait for the drain, 0 for no limit; at the timeout the pause is undone.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_negative_numbers = true,
+          default_value_t = defaults::PAUSE_TIMEOUT)]
+    timeout: f64,
+}
+
+#[derive(clap::Args)]
+struct UnpauseArgs {
+    /// Reopen the image at this path (same size required) [default: the current path].
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
+    /// Then mirror to the stored fd NAME (as `mirror-start NAME` with its defaults), or "null"
+    /// to stop mirroring and clear nbd_mirror_failed [default: the mirror is left as it is].
+    #[arg(long, value_name = "NAME")]
+    mirror: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct PassFdArgs {
+    /// The name the daemon stores the fd under (1 to 64 printable bytes).
+    name: String,
+    /// The fd number in this process (inherited from the caller).
+    #[arg(long, value_name = "N")]
+    fd: RawFd,
+}
+
+#[derive(clap::Args)]
+struct CloseFdArgs {
+    /// The stored fd's name.
+    name: String,
+}
+
+#[derive(clap::Args)]
+struct WaitIdleArgs {
+    /// Seconds to wait, 0 for no limit.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_negative_numbers = true,
+          default_value_t = defaults::WAIT_IDLE_TIMEOUT)]
+    timeout: f64,
+}
+
+#[derive(clap::Args)]
+struct ShutdownArgs {
+    /// Detach instead (live upgrade): drain and flush, then exit leaving the device in
+    /// place; guest I/O waits until `ublk-mirror recover --dev-id N` takes it over.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(clap::Args)]
+struct MirrorStartArgs {
+    /// The stored fd (see pass-fd) of a socket connected to the NBD server.
+    name: String,
+    /// Export name for the NBD handshake, unused when the fd was passed negotiated [default:
+    /// "", the server's default export].
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = "",
+        hide_default_value = true
+    )]
+    export: String,
+    /// Seconds a request may wait for the target before the mirror fails, 0 for no limit (a
+    /// hung target then hangs the guest).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_negative_numbers = true,
+          default_value_t = defaults::MIRROR_TIMEOUT)]
+    timeout: f64,
+    /// Also copy the whole device in the background (sparse-aware).
+    #[arg(long, conflicts_with = "resync")]
+    copy: bool,
+    /// Copy only what is out of sync (after a failure).
+    #[arg(long)]
+    resync: bool,
+    /// Copy rate limit in device bytes covered per second, holes included: a size (20MiB is
+    /// 20971520, 20M is 20000000), 0 for no limit.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
+    speed: u64,
+}
+
+#[derive(clap::Args)]
+struct MirrorWaitReadyArgs {
+    /// Seconds to wait, 0 for no limit.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout, allow_negative_numbers = true,
+          default_value_t = defaults::MIRROR_WAIT_READY_TIMEOUT)]
+    timeout: f64,
+    /// Show progress: a bar on a terminal, a line every 2 s otherwise.
+    #[arg(long)]
+    progress: bool,
 }
 
 fn main() {
@@ -123,117 +236,163 @@ fn main() {
     }
 }
 
-fn socket_of(socket: Option<PathBuf>, dev_id: Option<u32>) -> Result<PathBuf> {
-    match (socket, dev_id) {
-        (Some(p), _) => Ok(p),
-        (None, Some(id)) => Ok(Path::new(RUN_DIR).join(format!("{id}.sock"))),
-        (None, None) => bail!("say which daemon: --socket PATH or --dev-id N"),
+/// A `--timeout`: seconds, 0 for no limit (`protocol::timeout_limit`, the daemon's own rule).
+fn parse_timeout(s: &str) -> std::result::Result<f64, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number of seconds"))?;
+    timeout_limit(Some(secs), secs)?;
+    Ok(secs)
+}
+
+/// How long to wait for the reply to a command that itself waits up to `timeout` seconds: a
+/// little longer, or without limit when `timeout` is 0.
+fn reply_wait(timeout: f64) -> Result<Option<Duration>> {
+    let limit = timeout_limit(Some(timeout), timeout).map_err(anyhow::Error::msg)?;
+    Ok(limit.map(|d| d + SLACK))
+}
+
+/// A usage error, reported like clap's own (exit status 2).
+fn usage_error(msg: &str) -> ! {
+    Cli::command()
+        .error(clap::error::ErrorKind::ArgumentConflict, msg)
+        .exit()
+}
+
+impl Target {
+    fn given(&self) -> bool {
+        self.socket.is_some() || self.dev_id.is_some()
+    }
+
+    /// The socket of the daemon named after the verb (`self`) or before it (`global`).
+    fn socket(self, global: Target) -> Result<PathBuf> {
+        if self.given() && global.given() {
+            bail!("say which daemon once: --socket or --dev-id before or after the verb");
+        }
+        let t = if self.given() { self } else { global };
+        match (t.socket, t.dev_id) {
+            (Some(p), _) => Ok(p),
+            (None, Some(id)) => Ok(Path::new(RUN_DIR).join(format!("{id}.sock"))),
+            (None, None) => bail!("say which daemon: --socket PATH or --dev-id N"),
+        }
+    }
+}
+
+/// What a verb addressed to one daemon does.
+enum Action {
+    /// Send the command and wait this long for the reply (None: no limit).
+    Request(Command, Option<Duration>),
+    PassFd {
+        name: String,
+        fd: RawFd,
+    },
+    WaitReady {
+        timeout: f64,
+        progress: bool,
+    },
+}
+
+fn request(command: Command, wait: Duration) -> Result<Action> {
+    Ok(Action::Request(command, Some(wait)))
+}
+
+impl<A: clap::Args> On<A> {
+    /// Runs the verb's action (from its arguments) against the daemon it names.
+    fn run(self, global: Global, action: impl FnOnce(A) -> Result<Action>) -> Result<()> {
+        let path = self.target.socket(global.target)?;
+        let json = self.output.json || global.output.json;
+        match action(self.args)? {
+            Action::Request(command, wait) => {
+                let mut client = Client::connect(&path)?;
+                client.set_timeout(wait)?;
+                let v = client
+                    .request(command)
+                    .context(path.display().to_string())?;
+                print(&v, json, "ok")
+            }
+            Action::PassFd { name, fd } => {
+                // SAFETY: F_GETFD only inspects the descriptor table entry.
+                if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                    bail!("--fd {fd} is not an open file descriptor in this process");
+                }
+                // SAFETY: checked open above; borrowed only for the duration of the call.
+                let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+                let v = Client::connect(&path)?.pass_fd(&name, borrowed, None)?;
+                print(&v, json, &format!("passed fd {fd} as {name:?}"))
+            }
+            Action::WaitReady { timeout, progress } => wait_ready(&path, timeout, progress, json),
+        }
     }
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let Cli {
-        socket,
-        dev_id,
-        json,
-        command,
-    } = cli;
-    let (command, wait) = match command {
-        Cmd::List => return list(json),
-        Cmd::Raw { line } => {
-            let path = socket_of(socket, dev_id)?;
+    let Cli { global, command } = cli;
+    match command {
+        Cmd::List { output } => {
+            if global.target.given() {
+                usage_error(
+                    "list asks every daemon under /run/ublk-mirror: it takes no --socket or \
+                     --dev-id",
+                );
+            }
+            list(output.json || global.output.json)
+        }
+        Cmd::Raw { target, line } => {
+            if global.output.json {
+                usage_error("raw prints the reply line as it is: it takes no --json");
+            }
+            let path = target.socket(global.target)?;
             let reply = Client::connect(&path)?.raw_line(&line)?;
             println!("{reply}");
-            return Ok(());
+            Ok(())
         }
-        Cmd::Info => (Command::Info, 10.0),
-        Cmd::Stats => (Command::Stats, 10.0),
-        Cmd::Pause { timeout } => (
-            Command::Pause {
-                timeout: Some(timeout),
-            },
-            timeout + 10.0,
-        ),
-        Cmd::Unpause { image, mirror } => (
-            Command::Unpause {
-                image: image.map(|p| p.display().to_string()),
-                mirror,
-            },
-            60.0,
-        ),
-        Cmd::ListFds => (Command::ListFds, 10.0),
-        Cmd::CloseFd { name } => (Command::CloseFd { name }, 10.0),
-        Cmd::WaitIdle { timeout } => (
-            Command::WaitIdle {
-                timeout: Some(timeout),
-            },
-            timeout + 10.0,
-        ),
-        Cmd::Shutdown { keep } => (Command::Shutdown { keep }, 40.0),
-        Cmd::MirrorStart {
-            name,
-            export,
-            timeout,
-            copy,
-            resync,
-            speed,
-        } => (
-            Command::MirrorStart {
-                name,
-                export,
-                timeout,
-                copy,
-                resync,
-                speed,
-            },
-            60.0,
-        ),
-        Cmd::WaitReady { timeout, progress } => {
-            let path = socket_of(socket, dev_id)?;
-            return wait_ready(&path, timeout, progress, json);
-        }
-        Cmd::MirrorStop => (Command::MirrorStop, 60.0),
-        Cmd::DirtyMap => (Command::DirtyMap, 10.0),
-        Cmd::PassFd { name, fd } => {
-            // SAFETY: F_GETFD only inspects the descriptor table entry.
-            if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-                bail!("--fd {fd} is not an open file descriptor in this process");
-            }
-            // SAFETY: checked open above; borrowed only for the duration of the call.
-            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-            let path = socket_of(socket, dev_id)?;
-            let v = Client::connect(&path)?.pass_fd(&name, borrowed, None)?;
-            return print(&v, json, &format!("passed fd {fd} as {name:?}"));
-        }
-    };
-    let path = socket_of(socket, dev_id)?;
-    let mut client = Client::connect(&path)?;
-    client.set_timeout(Some(Duration::from_secs_f64(wait)))?;
-    let v = client
-        .request(command)
-        .context(path.display().to_string())?;
-    print(&v, json, "ok")
-}
-
-fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number with an optional unit"))?;
-    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1000,
-        "m" | "mb" => 1000 * 1000,
-        "g" | "gb" => 1000 * 1000 * 1000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        other => return Err(format!("{s:?}: unknown unit {other:?}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?}: too large"))
+        Cmd::Info(on) => on.run(global, |_| request(Command::Info, QUICK)),
+        Cmd::Stats(on) => on.run(global, |_| request(Command::Stats, QUICK)),
+        Cmd::Pause(on) => on.run(global, |a| {
+            let wait = reply_wait(a.timeout)?;
+            let timeout = Some(a.timeout);
+            Ok(Action::Request(Command::Pause { timeout }, wait))
+        }),
+        Cmd::Unpause(on) => on.run(global, |a| {
+            let image = a.image.map(|p| p.display().to_string());
+            let mirror = a.mirror;
+            request(Command::Unpause { image, mirror }, SLOW)
+        }),
+        Cmd::PassFd(on) => on.run(global, |a| {
+            let (name, fd) = (a.name, a.fd);
+            Ok(Action::PassFd { name, fd })
+        }),
+        Cmd::ListFds(on) => on.run(global, |_| request(Command::ListFds, QUICK)),
+        Cmd::CloseFd(on) => on.run(global, |a| {
+            request(Command::CloseFd { name: a.name }, QUICK)
+        }),
+        Cmd::WaitIdle(on) => on.run(global, |a| {
+            let wait = reply_wait(a.timeout)?;
+            let timeout = Some(a.timeout);
+            Ok(Action::Request(Command::WaitIdle { timeout }, wait))
+        }),
+        Cmd::Shutdown(on) => on.run(global, |a| {
+            request(Command::Shutdown { keep: a.keep }, SLOW)
+        }),
+        Cmd::MirrorStart(on) => on.run(global, |a| {
+            let command = Command::MirrorStart {
+                name: a.name,
+                export: Some(a.export),
+                timeout: Some(a.timeout),
+                copy: a.copy,
+                resync: a.resync,
+                speed: (a.speed > 0).then_some(a.speed),
+            };
+            request(command, SLOW)
+        }),
+        Cmd::MirrorWaitReady(on) => on.run(global, |a| {
+            let (timeout, progress) = (a.timeout, a.progress);
+            Ok(Action::WaitReady { timeout, progress })
+        }),
+        Cmd::MirrorStop(on) => on.run(global, |_| request(Command::MirrorStop, SLOW)),
+        Cmd::DirtyMap(on) => on.run(global, |_| request(Command::DirtyMap, QUICK)),
+    }
 }
 
 fn human(bytes: f64) -> String {
@@ -250,8 +409,12 @@ fn human(bytes: f64) -> String {
 /// Polls `stats` until the copy is ready, showing progress if asked.
 fn wait_ready(path: &Path, timeout: f64, progress: bool, json: bool) -> Result<()> {
     let tty = progress && std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout);
-    let mut last_line = std::time::Instant::now() - Duration::from_secs(10);
+    let limit = timeout_limit(Some(timeout), timeout).map_err(anyhow::Error::msg)?;
+    let deadline = limit.map(|d| Instant::now() + d);
+    let mut last_line: Option<Instant> = None;
+    // The bar is redrawn in place with a carriage return; spaces (not an ANSI erase) wipe
+    // what a longer previous line left.
+    let mut drawn = 0usize;
     loop {
         let mut c = Client::connect(path)?;
         c.set_timeout(Some(Duration::from_secs(10)))?;
@@ -285,15 +448,18 @@ fn wait_ready(path: &Path, timeout: f64, progress: bool, json: bool) -> Result<(
         if tty {
             let width = 30usize;
             let filled = ((pct / 100.0) * width as f64).round() as usize;
-            print!(
-                "\r[{}{}] {text}\x1b[K",
+            let bar = format!(
+                "[{}{}] {text}",
                 "#".repeat(filled.min(width)),
                 ".".repeat(width - filled.min(width))
             );
+            let wipe = drawn.saturating_sub(bar.chars().count());
+            drawn = bar.chars().count();
+            print!("\r{bar}{}", " ".repeat(wipe));
             let _ = std::io::Write::flush(&mut std::io::stdout());
-        } else if progress && last_line.elapsed() >= Duration::from_secs(2) {
+        } else if progress && last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
             println!("{text}");
-            last_line = std::time::Instant::now();
+            last_line = Some(Instant::now());
         }
         match state {
             "ready" => {
@@ -323,7 +489,7 @@ fn wait_ready(path: &Path, timeout: f64, progress: bool, json: bool) -> Result<(
                 );
             }
         }
-        if std::time::Instant::now() >= deadline {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             bail!("not ready after {timeout} s");
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -410,4 +576,126 @@ fn list(json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent_and_every_option_says_its_default() {
+        Cli::command().debug_assert();
+        let breakers = control::help::rule_breakers(&Cli::command());
+        assert!(breakers.is_empty(), "{breakers:#?}");
+    }
+
+    /// Every verb but `list` and `raw` (and each alias) is a protocol command of that name.
+    #[test]
+    fn verbs_are_protocol_commands() {
+        for verb in Cli::command().get_subcommands() {
+            let names = std::iter::once(verb.get_name()).chain(verb.get_all_aliases());
+            for name in names {
+                if ["list", "raw"].contains(&name) {
+                    continue;
+                }
+                let line = format!(r#"{{"v":1,"id":1,"cmd":"{name}","args":{{}}}}"#);
+                match serde_json::from_str::<control::protocol::Request>(&line) {
+                    Ok(_) => {}
+                    Err(e) => assert!(
+                        !e.to_string().contains("unknown variant"),
+                        "verb {name} is not a protocol command: {e}"
+                    ),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn verbs_take_only_what_they_use() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args);
+        assert!(parse(&["ublk-mirror-ctl", "list", "--dev-id", "0"]).is_err());
+        assert!(parse(&["ublk-mirror-ctl", "list", "--socket", "/s"]).is_err());
+        assert!(parse(&["ublk-mirror-ctl", "list", "--json"]).is_ok());
+        assert!(parse(&["ublk-mirror-ctl", "raw", "--json", "--dev-id", "0", "x"]).is_err());
+        assert!(parse(&[
+            "ublk-mirror-ctl",
+            "stats",
+            "--timeout",
+            "3",
+            "--dev-id",
+            "0"
+        ])
+        .is_err());
+        assert!(parse(&["ublk-mirror-ctl", "info", "--keep", "--dev-id", "0"]).is_err());
+        // Both places work for the verbs that use them.
+        assert!(parse(&["ublk-mirror-ctl", "--socket", "/s", "--json", "stats"]).is_ok());
+        assert!(parse(&["ublk-mirror-ctl", "stats", "--socket", "/s", "--json"]).is_ok());
+        let cli = parse(&["ublk-mirror-ctl", "wait-ready", "--dev-id", "3"]).expect("alias");
+        assert!(matches!(cli.command, Cmd::MirrorWaitReady(_)));
+    }
+
+    #[test]
+    fn a_daemon_is_named_once() {
+        let t = |socket: Option<&str>, dev_id: Option<u32>| Target {
+            socket: socket.map(PathBuf::from),
+            dev_id,
+        };
+        let path = |verb: Target, global: Target| verb.socket(global).map_err(|e| e.to_string());
+        assert_eq!(
+            path(t(None, Some(4)), t(None, None)),
+            Ok(PathBuf::from("/run/ublk-mirror/4.sock"))
+        );
+        assert_eq!(
+            path(t(None, None), t(Some("/s"), None)),
+            Ok(PathBuf::from("/s"))
+        );
+        assert!(path(t(None, Some(4)), t(Some("/s"), None))
+            .expect_err("twice")
+            .contains("once"));
+        assert!(path(t(None, None), t(None, None))
+            .expect_err("none")
+            .contains("--socket PATH or --dev-id N"));
+    }
+
+    #[test]
+    fn zero_timeouts_mean_no_limit_here_as_in_the_daemon() {
+        assert_eq!(parse_timeout("0"), Ok(0.0));
+        assert_eq!(parse_timeout("2.5"), Ok(2.5));
+        assert!(parse_timeout("-1").is_err());
+        assert!(parse_timeout("86401").is_err());
+        assert!(parse_timeout("soon").is_err());
+        // The reply to `pause --timeout 0` is awaited without limit, not for 10 s.
+        assert_eq!(reply_wait(0.0).expect("0"), None);
+        assert_eq!(reply_wait(30.0).expect("30"), Some(Duration::from_secs(40)));
+        let cli = Cli::try_parse_from([
+            "ublk-mirror-ctl",
+            "pause",
+            "--timeout",
+            "0",
+            "--dev-id",
+            "1",
+        ])
+        .expect("pause --timeout 0");
+        let Cmd::Pause(on) = cli.command else {
+            panic!("not pause");
+        };
+        assert_eq!(on.args.timeout, 0.0);
+    }
+
+    #[test]
+    fn defaults_are_the_protocols() {
+        let cli = Cli::try_parse_from(["ublk-mirror-ctl", "mirror-start", "t", "--dev-id", "1"])
+            .expect("mirror-start");
+        let Cmd::MirrorStart(on) = cli.command else {
+            panic!("not mirror-start");
+        };
+        assert_eq!(on.args.timeout, defaults::MIRROR_TIMEOUT);
+        assert_eq!((on.args.export.as_str(), on.args.speed), ("", 0));
+        let cli = Cli::try_parse_from(["ublk-mirror-ctl", "mirror-start", "t", "--speed", "20M"])
+            .expect("speed");
+        let Cmd::MirrorStart(on) = cli.command else {
+            panic!("not mirror-start");
+        };
+        assert_eq!(on.args.speed, 20_000_000);
+    }
 }
