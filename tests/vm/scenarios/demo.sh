@@ -42,7 +42,7 @@ nbd-proxy connect --to tcp:127.0.0.1:10809 --export disk --handoff "$CTL" --name
     || fail "nbd-proxy connect failed"
 ctl list-fds | sed 's/^/  /'
 ctl mirror-start dest --export disk --copy --timeout 10 | sed 's/^/  /'
-script -qec "ublk-mirror-ctl --socket $CTL wait-ready --progress" /dev/null | tr '\r' '\n' \
+script -qec "ublk-mirror-ctl --socket $CTL mirror-wait-ready --progress" /dev/null | tr '\r' '\n' \
     | awk 'NR % 8 == 1 || /ready/' | sed 's/^/  /'
 [ "$(ctl_get stats mirror.copy.state)" = ready ] || fail "background copy did not become ready"
 log "background copy ready in $(printf %.1f "$(ctl_get stats mirror.copy.elapsed)") s; every write is now on both sides"
