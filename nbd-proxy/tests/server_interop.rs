@@ -24,7 +24,8 @@ fn run(program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|e| panic!("{program}: {e}"));
     assert!(
         out.status.success(),
-        "{program} {args:?} failed: {}",
+        "{program} {args:?} failed ({}): {}",
+        common::peer_version(program),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()

@@ -36,6 +36,17 @@ pub fn require(program: &str) {
     assert!(found, "{program} is not installed: run scripts/setup-host");
 }
 
+/// The first line of `program --version`, e.g. "qemu-nbd 10.0.2 (Debian ...)".
+pub fn peer_version(program: &str) -> String {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_owned))
+        .unwrap_or_else(|| format!("{program} (version unknown)"))
+}
+
 pub fn wait_for_socket(path: &Path, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
@@ -53,6 +64,9 @@ pub fn wait_for_socket(path: &Path, child: &mut Child) {
 /// Starts `program args...`; `{sock}` in an argument is replaced by the socket path.
 pub fn spawn(program: &str, args: &[&str]) -> Peer {
     require(program);
+    // Which release of the peer this ran against (qemu 7.2 and 10.x both occur on our machines:
+    // see scripts/setup-host); shown with `cargo test -- --nocapture` and on failure.
+    eprintln!("peer: {}", peer_version(program));
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("nbd.sock");
     let args: Vec<String> = args
