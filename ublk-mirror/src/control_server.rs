@@ -256,7 +256,7 @@ fn serve_client(mut conn: UnixStream, shared: &Arc<Shared>, info: &DeviceInfo) {
     }
 }
 
-fn handle_line(
+pub(crate) fn handle_line(
     line: &[u8],
     fd: Option<OwnedFd>,
     excess_fds: bool,
@@ -630,7 +630,7 @@ fn socket_family(fd: &OwnedFd) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use control::fdpass::send_with_fd;
     use std::io::{BufRead, BufReader};
@@ -653,7 +653,7 @@ mod tests {
     }
 
     /// What the handler is told of the (absent) device.
-    pub(super) fn test_info() -> DeviceInfo {
+    pub(crate) fn test_info() -> DeviceInfo {
         DeviceInfo {
             dev_id: 0,
             bdev: "/dev/ublkb0".into(),

@@ -10,6 +10,8 @@ mod copy;
 mod device;
 mod dirty;
 mod error;
+#[cfg(test)]
+mod golden_tests;
 mod image;
 mod local_leg;
 mod mirror;
