@@ -21,11 +21,11 @@ use control::protocol::{
 use serde_json::{json, Value};
 
 use crate::copy::{CopyJob, CopyState};
-use crate::shared::{lock, ControlError, CopyPlan, Shared, StoredFd};
-use crate::StopReason;
+use crate::lock::lock;
+use crate::run_dir::RUN_DIR;
+use crate::shared::{ControlError, CopyPlan, Shared, StoredFd};
+use crate::stop::StopReason;
 
-/// The runtime directory for default socket paths.
-pub const RUN_DIR: &str = "/run/ublk-mirror";
 /// Control clients connected at once; more are told so and closed.
 const MAX_CLIENTS: usize = 16;
 

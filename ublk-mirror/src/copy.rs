@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::lock::lock;
 use crate::mirror::{Mirror, MirrorOp, Outcome};
 use crate::shared::Shared;
 
@@ -101,7 +102,7 @@ impl CopyJob {
         }
         let now = Instant::now();
         let done = self.bytes_done();
-        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.samples);
         s.push((now, done));
         s.retain(|(t, _)| now.duration_since(*t) < Duration::from_secs(5));
         match s.first() {

@@ -15,11 +15,12 @@ use libublk::io::UblkDev;
 use libublk::{sys, UblkError, UblkFlags};
 
 use crate::control_server::{ControlPath, ControlServer, DeviceInfo};
+use crate::lock::lock;
 use crate::queue::{run_queue, QueueContext};
 use crate::readiness::Readiness;
-use crate::shared::{lock, Shared};
+use crate::shared::Shared;
 use crate::stats::Snapshot;
-use crate::StopReason;
+use crate::stop::StopReason;
 
 pub const UBLK_CONTROL: &str = "/dev/ublk-control";
 

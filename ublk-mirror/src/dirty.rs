@@ -33,7 +33,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::shared::lock;
+use crate::lock::lock;
 
 pub const DEFAULT_GRANULE: u64 = 64 << 10;
 const MAGIC: &[u8; 8] = b"UBLKMBM\0";

@@ -14,14 +14,17 @@ mod error;
 mod golden_tests;
 mod image;
 mod local_leg;
+mod lock;
 mod mirror;
 mod queue;
 mod range_lock;
 mod readiness;
 mod request;
+mod run_dir;
 mod shared;
 mod state;
 mod stats;
+mod stop;
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -36,6 +39,7 @@ use crate::dirty::{DirtyMap, DEFAULT_GRANULE};
 use crate::image::{DirectMode, Image};
 use crate::readiness::Readiness;
 use crate::shared::Shared;
+use crate::stop::StopReason;
 
 fn long_about() -> String {
     format!(
@@ -158,40 +162,6 @@ struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = control::units::parse_size,
           default_value_t = DEFAULT_GRANULE)]
     granularity: u64,
-}
-
-/// Why the device is being stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    Signal(i32),
-    QueueFailed(u16),
-    /// A queue ended without a stop request: the device was stopped from outside.
-    QueueStopped(u16),
-    /// The control command `shutdown`.
-    Control,
-    /// The control command `shutdown --keep`: leave the device to `recover`.
-    Detach,
-    ChannelClosed,
-}
-
-impl std::fmt::Display for StopReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StopReason::Signal(libc::SIGTERM) => write!(f, "SIGTERM"),
-            StopReason::Signal(libc::SIGINT) => write!(f, "SIGINT"),
-            StopReason::Signal(s) => write!(f, "signal {s}"),
-            StopReason::QueueFailed(q) => write!(f, "queue {q} failed"),
-            StopReason::QueueStopped(q) => {
-                write!(
-                    f,
-                    "queue {q} stopped (device stopped from outside the daemon)"
-                )
-            }
-            StopReason::Control => write!(f, "control command shutdown"),
-            StopReason::Detach => write!(f, "control command shutdown --keep (detach)"),
-            StopReason::ChannelClosed => write!(f, "stop channel closed"),
-        }
-    }
 }
 
 fn main() {
@@ -330,7 +300,7 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
     if shared.dirty.persistent() {
         start_activity_log_cleaner(&shared)?;
     }
-    *shared::lock(&shared.record) = Some(state::DaemonState {
+    *lock::lock(&shared.record) = Some(state::DaemonState {
         version: state::DaemonState::CURRENT_VERSION,
         dev_id: 0,
         pid: std::process::id(),

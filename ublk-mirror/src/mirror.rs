@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::shared::lock;
+use crate::lock::lock;
 use crossbeam_queue::SegQueue;
 use nbd_proxy::address::Stream;
 use nbd_proxy::client::Export;

@@ -33,7 +33,7 @@ use crate::mirror::{MirrorOp, Outcome};
 use crate::request::Request;
 use crate::shared::Shared;
 use crate::stats::QueueCounters;
-use crate::StopReason;
+use crate::stop::StopReason;
 
 /// What every queue thread needs from the daemon; cheap to clone into each thread.
 #[derive(Clone)]

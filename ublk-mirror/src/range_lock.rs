@@ -9,6 +9,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::lock::lock;
+
 struct Entry {
     id: u64,
     start: u64,
@@ -37,7 +39,7 @@ pub struct Ticket {
 
 impl RangeLock {
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.table)
     }
 
     /// Joins the line for [offset, offset+len) on behalf of queue `qid`.

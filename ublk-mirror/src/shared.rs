@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -30,12 +30,13 @@ use nbd_proxy::proto::{tx_flags, BlockSize};
 use crate::copy::{CopyJob, WORKERS};
 use crate::dirty::DirtyMap;
 use crate::image::{DirectMode, Image};
+use crate::lock::lock;
 use crate::mirror::{Mailboxes, Mirror, MirrorState};
 use crate::range_lock::RangeLock;
 use crate::request::Request;
 use crate::state::{self, DaemonState, MirrorRecord};
 use crate::stats::Stats;
-use crate::StopReason;
+use crate::stop::StopReason;
 
 /// Which requests wait instead of being served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,12 +183,6 @@ pub struct Shared {
     /// from then on a write that no mirror takes marks itself out of sync, also after
     /// mirror-stop, so that a later `mirror-start --resync` to the same target converges.
     tracking: AtomicBool,
-}
-
-/// Locks a mutex, taking over a poisoned one: a panicked holder must not stop the daemon
-/// from answering (every guarded value here stays consistent between statements).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {

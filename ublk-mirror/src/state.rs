@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::image::DirectMode;
+use crate::run_dir::RUN_DIR;
 
-pub const STATE_DIR: &str = "/run/ublk-mirror";
 const VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,7 +71,7 @@ pub enum StateError {
 }
 
 pub fn path_for(dev_id: u32) -> PathBuf {
-    Path::new(STATE_DIR).join(format!("{dev_id}.state"))
+    Path::new(RUN_DIR).join(format!("{dev_id}.state"))
 }
 
 impl DaemonState {
