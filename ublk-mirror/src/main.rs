@@ -9,6 +9,7 @@ mod control_server;
 mod copy;
 mod device;
 mod dirty;
+mod doorbell;
 mod error;
 #[cfg(test)]
 mod golden_tests;

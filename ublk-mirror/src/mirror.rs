@@ -76,11 +76,8 @@ impl Mailboxes {
     }
 
     pub fn ring(&self, qid: u16) {
-        let one = 1u64.to_ne_bytes();
         if let Some(&fd) = self.doorbells.get(usize::from(qid)) {
-            // SAFETY: writes 8 bytes from a live buffer to an eventfd that lives as long as
-            // the daemon. A full counter (EAGAIN) already means "ring".
-            let _ = unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+            crate::doorbell::ring(fd);
         }
     }
 

@@ -15,7 +15,7 @@
 //! So once the sum reads zero with the gate closed, nothing touches the image until unpause.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 use std::sync::mpsc::Sender;
@@ -29,6 +29,7 @@ use nbd_proxy::proto::{tx_flags, BlockSize};
 
 use crate::copy::{CopyJob, WORKERS};
 use crate::dirty::DirtyMap;
+use crate::doorbell::Doorbells;
 use crate::image::{DirectMode, Image};
 use crate::lock::lock;
 use crate::mirror::{Mailboxes, Mirror, MirrorState};
@@ -146,7 +147,7 @@ pub struct Shared {
     state: Mutex<DeviceState>,
     /// One eventfd per queue and per copy worker: written to wake its parked requests or
     /// deliver a mirror completion. Owned here; the mailboxes hold their numbers.
-    _doorbells: Vec<OwnedFd>,
+    doorbells: Doorbells,
     /// The doorbells and mirror completions of every queue and copy worker.
     pub mail: Arc<Mailboxes>,
     /// The mirror, while one is attached (in any state). Loaded without a lock per request.
@@ -196,25 +197,13 @@ impl Shared {
         dirty: DirtyMap,
     ) -> std::io::Result<Arc<Shared>> {
         // One doorbell per queue and per copy worker.
-        let doorbells = (0..queues + WORKERS)
-            .map(|_| {
-                // SAFETY: eventfd takes integer arguments and returns a new fd or -1.
-                let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // SAFETY: fd was just created and is owned by nobody else.
-                Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-            })
-            .collect::<std::io::Result<Vec<_>>>()?;
+        let doorbells = Doorbells::new(queues + WORKERS)?;
         let (gate, state) = if start_paused {
             (Gate::ParkWrites, DeviceState::Attached)
         } else {
             (Gate::Open, DeviceState::Running)
         };
-        let mail = Arc::new(Mailboxes::new(
-            doorbells.iter().map(|d| d.as_raw_fd()).collect(),
-        ));
+        let mail = Arc::new(Mailboxes::new(doorbells.raw_fds()));
         Ok(Arc::new(Shared {
             mail,
             mirror: ArcSwapOption::empty(),
@@ -240,7 +229,7 @@ impl Shared {
             image_path: Mutex::new(image.path.clone()),
             image: Mutex::new(Some(image)),
             state: Mutex::new(state),
-            _doorbells: doorbells,
+            doorbells,
             admin: Mutex::new(()),
             fds: Mutex::new(BTreeMap::new()),
             mirror_request: Mutex::new(None),
@@ -265,7 +254,7 @@ impl Shared {
     }
 
     pub fn doorbell(&self, qid: u16) -> RawFd {
-        self._doorbells[usize::from(qid) % self._doorbells.len()].as_raw_fd()
+        self.doorbells.fd(qid)
     }
 
     /// The mailbox (and counter block) of copy worker `w`.
@@ -285,19 +274,7 @@ impl Shared {
 
     /// Blocks (a copy worker) until its doorbell rings or `timeout` passes.
     pub fn wait_doorbell(&self, qid: u16, timeout: Duration) {
-        let fd = self.doorbell(qid);
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
-        if rc > 0 {
-            let mut v = [0u8; 8];
-            // SAFETY: reads 8 bytes into a live buffer from our nonblocking eventfd.
-            let _ = unsafe { libc::read(fd, v.as_mut_ptr().cast(), v.len()) };
-        }
+        self.doorbells.wait(qid, timeout);
     }
 
     fn ring_doorbells(&self) {
