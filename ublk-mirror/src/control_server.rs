@@ -493,14 +493,15 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &Devi
         }
         Command::DirtyMap => {
             let extents: Vec<Value> = shared
+                .io
                 .dirty
                 .extents()
                 .into_iter()
                 .map(|(o, l)| json!([o, l]))
                 .collect();
             Ok(json!({
-                "granularity": shared.dirty.granule(),
-                "dirty_bytes": shared.dirty.dirty_bytes(),
+                "granularity": shared.io.dirty.granule(),
+                "dirty_bytes": shared.io.dirty.dirty_bytes(),
                 "extents": extents,
             }))
         }
@@ -522,7 +523,7 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &Devi
 
 /// The names and meaning follow `tap-ctl stats` where they overlap.
 fn stats_json(shared: &Shared) -> Value {
-    let s = shared.stats.snapshot();
+    let s = shared.io.stats.snapshot();
     json!({
         "name": shared.label,
         "state": shared.state().name(),
@@ -543,15 +544,15 @@ fn stats_json(shared: &Shared) -> Value {
 
 fn mirror_json(shared: &Shared) -> Value {
     let requested = lock(&shared.mirror_request).clone();
-    let Some(m) = shared.mirror.load_full() else {
+    let Some(m) = shared.io.mirror.load_full() else {
         // After a recovery from a daemon that was mirroring: failed, until mirror-start/stop.
         let inherited = shared.inherited_failure();
         return json!({ "state": if inherited.is_some() { "failed" } else { "off" },
                        "requested": requested, "target": Value::Null,
                        "in_flight": 0, "ops": 0, "bytes_mirrored": 0, "last_error": inherited,
-                       "dirty_bytes": shared.dirty.dirty_bytes(),
-                       "bitmap_persistent": shared.dirty.persistent(),
-                       "activity_log_extents": shared.dirty.activity_extents() });
+                       "dirty_bytes": shared.io.dirty.dirty_bytes(),
+                       "bitmap_persistent": shared.io.dirty.persistent(),
+                       "activity_log_extents": shared.io.dirty.activity_extents() });
     };
     let failure = m.failure();
     json!({
@@ -566,10 +567,10 @@ fn mirror_json(shared: &Shared) -> Value {
         "bytes_mirrored": m.bytes.load(Ordering::Relaxed),
         "last_error": failure.as_ref().map(|f| f.0.clone()),
         "failed_at": failure.as_ref().and_then(|f| f.1.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()),
-        "dirty_bytes": shared.dirty.dirty_bytes(),
-        "bitmap_persistent": shared.dirty.persistent(),
-        "activity_log_extents": shared.dirty.activity_extents(),
-        "range_locks": shared.ranges.len(),
+        "dirty_bytes": shared.io.dirty.dirty_bytes(),
+        "bitmap_persistent": shared.io.dirty.persistent(),
+        "activity_log_extents": shared.io.dirty.activity_extents(),
+        "range_locks": shared.io.ranges.len(),
         "copy": shared.copy.load_full().map(|j| copy_json(&j)),
     })
 }
@@ -770,7 +771,7 @@ pub(crate) mod tests {
     #[test]
     fn a_zero_timeout_is_no_limit() {
         let (_f, shared, mut c, mut r) = session();
-        shared.stats.queue(0).start(); // one request being served
+        shared.io.stats.queue(0).start(); // one request being served
         for (id, cmd) in [(1, "wait-idle"), (2, "pause")] {
             let line =
                 format!("{{\"v\":1,\"id\":{id},\"cmd\":\"{cmd}\",\"args\":{{\"timeout\":0}}}}\n");
@@ -784,13 +785,13 @@ pub(crate) mod tests {
                 "{cmd} with timeout 0 answered while a request was outstanding: {early}"
             );
             r.get_ref().set_read_timeout(None).expect("timeout");
-            shared.stats.queue(0).complete();
+            shared.io.stats.queue(0).complete();
             let rep = reply(&mut r);
             assert!(rep.ok && rep.id == id, "{cmd}: {rep:?}");
-            shared.stats.queue(0).start();
+            shared.io.stats.queue(0).start();
         }
         assert_eq!(shared.state(), crate::shared::DeviceState::Paused);
-        shared.stats.queue(0).complete();
+        shared.io.stats.queue(0).complete();
         // Out of range is refused, with the rule.
         c.write_all(b"{\"v\":1,\"id\":3,\"cmd\":\"wait-idle\",\"args\":{\"timeout\":-1}}\n")
             .expect("send");

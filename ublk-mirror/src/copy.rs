@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::io_path::IoPath;
 use crate::lock::lock;
 use crate::mirror::{Mirror, MirrorOp, Outcome};
-use crate::shared::Shared;
 
 /// Copy workers, i.e. chunks in flight.
 pub const WORKERS: u16 = 4;
@@ -123,13 +123,13 @@ impl CopyJob {
 
 /// Starts copying what is out of sync to `mirror`, on `WORKERS` threads.
 pub fn start(
-    shared: Arc<Shared>,
+    io: Arc<IoPath>,
     mirror: Arc<Mirror>,
     kind: &'static str,
     speed: Option<u64>,
     chunk: u64,
 ) -> Arc<CopyJob> {
-    let chunks: Vec<(u64, u64)> = shared
+    let chunks: Vec<(u64, u64)> = io
         .dirty
         .extents()
         .into_iter()
@@ -159,7 +159,7 @@ pub fn start(
     let running = Arc::new(AtomicUsize::new(usize::from(WORKERS)));
     for w in 0..WORKERS {
         let (sh, mi, jb, ch, nx, run) = (
-            shared.clone(),
+            io.clone(),
             mirror.clone(),
             job.clone(),
             chunks.clone(),
@@ -182,7 +182,7 @@ pub fn start(
     job
 }
 
-fn finish(shared: &Shared, mirror: &Mirror, job: &CopyJob) {
+fn finish(io: &IoPath, mirror: &Mirror, job: &CopyJob) {
     if job.state() != CopyState::Copying {
         log::warn!(
             "{}: ended {} after {} bytes",
@@ -192,7 +192,7 @@ fn finish(shared: &Shared, mirror: &Mirror, job: &CopyJob) {
         );
         return;
     }
-    if mirror.takes_io() && shared.dirty.dirty_bytes() == 0 {
+    if mirror.takes_io() && io.dirty.dirty_bytes() == 0 {
         job.end(CopyState::Ready);
         log::info!(
             "{}: ready after {} bytes in {:.1} s: the target is actively synced",
@@ -206,21 +206,21 @@ fn finish(shared: &Shared, mirror: &Mirror, job: &CopyJob) {
             "{}: not ready: mirror {}, {} bytes still out of sync",
             job.kind,
             mirror.state().name(),
-            shared.dirty.dirty_bytes()
+            io.dirty.dirty_bytes()
         );
     }
 }
 
 fn worker(
-    shared: &Shared,
+    io: &IoPath,
     mirror: &Mirror,
     job: &CopyJob,
     chunks: &[(u64, u64)],
     next: &AtomicUsize,
     w: u16,
 ) {
-    let qid = shared.copy_qid(w);
-    let counters = shared.stats.queue(usize::from(qid));
+    let qid = io.copy_qid(w);
+    let counters = io.stats.queue(usize::from(qid));
     // Page-aligned: the image may be open with O_DIRECT.
     let mut aligned = libublk::helpers::IoBuf::<u8>::new(
         chunks.iter().map(|c| c.1).max().unwrap_or(4096) as usize,
@@ -238,17 +238,17 @@ fn worker(
         // Count first, then look at the gate (the pause handshake, as the queues do).
         loop {
             counters.start();
-            if !shared.gate_blocks_copy() {
+            if !io.gate_blocks_copy() {
                 break;
             }
             counters.unstart();
             std::thread::sleep(Duration::from_millis(10));
         }
-        let ticket = shared.ranges.enqueue(off, len, qid);
+        let ticket = io.ranges.enqueue(off, len, qid);
         while !ticket.granted.load(Ordering::Acquire) {
-            shared.wait_doorbell(qid, Duration::from_millis(100));
+            io.wait_doorbell(qid, Duration::from_millis(100));
         }
-        let op = match read_chunk(shared.image_raw_fd(), off, &mut buf[..len as usize]) {
+        let op = match read_chunk(io.image_raw_fd(), off, &mut buf[..len as usize]) {
             Ok(true) => MirrorOp::Write {
                 offset: off,
                 data: buf[..len as usize].to_vec(),
@@ -261,31 +261,31 @@ fn worker(
             Err(e) => {
                 log::error!("{}: reading the image at {off}: {e}", job.kind);
                 job.end(CopyState::Failed);
-                release(shared, &ticket);
+                release(io, &ticket);
                 counters.complete();
                 return;
             }
         };
         mirror.submit(qid, 0, op);
         let outcome = loop {
-            if let Some((_, o)) = shared.mail.take(qid).into_iter().next() {
+            if let Some((_, o)) = io.mail.take(qid).into_iter().next() {
                 break o;
             }
-            shared.wait_doorbell(qid, Duration::from_millis(100));
+            io.wait_doorbell(qid, Duration::from_millis(100));
         };
-        release(shared, &ticket);
+        release(io, &ticket);
         counters.complete();
         if outcome == Outcome::Failed {
             return;
         }
-        shared.dirty.clear(off, len);
+        io.dirty.clear(off, len);
         job.bytes_done.fetch_add(len, Ordering::Relaxed);
     }
 }
 
-fn release(shared: &Shared, ticket: &crate::range_lock::Ticket) {
-    for q in shared.ranges.release(ticket) {
-        shared.mail.ring(q);
+fn release(io: &IoPath, ticket: &crate::range_lock::Ticket) {
+    for q in io.ranges.release(ticket) {
+        io.mail.ring(q);
     }
 }
 

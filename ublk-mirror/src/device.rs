@@ -116,7 +116,8 @@ pub fn serve(
 
     let init = |dev: &mut UblkDev| init_target(dev, &shared);
     let ctx = QueueContext {
-        shared: shared.clone(),
+        io: shared.io.clone(),
+        stop: lock(&shared.stop).clone(),
     };
     let queue_fn = move |qid: u16, dev: &UblkDev| run_queue(qid, dev, &ctx);
     // The device fn runs on this thread once the device is live; it blocks until a stop is
@@ -154,7 +155,7 @@ pub fn serve(
             shared.image_path().display()
         );
     }
-    let totals = shared.stats.snapshot();
+    let totals = shared.io.stats.snapshot();
     // Delete even when run_target failed: an added device must not outlive its daemon.
     let del = match ctrl.del_dev() {
         // Someone else (`ublk-mirror delete --force`) deleted it first: the goal is met.

@@ -175,7 +175,7 @@ fn control_reply_keys_match_the_golden_file() {
         None,
     );
     d.call("mirror-stop(none)", "mirror-stop", none.clone(), None);
-    shared.dirty.mark(64 << 10, 4096);
+    shared.io.dirty.mark(64 << 10, 4096);
     d.call("dirty-map(marked)", "dirty-map", none.clone(), None);
     d.call(
         "wait-idle",

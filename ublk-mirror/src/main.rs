@@ -14,6 +14,7 @@ mod error;
 #[cfg(test)]
 mod golden_tests;
 mod image;
+mod io_path;
 mod local_leg;
 mod lock;
 mod mirror;
@@ -292,13 +293,13 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
                 m.target,
                 m.export
             ));
-            if !shared.dirty.persistent() {
+            if !shared.io.dirty.persistent() {
                 // Nothing recorded what the target missed: all of it is out of sync.
-                shared.dirty.mark_all();
+                shared.io.dirty.mark_all();
             }
         }
     }
-    if shared.dirty.persistent() {
+    if shared.io.dirty.persistent() {
         start_activity_log_cleaner(&shared)?;
     }
     *lock::lock(&shared.record) = Some(state::DaemonState {
@@ -344,7 +345,7 @@ fn start_activity_log_cleaner(shared: &std::sync::Arc<Shared>) -> Result<()> {
             std::thread::sleep(std::time::Duration::from_secs(1));
             match weak.upgrade() {
                 Some(s) => {
-                    s.dirty.clean_activity_log();
+                    s.io.dirty.clean_activity_log();
                 }
                 None => return,
             }

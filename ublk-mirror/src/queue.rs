@@ -19,6 +19,7 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
@@ -28,24 +29,24 @@ use libublk::io::{UblkDev, UblkQueue};
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::{BufDesc, UblkError, UblkUringData};
 
+use crate::io_path::IoPath;
 use crate::local_leg::LocalLeg;
 use crate::mirror::{MirrorOp, Outcome};
 use crate::request::Request;
-use crate::shared::Shared;
 use crate::stats::QueueCounters;
 use crate::stop::StopReason;
 
-/// What every queue thread needs from the daemon; cheap to clone into each thread.
+/// What every queue thread needs from the daemon: the data path's handle and where to ask
+/// for a stop, never the control plane; cheap to clone into each thread.
 #[derive(Clone)]
 pub struct QueueContext {
-    pub shared: Arc<Shared>,
+    pub io: Arc<IoPath>,
+    pub stop: Sender<StopReason>,
 }
 
 impl QueueContext {
     fn stop(&self, why: StopReason) {
-        if let Ok(tx) = self.shared.stop.lock() {
-            let _ = tx.send(why);
-        }
+        let _ = self.stop.send(why);
     }
 }
 
@@ -77,7 +78,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
             return;
         }
     };
-    let leg = Rc::new(LocalLeg::new(ctx.shared.image_fd()));
+    let leg = Rc::new(LocalLeg::new(ctx.io.image_fd()));
     let parked = Rc::new(Parked::default());
     parked
         .outcomes
@@ -95,8 +96,8 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
             exe.spawn(async move {
                 let tag_ctx = TagContext {
                     qid,
-                    shared: &ctx.shared,
-                    counters: ctx.shared.stats.queue(usize::from(qid)),
+                    io: &ctx.io,
+                    counters: ctx.io.stats.queue(usize::from(qid)),
                     parked: &parked,
                     leg: &leg,
                     dev_size,
@@ -113,7 +114,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
         })
         .collect();
     // Not awaited: it lives as long as the executor and rings parked tasks awake.
-    exe.spawn(doorbell(ctx.shared.clone(), qid, parked.clone()))
+    exe.spawn(doorbell(ctx.io.clone(), qid, parked.clone()))
         .detach();
 
     let driver = exe.clone();
@@ -135,8 +136,8 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
 
 /// Reads the queue's eventfd on the queue's ring; each ring delivers the mirror outcomes
 /// waiting in the queue's mailbox and wakes every waiting task here.
-async fn doorbell(shared: Arc<Shared>, qid: u16, parked: Rc<Parked>) {
-    let fd = shared.doorbell(qid);
+async fn doorbell(io: Arc<IoPath>, qid: u16, parked: Rc<Parked>) {
+    let fd = io.doorbell(qid);
     // Leaked on purpose: the read may still be in flight when the thread's ring is torn down
     // at exit, and the kernel must never write into freed memory. 8 bytes per queue.
     let buf: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
@@ -147,7 +148,7 @@ async fn doorbell(shared: Arc<Shared>, qid: u16, parked: Rc<Parked>) {
             .unwrap_or(-libc::EIO);
         {
             let mut slots = parked.outcomes.borrow_mut();
-            for (tag, outcome) in shared.mail.take(qid) {
+            for (tag, outcome) in io.mail.take(qid) {
                 if let Some(slot) = slots.get_mut(usize::from(tag)) {
                     *slot = Some(outcome);
                 }
@@ -177,7 +178,7 @@ async fn wait_until(parked: &Parked, mut ready: impl FnMut() -> bool) {
 /// What a tag's task uses, borrowed from its queue.
 struct TagContext<'a> {
     qid: u16,
-    shared: &'a Shared,
+    io: &'a IoPath,
     counters: &'a QueueCounters,
     parked: &'a Parked,
     leg: &'a LocalLeg,
@@ -190,12 +191,12 @@ struct TagContext<'a> {
 async fn admit(t: &TagContext<'_>, req: &Request) {
     loop {
         t.counters.start();
-        if !t.shared.gate().blocks(req) {
+        if !t.io.gate().blocks(req) {
             return;
         }
         t.counters.unstart();
         t.counters.set_parked(1);
-        wait_until(t.parked, || !t.shared.gate().blocks(req)).await;
+        wait_until(t.parked, || !t.io.gate().blocks(req)).await;
         t.counters.set_parked(-1);
     }
 }
@@ -254,27 +255,27 @@ async fn serve(
     // Counted before looking at the mirror slot: a mirror starting waits for local-only
     // writes to finish, and they see it and mark themselves out of sync (see start_mirror).
     t.counters.local_only_begin();
-    let mirror = t.shared.mirror.load_full();
+    let mirror = t.io.mirror.load_full();
     let Some(m) = mirror.as_ref().filter(|m| m.takes_io()) else {
         // With a mirror attached but not taking I/O (failed, stopping), or none since one was
         // stopped or a previous daemon's died, the write will differ from the target (a later
         // --resync must copy it): its bits are set before it is issued, so a crash cannot lose
         // them.
-        if mirror.is_some() || t.shared.tracks_without_mirror() {
-            mark_dirty(t.shared, &req);
+        if mirror.is_some() || t.io.tracks_without_mirror() {
+            mark_dirty(t.io, &req);
         }
         let res = serve_local(t.leg, req, buf).await;
         // A mirror that appeared meanwhile (start_mirror waits for us) must see this write.
-        if mirror.is_none() && t.shared.mirror.load().is_some() {
-            mark_dirty(t.shared, &req);
+        if mirror.is_none() && t.io.mirror.load().is_some() {
+            mark_dirty(t.io, &req);
         }
         t.counters.local_only_end();
         return res;
     };
     t.counters.local_only_end();
 
-    let range = req.range().filter(|_| !t.shared.range_lock_disabled);
-    let ticket = range.map(|(off, len)| t.shared.ranges.enqueue(off, len, t.qid));
+    let range = req.range().filter(|_| !t.io.range_lock_disabled);
+    let ticket = range.map(|(off, len)| t.io.ranges.enqueue(off, len, t.qid));
     if let Some(ticket) = &ticket {
         wait_until(t.parked, || ticket.granted.load(Ordering::Acquire)).await;
     }
@@ -284,7 +285,7 @@ async fn serve(
     // On disk before either leg sees the write: a crash between the legs is then covered.
     let logged = req.range();
     if let Some((off, len)) = logged {
-        t.shared.dirty.al_begin(off, len);
+        t.io.dirty.al_begin(off, len);
     }
     t.parked.outcomes.borrow_mut()[usize::from(tag)] = None;
     m.submit(t.qid, tag, op);
@@ -299,15 +300,15 @@ async fn serve(
     };
     let (local, remote) = smol::future::zip(serve_local(t.leg, req, buf), remote).await;
     if let Some(ticket) = &ticket {
-        for q in t.shared.ranges.release(ticket) {
-            t.shared.mail.ring(q);
+        for q in t.io.ranges.release(ticket) {
+            t.io.mail.ring(q);
         }
     }
     if remote == Outcome::Failed {
-        mark_dirty(t.shared, &req);
+        mark_dirty(t.io, &req);
     }
     if let Some((off, len)) = logged {
-        t.shared.dirty.al_end(off, len);
+        t.io.dirty.al_end(off, len);
     }
     local
 }
@@ -329,9 +330,9 @@ fn mirror_op(req: Request, buf: &[u8]) -> Option<MirrorOp> {
     })
 }
 
-fn mark_dirty(shared: &Shared, req: &Request) {
+fn mark_dirty(io: &IoPath, req: &Request) {
     if let Some((off, len)) = req.range() {
-        shared.dirty.mark(off, len);
+        io.dirty.mark(off, len);
     }
 }
 

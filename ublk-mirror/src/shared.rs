@@ -1,12 +1,9 @@
-//! What the queue threads, the copy workers and the control plane share: the pause gate, the
-//! image slot, the doorbells, counters, the mirror slot, the out-of-sync bitmap, the range
-//! lock, the copy job, stored fds and the state record.
+//! The daemon's control-plane state around the data path's `IoPath`: the open image, the
+//! device state, pause and unpause, mirror start and stop (handshake, export checks), the copy
+//! job, stored fds and the state record.
 //!
-//! The common path of a request touches only atomics: its queue's own counters, one load of
-//! the gate and one of the mirror slot. While a mirror is attached a write-like request also
-//! takes the range lock's mutex (a few instructions), and the activity log's lock when its
-//! extent is not logged yet (or, with no mirror taking writes, when it leaves an extent idle).
-//! Every other lock is taken by control operations only.
+//! The queue threads and copy workers get only the `IoPath` (`io_path.rs`): what the common
+//! path of a request reads. Every lock of this file is taken by control operations only.
 //!
 //! Pausing without stranding or racing requests (a Dekker-style handshake, all SeqCst):
 //! a queue counts a request as started *before* it looks at the gate; the control thread closes
@@ -17,7 +14,6 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,45 +25,12 @@ use nbd_proxy::proto::{tx_flags, BlockSize};
 
 use crate::copy::{CopyJob, WORKERS};
 use crate::dirty::DirtyMap;
-use crate::doorbell::Doorbells;
 use crate::image::{DirectMode, Image};
+use crate::io_path::{Gate, IoPath};
 use crate::lock::lock;
-use crate::mirror::{Mailboxes, Mirror, MirrorState};
-use crate::range_lock::RangeLock;
-use crate::request::Request;
+use crate::mirror::{Mirror, MirrorState};
 use crate::state::{self, DaemonState, MirrorRecord};
-use crate::stats::Stats;
 use crate::stop::StopReason;
-
-/// Which requests wait instead of being served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Gate {
-    Open = 0,
-    /// `pause`: every request waits.
-    ParkAll = 1,
-    /// `serve --paused` before the first unpause: reads are answered (so the kernel's
-    /// partition scan and udev's blkid do not hang), everything that changes the disk waits.
-    ParkWrites = 2,
-}
-
-impl Gate {
-    fn from_u8(v: u8) -> Gate {
-        match v {
-            1 => Gate::ParkAll,
-            2 => Gate::ParkWrites,
-            _ => Gate::Open,
-        }
-    }
-
-    pub fn blocks(self, req: &Request) -> bool {
-        match self {
-            Gate::Open => false,
-            Gate::ParkAll => true,
-            Gate::ParkWrites => !matches!(req, Request::Read { .. }),
-        }
-    }
-}
 
 /// The device's state as the orchestrator sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,38 +97,19 @@ pub enum ControlError {
 }
 
 pub struct Shared {
-    pub stats: Stats,
+    /// What the queue threads and copy workers read; they get this, never the whole Shared.
+    pub io: Arc<IoPath>,
     pub dev_size: u64,
     pub logical_block: u32,
     pub direct: DirectMode,
     pub label: String,
-    gate: AtomicU8,
-    /// The image's fd for every queue's I/O; -1 while paused (closed).
-    image_fd: Arc<AtomicI32>,
     image: Mutex<Option<Image>>,
     image_path: Mutex<PathBuf>,
     state: Mutex<DeviceState>,
-    /// One eventfd per queue and per copy worker: written to wake its parked requests or
-    /// deliver a mirror completion. Owned here; the mailboxes hold their numbers.
-    doorbells: Doorbells,
-    /// The doorbells and mirror completions of every queue and copy worker.
-    pub mail: Arc<Mailboxes>,
-    /// The mirror, while one is attached (in any state). Loaded without a lock per request.
-    pub mirror: ArcSwapOption<Mirror>,
-    /// Out-of-sync granules between the image and the mirror target (and, with a file, the
-    /// activity log).
-    pub dirty: DirtyMap,
     /// Serializes telling the activity log whether a mirror takes writes (`mirror_changed`).
     al_mode: Mutex<()>,
-    /// Orders overlapping write-like requests while a mirror is attached.
-    pub ranges: RangeLock,
     /// The background copy or resync of the current mirror, if any.
     pub copy: ArcSwapOption<CopyJob>,
-    /// Queues; the copy workers' counter blocks and mailboxes come after theirs.
-    queues: u16,
-    /// TEST ONLY (UBLK_MIRROR_DEBUG_NO_RANGE_LOCK=1): skip the range lock, to prove the overlap
-    /// test can fail without it.
-    pub range_lock_disabled: bool,
     /// Serializes pause, unpause, mirror start and stop, and the stop of the device.
     admin: Mutex<()>,
     pub fds: Mutex<BTreeMap<String, StoredFd>>,
@@ -180,10 +124,6 @@ pub struct Shared {
     /// target missed writes, so `nbd_mirror_failed` reads 1 until the next mirror-start or
     /// mirror-stop.
     inherited_failure: Mutex<Option<String>>,
-    /// Set once a mirror has been attached (or a previous daemon's was inherited), for good:
-    /// from then on a write that no mirror takes marks itself out of sync, also after
-    /// mirror-stop, so that a later `mirror-start --resync` to the same target converges.
-    tracking: AtomicBool,
 }
 
 impl Shared {
@@ -196,89 +136,30 @@ impl Shared {
         stop: Sender<StopReason>,
         dirty: DirtyMap,
     ) -> std::io::Result<Arc<Shared>> {
-        // One doorbell per queue and per copy worker.
-        let doorbells = Doorbells::new(queues + WORKERS)?;
         let (gate, state) = if start_paused {
             (Gate::ParkWrites, DeviceState::Attached)
         } else {
             (Gate::Open, DeviceState::Running)
         };
-        let mail = Arc::new(Mailboxes::new(doorbells.raw_fds()));
+        let io = IoPath::new(image.file.as_raw_fd(), queues, WORKERS, gate, dirty)?;
         Ok(Arc::new(Shared {
-            mail,
-            mirror: ArcSwapOption::empty(),
-            dirty,
+            io: Arc::new(io),
             al_mode: Mutex::new(()),
-            ranges: RangeLock::default(),
             copy: ArcSwapOption::empty(),
-            queues,
-            range_lock_disabled: {
-                let off = std::env::var_os("UBLK_MIRROR_DEBUG_NO_RANGE_LOCK").is_some();
-                if off {
-                    log::warn!("UBLK_MIRROR_DEBUG_NO_RANGE_LOCK: overlapping mirrored writes are NOT ordered; the legs can diverge (test only)");
-                }
-                off
-            },
-            stats: Stats::new(usize::from(queues + WORKERS)),
             dev_size: image.size,
             logical_block: image.logical_block,
             direct,
             label,
-            gate: AtomicU8::new(gate as u8),
-            image_fd: Arc::new(AtomicI32::new(image.file.as_raw_fd())),
             image_path: Mutex::new(image.path.clone()),
             image: Mutex::new(Some(image)),
             state: Mutex::new(state),
-            doorbells,
             admin: Mutex::new(()),
             fds: Mutex::new(BTreeMap::new()),
             mirror_request: Mutex::new(None),
             stop: Mutex::new(stop),
             record: Mutex::new(None),
             inherited_failure: Mutex::new(None),
-            tracking: AtomicBool::new(false),
         }))
-    }
-
-    pub fn gate(&self) -> Gate {
-        Gate::from_u8(self.gate.load(Ordering::SeqCst))
-    }
-
-    fn set_gate(&self, g: Gate) {
-        self.gate.store(g as u8, Ordering::SeqCst);
-    }
-
-    /// The fd the local leg issues I/O on.
-    pub fn image_fd(&self) -> Arc<AtomicI32> {
-        self.image_fd.clone()
-    }
-
-    pub fn doorbell(&self, qid: u16) -> RawFd {
-        self.doorbells.fd(qid)
-    }
-
-    /// The mailbox (and counter block) of copy worker `w`.
-    pub fn copy_qid(&self, w: u16) -> u16 {
-        self.queues + w
-    }
-
-    /// Copy workers wait while the device is paused or attached (the image may be closed or
-    /// not yet final).
-    pub fn gate_blocks_copy(&self) -> bool {
-        self.gate() != Gate::Open
-    }
-
-    pub fn image_raw_fd(&self) -> RawFd {
-        self.image_fd.load(Ordering::SeqCst)
-    }
-
-    /// Blocks (a copy worker) until its doorbell rings or `timeout` passes.
-    pub fn wait_doorbell(&self, qid: u16, timeout: Duration) {
-        self.doorbells.wait(qid, timeout);
-    }
-
-    fn ring_doorbells(&self) {
-        self.mail.ring_all();
     }
 
     pub fn state(&self) -> DeviceState {
@@ -298,15 +179,15 @@ impl Shared {
             DeviceState::Stopping => return Err(ControlError::Stopping),
             _ => {}
         }
-        let before = (self.gate(), self.state());
+        let before = (self.io.gate(), self.state());
         let start = Instant::now();
-        self.set_gate(Gate::ParkAll);
+        self.io.set_gate(Gate::ParkAll);
         *lock(&self.state) = DeviceState::Pausing;
         log::info!("pause: parking new requests, draining");
         let undo = |e: ControlError| {
-            self.set_gate(before.0);
+            self.io.set_gate(before.0);
             *lock(&self.state) = before.1;
-            self.ring_doorbells();
+            self.io.ring_doorbells();
             log::warn!("pause failed: {e}");
             e
         };
@@ -323,10 +204,10 @@ impl Shared {
                 return Err(undo(ControlError::PauseFlush(e)));
             }
         }
-        self.image_fd.store(-1, Ordering::SeqCst);
+        self.io.set_image_fd(-1);
         // Closing releases the OFD lock: the image may now be copied, moved or taken over.
         *image = None;
-        if let Err(e) = self.dirty.flush() {
+        if let Err(e) = self.io.dirty.flush() {
             log::error!("writing the out-of-sync bitmap back failed: {e}");
         }
         *lock(&self.state) = DeviceState::Paused;
@@ -339,7 +220,7 @@ impl Shared {
     fn drain(&self, timeout: Duration) -> Result<(), u64> {
         let start = Instant::now();
         loop {
-            let outstanding = self.stats.snapshot().outstanding;
+            let outstanding = self.io.stats.snapshot().outstanding;
             if outstanding == 0 {
                 return Ok(());
             }
@@ -371,10 +252,10 @@ impl Shared {
             if state == DeviceState::Attached {
                 // Reads are being served from the old image: none may be in flight while its
                 // fd is replaced (the number could be reused by the new open).
-                self.set_gate(Gate::ParkAll);
+                self.io.set_gate(Gate::ParkAll);
                 if let Err(n) = self.drain(Duration::from_secs(30)) {
-                    self.set_gate(Gate::ParkWrites);
-                    self.ring_doorbells();
+                    self.io.set_gate(Gate::ParkWrites);
+                    self.io.ring_doorbells();
                     return Err(reopen(format!("{n} reads still outstanding")));
                 }
                 *lock(&self.image) = None; // releases its lock, in case it is the same file
@@ -405,25 +286,24 @@ impl Shared {
                     if state == DeviceState::Attached {
                         // Put the device back as it was: attached on its old image.
                         if let Ok(old) = Image::open(&current, self.direct) {
-                            self.image_fd.store(old.file.as_raw_fd(), Ordering::SeqCst);
+                            self.io.set_image_fd(old.file.as_raw_fd());
                             *lock(&self.image) = Some(old);
                         }
-                        self.set_gate(Gate::ParkWrites);
-                        self.ring_doorbells();
+                        self.io.set_gate(Gate::ParkWrites);
+                        self.io.ring_doorbells();
                     }
                     return Err(e);
                 }
             };
-            self.image_fd
-                .store(candidate.file.as_raw_fd(), Ordering::SeqCst);
+            self.io.set_image_fd(candidate.file.as_raw_fd());
             *lock(&self.image) = Some(candidate);
             *lock(&self.image_path) = path;
             // Before any request reaches the new image: a successor must open this one.
             self.save_state();
         }
         *lock(&self.state) = DeviceState::Running;
-        self.set_gate(Gate::Open);
-        self.ring_doorbells();
+        self.io.set_gate(Gate::Open);
+        self.io.ring_doorbells();
         log::info!("unpaused on {}", self.image_path().display());
         Ok(())
     }
@@ -438,8 +318,8 @@ impl Shared {
         }
         let _admin = lock(&self.admin);
         *lock(&self.state) = DeviceState::Stopping;
-        self.set_gate(Gate::Open);
-        self.ring_doorbells();
+        self.io.set_gate(Gate::Open);
+        self.io.ring_doorbells();
     }
 
     /// Wait until no request is outstanding.
@@ -461,7 +341,7 @@ impl Shared {
         plan: CopyPlan,
     ) -> Result<Arc<Mirror>, ControlError> {
         let _admin = lock(&self.admin);
-        if let Some(m) = self.mirror.load_full() {
+        if let Some(m) = self.io.mirror.load_full() {
             if m.state() != MirrorState::Failed {
                 return Err(ControlError::MirrorBusy(m.state().name()));
             }
@@ -533,17 +413,17 @@ impl Shared {
             stream,
             export,
             timeout,
-            self.mail.clone(),
+            self.io.mail.clone(),
             on_failure,
         )
         .map_err(|e| refuse(format!("starting the mirror threads: {e}")))?;
         // Publish, then wait for writes that began local-only (they mark themselves dirty);
         // the store and the gauge loads are SeqCst, paired with the queues' side.
-        self.tracking.store(true, Ordering::SeqCst);
-        self.mirror.store(Some(mirror.clone()));
+        self.io.start_tracking();
+        self.io.mirror.store(Some(mirror.clone()));
         self.mirror_changed();
         let start = Instant::now();
-        while self.stats.local_only() > 0 && start.elapsed() < Duration::from_secs(30) {
+        while self.io.stats.local_only() > 0 && start.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_micros(200));
         }
         mirror.set_active();
@@ -555,14 +435,14 @@ impl Shared {
             CopyPlan::None => None,
             CopyPlan::Copy { speed } => {
                 // A full copy is a resync of everything.
-                self.dirty.mark_all();
+                self.io.dirty.mark_all();
                 Some(("copy", speed))
             }
             CopyPlan::Resync { speed } => Some(("resync", speed)),
         };
         if let Some((kind, speed)) = job {
             let chunk = crate::copy::DEFAULT_CHUNK;
-            let job = crate::copy::start(self.clone(), mirror.clone(), kind, speed, chunk);
+            let job = crate::copy::start(self.io.clone(), mirror.clone(), kind, speed, chunk);
             self.copy.store(Some(job));
         }
         log::info!(
@@ -582,7 +462,7 @@ impl Shared {
     /// unpause -2 null`). False if there was neither a mirror nor an inherited failure.
     pub fn stop_mirror(&self) -> bool {
         let _admin = lock(&self.admin);
-        let Some(m) = self.mirror.load_full() else {
+        let Some(m) = self.io.mirror.load_full() else {
             // The orchestrator acknowledges a failure inherited from a previous daemon.
             return self.clear_inherited();
         };
@@ -590,7 +470,7 @@ impl Shared {
             job.cancel();
         }
         m.stop(Duration::from_secs(30));
-        self.mirror.store(None);
+        self.io.mirror.store(None);
         self.mirror_changed();
         self.clear_inherited();
         self.save_state();
@@ -604,8 +484,8 @@ impl Shared {
     /// leaves the log in the mode that matches the slot, whatever the order of the callers.
     fn mirror_changed(&self) {
         let _g = lock(&self.al_mode);
-        let mirroring = self.mirror.load().as_ref().is_some_and(|m| m.takes_io());
-        let cleared = self.dirty.set_mirroring(mirroring);
+        let mirroring = self.io.mirror.load().as_ref().is_some_and(|m| m.takes_io());
+        let cleared = self.io.dirty.set_mirroring(mirroring);
         if cleared > 0 {
             log::info!(
                 "activity log: {cleared} idle extents cleared (no mirror takes writes; the \
@@ -615,7 +495,7 @@ impl Shared {
     }
 
     pub fn mirror_failed(&self) -> bool {
-        self.mirror.load().as_ref().is_some_and(|m| m.failed())
+        self.io.mirror.load().as_ref().is_some_and(|m| m.failed())
             || lock(&self.inherited_failure).is_some()
     }
 
@@ -623,12 +503,7 @@ impl Shared {
     pub fn inherit_mirror_failure(&self, why: String) {
         log::warn!("nbd_mirror_failed=1: {why}");
         *lock(&self.inherited_failure) = Some(why);
-        self.tracking.store(true, Ordering::SeqCst);
-    }
-
-    /// Whether writes must mark themselves out of sync although no mirror is attached.
-    pub fn tracks_without_mirror(&self) -> bool {
-        self.tracking.load(Ordering::Relaxed)
+        self.io.start_tracking();
     }
 
     fn clear_inherited(&self) -> bool {
@@ -641,7 +516,7 @@ impl Shared {
 
     /// What the state file records of the attached mirror, if any.
     pub fn mirror_record(&self) -> Option<MirrorRecord> {
-        self.mirror.load().as_ref().map(|m| MirrorRecord {
+        self.io.mirror.load().as_ref().map(|m| MirrorRecord {
             target: m.name.clone(),
             export: m.export.name.clone(),
         })
@@ -690,7 +565,7 @@ impl Shared {
 
     /// Flushes the image if it is open, and the bitmap (at exit).
     pub fn sync_image(&self) -> std::io::Result<()> {
-        self.dirty.flush()?;
+        self.io.dirty.flush()?;
         match lock(&self.image).as_ref() {
             Some(i) => i.sync(),
             None => Ok(()),
@@ -721,6 +596,7 @@ pub fn socket_family(fd: RawFd) -> i32 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
     use std::sync::mpsc::channel;
 
     /// A Shared on a temp-file image of `len` bytes with `queues` queues (no ublk needed);
@@ -739,36 +615,36 @@ pub(crate) mod tests {
     #[test]
     fn stats_are_answered_while_a_pause_drains_and_a_timeout_undoes_it() {
         let (_f, shared) = shared_with(1 << 20, 2);
-        shared.stats.queue(1).start(); // one request being served
+        shared.io.stats.queue(1).start(); // one request being served
         let s2 = shared.clone();
         let pause = std::thread::spawn(move || s2.pause(Duration::from_millis(400)));
         std::thread::sleep(Duration::from_millis(100));
         // Mid-drain: state and counters answer at once.
         assert_eq!(shared.state(), DeviceState::Pausing);
-        assert_eq!(shared.stats.snapshot().outstanding, 1);
+        assert_eq!(shared.io.stats.snapshot().outstanding, 1);
         let res = pause.join().expect("pause thread");
         assert!(
             matches!(res, Err(ControlError::PauseTimeout { outstanding: 1, .. })),
             "{res:?}"
         );
         assert_eq!(
-            (shared.state(), shared.gate()),
+            (shared.state(), shared.io.gate()),
             (DeviceState::Running, Gate::Open)
         );
         assert!(shared.image_is_open(), "a failed pause keeps the image");
 
-        shared.stats.queue(1).complete();
+        shared.io.stats.queue(1).complete();
         shared.pause(Duration::from_secs(1)).expect("pause");
         assert_eq!(shared.state(), DeviceState::Paused);
         assert!(!shared.image_is_open(), "paused means closed");
-        assert_eq!(shared.image_fd().load(Ordering::SeqCst), -1);
+        assert_eq!(shared.io.image_fd().load(Ordering::SeqCst), -1);
         assert!(
             shared.pause(Duration::from_secs(1)).is_ok(),
             "pausing a paused device is a no-op"
         );
         shared.unpause(None).expect("unpause");
         assert!(shared.image_is_open());
-        assert_eq!(shared.gate(), Gate::Open);
+        assert_eq!(shared.io.gate(), Gate::Open);
     }
 
     #[test]
@@ -782,28 +658,11 @@ pub(crate) mod tests {
             .expect_err("size differs");
         assert!(err.to_string().contains("stays paused"), "{err}");
         assert_eq!(shared.state(), DeviceState::Paused);
-        assert_eq!(shared.gate(), Gate::ParkAll);
+        assert_eq!(shared.io.gate(), Gate::ParkAll);
         let missing = shared
             .unpause(Some("/nonexistent.img".into()))
             .expect_err("missing");
         assert!(matches!(missing, ControlError::Reopen(..)));
         shared.unpause(None).expect("the old image is still fine");
-    }
-
-    #[test]
-    fn the_gate_parks_what_it_should() {
-        let read = Request::Read {
-            offset: 0,
-            len: 512,
-        };
-        let write = Request::Write {
-            offset: 0,
-            len: 512,
-            fua: false,
-        };
-        assert!(!Gate::Open.blocks(&write));
-        assert!(Gate::ParkAll.blocks(&read) && Gate::ParkAll.blocks(&write));
-        assert!(!Gate::ParkWrites.blocks(&read) && Gate::ParkWrites.blocks(&write));
-        assert!(Gate::ParkWrites.blocks(&Request::Flush));
     }
 }

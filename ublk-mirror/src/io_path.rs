@@ -1,0 +1,197 @@
+//! The data path's handle: what queue threads and copy workers read to serve a request, and
+//! nothing of the control plane (pause/unpause and mirror attach logic, stored fds, the state
+//! record). `Shared` owns one behind an `Arc`; the queues and the copy workers get a clone of
+//! that `Arc` only.
+//!
+//! The common path of a request touches only atomics: its queue's own counters, one load of
+//! the gate and one of the mirror slot. While a mirror is attached a write-like request also
+//! takes the range lock's mutex (a few instructions), and the activity log's lock when its
+//! extent is not logged yet (or, with no mirror taking writes, when it leaves an extent idle).
+//! The pause handshake that makes the gate safe is described in `shared.rs`.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+
+use crate::dirty::DirtyMap;
+use crate::doorbell::Doorbells;
+use crate::mirror::{Mailboxes, Mirror};
+use crate::range_lock::RangeLock;
+use crate::request::Request;
+use crate::stats::Stats;
+
+/// Which requests wait instead of being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Gate {
+    Open = 0,
+    /// `pause`: every request waits.
+    ParkAll = 1,
+    /// `serve --paused` before the first unpause: reads are answered (so the kernel's
+    /// partition scan and udev's blkid do not hang), everything that changes the disk waits.
+    ParkWrites = 2,
+}
+
+impl Gate {
+    fn from_u8(v: u8) -> Gate {
+        match v {
+            1 => Gate::ParkAll,
+            2 => Gate::ParkWrites,
+            _ => Gate::Open,
+        }
+    }
+
+    pub fn blocks(self, req: &Request) -> bool {
+        match self {
+            Gate::Open => false,
+            Gate::ParkAll => true,
+            Gate::ParkWrites => !matches!(req, Request::Read { .. }),
+        }
+    }
+}
+
+pub struct IoPath {
+    pub stats: Stats,
+    gate: AtomicU8,
+    /// The image's fd for every queue's I/O; -1 while paused (closed).
+    image_fd: Arc<AtomicI32>,
+    /// One eventfd per queue and per copy worker: written to wake its parked requests or
+    /// deliver a mirror completion. Owned here; the mailboxes hold their numbers.
+    doorbells: Doorbells,
+    /// The doorbells and mirror completions of every queue and copy worker.
+    pub mail: Arc<Mailboxes>,
+    /// The mirror, while one is attached (in any state). Loaded without a lock per request.
+    pub mirror: ArcSwapOption<Mirror>,
+    /// Out-of-sync granules between the image and the mirror target (and, with a file, the
+    /// activity log).
+    pub dirty: DirtyMap,
+    /// Orders overlapping write-like requests while a mirror is attached.
+    pub ranges: RangeLock,
+    /// Queues; the copy workers' counter blocks and mailboxes come after theirs.
+    queues: u16,
+    /// TEST ONLY (UBLK_MIRROR_DEBUG_NO_RANGE_LOCK=1): skip the range lock, to prove the overlap
+    /// test can fail without it.
+    pub range_lock_disabled: bool,
+    /// Set once a mirror has been attached (or a previous daemon's was inherited), for good:
+    /// from then on a write that no mirror takes marks itself out of sync, also after
+    /// mirror-stop, so that a later `mirror-start --resync` to the same target converges.
+    tracking: AtomicBool,
+}
+
+impl IoPath {
+    /// The data path of `queues` queues and `workers` copy workers, serving the image open as
+    /// `image_fd`.
+    pub fn new(
+        image_fd: RawFd,
+        queues: u16,
+        workers: u16,
+        gate: Gate,
+        dirty: DirtyMap,
+    ) -> std::io::Result<IoPath> {
+        // One doorbell per queue and per copy worker.
+        let doorbells = Doorbells::new(queues + workers)?;
+        let mail = Arc::new(Mailboxes::new(doorbells.raw_fds()));
+        Ok(IoPath {
+            mail,
+            mirror: ArcSwapOption::empty(),
+            dirty,
+            ranges: RangeLock::default(),
+            queues,
+            range_lock_disabled: {
+                let off = std::env::var_os("UBLK_MIRROR_DEBUG_NO_RANGE_LOCK").is_some();
+                if off {
+                    log::warn!("UBLK_MIRROR_DEBUG_NO_RANGE_LOCK: overlapping mirrored writes are NOT ordered; the legs can diverge (test only)");
+                }
+                off
+            },
+            stats: Stats::new(usize::from(queues + workers)),
+            gate: AtomicU8::new(gate as u8),
+            image_fd: Arc::new(AtomicI32::new(image_fd)),
+            doorbells,
+            tracking: AtomicBool::new(false),
+        })
+    }
+
+    pub fn gate(&self) -> Gate {
+        Gate::from_u8(self.gate.load(Ordering::SeqCst))
+    }
+
+    /// Moves the gate (pause, unpause, stop); the caller rings the doorbells.
+    pub(crate) fn set_gate(&self, g: Gate) {
+        self.gate.store(g as u8, Ordering::SeqCst);
+    }
+
+    /// The fd the local leg issues I/O on.
+    pub fn image_fd(&self) -> Arc<AtomicI32> {
+        self.image_fd.clone()
+    }
+
+    pub fn image_raw_fd(&self) -> RawFd {
+        self.image_fd.load(Ordering::SeqCst)
+    }
+
+    /// Points every queue's I/O at `fd` (-1 while the image is closed).
+    pub(crate) fn set_image_fd(&self, fd: RawFd) {
+        self.image_fd.store(fd, Ordering::SeqCst);
+    }
+
+    pub fn doorbell(&self, qid: u16) -> RawFd {
+        self.doorbells.fd(qid)
+    }
+
+    /// The mailbox (and counter block) of copy worker `w`.
+    pub fn copy_qid(&self, w: u16) -> u16 {
+        self.queues + w
+    }
+
+    /// Copy workers wait while the device is paused or attached (the image may be closed or
+    /// not yet final).
+    pub fn gate_blocks_copy(&self) -> bool {
+        self.gate() != Gate::Open
+    }
+
+    /// Blocks (a copy worker) until its doorbell rings or `timeout` passes.
+    pub fn wait_doorbell(&self, qid: u16, timeout: Duration) {
+        self.doorbells.wait(qid, timeout);
+    }
+
+    /// Wakes every parked request of every queue and copy worker.
+    pub(crate) fn ring_doorbells(&self) {
+        self.mail.ring_all();
+    }
+
+    /// Whether writes must mark themselves out of sync although no mirror is attached.
+    pub fn tracks_without_mirror(&self) -> bool {
+        self.tracking.load(Ordering::Relaxed)
+    }
+
+    /// From now on, for good, writes that no mirror takes mark themselves out of sync.
+    pub(crate) fn start_tracking(&self) {
+        self.tracking.store(true, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_parks_what_it_should() {
+        let read = Request::Read {
+            offset: 0,
+            len: 512,
+        };
+        let write = Request::Write {
+            offset: 0,
+            len: 512,
+            fua: false,
+        };
+        assert!(!Gate::Open.blocks(&write));
+        assert!(Gate::ParkAll.blocks(&read) && Gate::ParkAll.blocks(&write));
+        assert!(!Gate::ParkWrites.blocks(&read) && Gate::ParkWrites.blocks(&write));
+        assert!(Gate::ParkWrites.blocks(&Request::Flush));
+    }
+}
