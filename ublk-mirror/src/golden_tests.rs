@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::control_server::{handle_line, DeviceInfo};
+use crate::ctl::dispatch::handle_line;
+use crate::ctl::DeviceInfo;
 use crate::shared::Shared;
 
 fn golden_path(name: &str) -> PathBuf {
@@ -160,7 +161,7 @@ fn control_reply_keys_match_the_golden_file() {
     let (_img, shared) = crate::shared::tests::shared_with(1 << 20, 1);
     let mut d = Driver {
         shared: shared.clone(),
-        info: crate::control_server::tests::test_info(),
+        info: crate::ctl::tests::test_info(),
         lines: BTreeSet::new(),
         id: 0,
     };
@@ -260,12 +261,12 @@ fn control_reply_keys_match_the_golden_file() {
 fn the_state_file_matches_the_golden_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path().join("3.state");
-    let rec = crate::state::DaemonState {
-        version: crate::state::DaemonState::CURRENT_VERSION,
+    let rec = crate::device::state::DaemonState {
+        version: crate::device::state::DaemonState::CURRENT_VERSION,
         dev_id: 3,
         pid: 42,
         image: "/images/disk.img".into(),
-        direct: crate::image::DirectMode::Auto,
+        direct: crate::device::image::DirectMode::Auto,
         queues: 2,
         depth: 128,
         max_io: 512 << 10,
@@ -273,7 +274,7 @@ fn the_state_file_matches_the_golden_file() {
         control: Some("/run/ublk-mirror/3.sock".into()),
         bitmap: Some("/var/lib/ublk-mirror/disk.bitmap".into()),
         granularity: 65536,
-        mirror: Some(crate::state::MirrorRecord {
+        mirror: Some(crate::device::state::MirrorRecord {
             target: "dest".into(),
             export: "disk".into(),
         }),
@@ -284,7 +285,7 @@ fn the_state_file_matches_the_golden_file() {
     check_golden("state-file.json", &text);
     let mut bare = rec;
     (bare.control, bare.bitmap, bare.mirror, bare.detached) = (None, None, None, false);
-    bare.direct = crate::image::DirectMode::Off;
+    bare.direct = crate::device::image::DirectMode::Off;
     bare.save(&p).expect("save");
     let text = std::fs::read_to_string(&p).expect("read");
     check_golden("state-file-bare.json", &text);
@@ -300,12 +301,12 @@ fn the_bitmap_header_matches_the_golden_file() {
     std::fs::write(&img, [0u8; 4096]).expect("image");
     let bm = dir.path().join("disk.bitmap");
     let size = 8 << 20;
-    let m = crate::dirty::DirtyMap::open_file(&bm, &img, size, 64 << 10).expect("create");
+    let m = crate::mirror::dirty::DirtyMap::open_file(&bm, &img, size, 64 << 10).expect("create");
     m.mark(0, 4096); // granule 0
     m.mark(5 << 20, 64 << 10); // granule 80
     m.flush().expect("flush");
     drop(m);
-    let m = crate::dirty::DirtyMap::open_file(&bm, &img, size, 64 << 10).expect("reopen");
+    let m = crate::mirror::dirty::DirtyMap::open_file(&bm, &img, size, 64 << 10).expect("reopen");
     m.flush().expect("flush");
     drop(m);
     let mut bytes = std::fs::read(&bm).expect("read");

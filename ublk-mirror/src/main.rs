@@ -1,31 +1,27 @@
 //! `ublk-mirror`: serve a raw image as /dev/ublkbN (and, during a migration, mirror its writes
 //! to an NBD target).
 //!
-//! Reading order for the data path: `queue.rs` (one tag's request loop) -> `request.rs` (the
-//! typed request) -> `local_leg.rs` (the image I/O) -> back to `queue.rs` for the completion.
-//! `device.rs` is the device's life around it.
+//! The layout, by what each part is for (dependencies run one way, checked by
+//! `scripts/check-layers`):
+//! - `datapath/`: a guest request from the kernel's hand-off to its commit (start with
+//!   `datapath/mod.rs`, which follows one WRITE through the files);
+//! - `mirror/`: the link to the NBD target, attaching it, copy and resync, the out-of-sync map
+//!   and activity log, the range lock;
+//! - `ctl/`: the control socket, one handler per command, the JSON reports;
+//! - `device/`: the ublk device's life, the image, readiness, the state file;
+//! - `shared.rs`: the control-plane state the handlers and the device share;
+//! - small shared pieces: `lock.rs`, `stop.rs`, `run_dir.rs`, `doorbell.rs`.
 
-mod control_server;
-mod copy;
+mod ctl;
+mod datapath;
 mod device;
-mod dirty;
 mod doorbell;
-mod error;
 #[cfg(test)]
 mod golden_tests;
-mod image;
-mod io_path;
-mod local_leg;
 mod lock;
 mod mirror;
-mod queue;
-mod range_lock;
-mod readiness;
-mod request;
 mod run_dir;
 mod shared;
-mod state;
-mod stats;
 mod stop;
 
 use std::os::fd::RawFd;
@@ -35,11 +31,12 @@ use std::sync::mpsc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::control_server::ControlPath;
-use crate::device::DeviceConfig;
-use crate::dirty::{DirtyMap, DEFAULT_GRANULE};
-use crate::image::{DirectMode, Image};
-use crate::readiness::Readiness;
+use crate::ctl::ControlPath;
+use crate::device::image::{DirectMode, Image};
+use crate::device::readiness::Readiness;
+use crate::device::ublk::DeviceConfig;
+use crate::device::{state, ublk};
+use crate::mirror::dirty::{self, DirtyMap, DEFAULT_GRANULE};
 use crate::shared::Shared;
 use crate::stop::StopReason;
 
@@ -176,7 +173,7 @@ fn main() {
     let res = match cli.command {
         Command::Serve(args) => serve(args, None),
         Command::Recover { dev_id, ready_fd } => recover(dev_id, ready_fd),
-        Command::Delete { dev_id, force } => device::delete(dev_id, force).map(|()| {
+        Command::Delete { dev_id, force } => ublk::delete(dev_id, force).map(|()| {
             println!("deleted ublk device {dev_id}");
         }),
     };
@@ -188,10 +185,10 @@ fn main() {
 
 /// `recover`: the previous daemon's options from its state file, then `serve` in recovery mode.
 fn recover(dev_id: u32, ready_fd: Option<RawFd>) -> Result<()> {
-    device::check_driver()?;
+    ublk::check_driver()?;
     let path = state::path_for(dev_id);
     let st = state::DaemonState::load(&path)?;
-    device::check_recoverable(dev_id)?;
+    ublk::check_recoverable(dev_id)?;
     if !st.image.exists() {
         anyhow::bail!(
             "cannot recover ublk device {dev_id}: its image {} is missing (delete the device \
@@ -244,7 +241,7 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
             args.granularity
         );
     }
-    device::check_driver()?;
+    ublk::check_driver()?;
     let dirty = match &args.bitmap {
         Some(p) => {
             let m = DirtyMap::open_file(p, &image.path, image.size, args.granularity)?;
@@ -330,7 +327,7 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
         (false, Some(p)) => Some(ControlPath::Path(p)),
         (false, None) => Some(ControlPath::Default),
     };
-    let totals = device::serve(shared, &cfg, control, stop_rx, readiness)?;
+    let totals = ublk::serve(shared, &cfg, control, stop_rx, readiness)?;
     log::info!("stats at exit: {totals}");
     Ok(())
 }

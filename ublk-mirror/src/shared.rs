@@ -12,24 +12,22 @@
 //! So once the sum reads zero with the gate closed, nothing touches the image until unpause.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use nbd_proxy::address::Stream;
-use nbd_proxy::client::{Export, Negotiator};
-use nbd_proxy::proto::{tx_flags, BlockSize};
 
-use crate::copy::{CopyJob, WORKERS};
-use crate::dirty::DirtyMap;
-use crate::image::{DirectMode, Image};
-use crate::io_path::{Gate, IoPath};
+use crate::datapath::io_path::{Gate, IoPath};
+use crate::device::image::{DirectMode, Image};
+use crate::device::state::{self, DaemonState, MirrorRecord};
 use crate::lock::lock;
-use crate::mirror::{Mirror, MirrorState};
-use crate::state::{self, DaemonState, MirrorRecord};
+use crate::mirror::attach::{self, DeviceNeeds};
+use crate::mirror::copy::{CopyJob, WORKERS};
+use crate::mirror::dirty::DirtyMap;
+use crate::mirror::link::{Mirror, MirrorState};
 use crate::stop::StopReason;
 
 /// The device's state as the orchestrator sees it.
@@ -350,58 +348,14 @@ impl Shared {
             .remove(fd_name)
             .ok_or_else(|| ControlError::NoSuchFd(fd_name.to_owned()))?;
         let refuse = |m: String| ControlError::MirrorRefused(m);
-        let family = socket_family(stored.fd.as_raw_fd());
-        let stream = if family == libc::AF_UNIX {
-            Stream::Unix(std::os::unix::net::UnixStream::from(stored.fd))
-        } else {
-            let s = std::net::TcpStream::from(stored.fd);
-            let _ = s.set_nodelay(true);
-            Stream::Tcp(s)
+        let (stream, export) =
+            attach::connect(stored.fd, stored.nbd, export_name).map_err(refuse)?;
+        let needs = DeviceNeeds {
+            dev_size: self.dev_size,
+            logical_block: self.logical_block,
+            max_io,
         };
-        let (stream, export) = match stored.nbd {
-            Some(n) => (
-                stream,
-                Export {
-                    name: n.export,
-                    size: n.size,
-                    flags: n.flags,
-                    block_size: BlockSize::from_array(n.block_size),
-                },
-            ),
-            None => {
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .map_err(|e| refuse(e.to_string()))?;
-                let (s, e) = Negotiator::start(stream)
-                    .and_then(|n| n.go(export_name))
-                    .map_err(|e| refuse(format!("NBD handshake: {e}")))?;
-                s.set_read_timeout(None)
-                    .map_err(|e| refuse(e.to_string()))?;
-                (s, e)
-            }
-        };
-        if export.size < self.dev_size {
-            return Err(refuse(format!(
-                "export {:?} has {} bytes, smaller than the {}-byte device",
-                export.name, export.size, self.dev_size
-            )));
-        }
-        if export.read_only() {
-            return Err(refuse(format!("export {:?} is read-only", export.name)));
-        }
-        if !export.has(tx_flags::SEND_FLUSH) {
-            return Err(refuse(format!(
-                "export {:?} does not take FLUSH: the target could not be crash-consistent",
-                export.name
-            )));
-        }
-        if export.block_size.maximum < max_io || export.block_size.minimum > self.logical_block {
-            return Err(refuse(format!(
-                "export {:?} block sizes (min {}, max {}) do not fit the device (block {}, max io {})",
-                export.name, export.block_size.minimum, export.block_size.maximum,
-                self.logical_block, max_io
-            )));
-        }
+        attach::check_export(&export, needs).map_err(refuse)?;
         let weak = Arc::downgrade(self);
         let on_failure = Box::new(move || {
             if let Some(shared) = weak.upgrade() {
@@ -441,8 +395,9 @@ impl Shared {
             CopyPlan::Resync { speed } => Some(("resync", speed)),
         };
         if let Some((kind, speed)) = job {
-            let chunk = crate::copy::DEFAULT_CHUNK;
-            let job = crate::copy::start(self.io.clone(), mirror.clone(), kind, speed, chunk);
+            let chunk = crate::mirror::copy::DEFAULT_CHUNK;
+            let job =
+                crate::mirror::copy::start(self.io.clone(), mirror.clone(), kind, speed, chunk);
             self.copy.store(Some(job));
         }
         log::info!(
@@ -573,26 +528,6 @@ impl Shared {
     }
 }
 
-/// The address family (AF_UNIX, AF_INET, ...) of a socket fd; -1 if it is not a socket.
-pub fn socket_family(fd: RawFd) -> i32 {
-    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: valid fd and a buffer of `len` bytes.
-    let rc = unsafe {
-        libc::getsockname(
-            fd,
-            (&mut addr as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        i32::from(addr.ss_family)
-    } else {
-        -1
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -606,7 +541,7 @@ pub(crate) mod tests {
         f.as_file().set_len(len).expect("size");
         let img = Image::open(f.path(), DirectMode::Off).expect("image");
         let (tx, _rx) = channel();
-        let dirty = DirtyMap::new(img.size, crate::dirty::DEFAULT_GRANULE);
+        let dirty = DirtyMap::new(img.size, crate::mirror::dirty::DEFAULT_GRANULE);
         let s = Shared::new(img, DirectMode::Off, queues, "t".into(), false, tx, dirty)
             .expect("shared");
         (f, s)

@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::io_path::IoPath;
+use crate::datapath::io_path::IoPath;
 use crate::lock::lock;
-use crate::mirror::{Mirror, MirrorOp, Outcome};
+use crate::mirror::link::{Mirror, MirrorOp, Outcome};
 
 /// Copy workers, i.e. chunks in flight.
 pub const WORKERS: u16 = 4;
@@ -283,7 +283,7 @@ fn worker(
     }
 }
 
-fn release(io: &IoPath, ticket: &crate::range_lock::Ticket) {
+fn release(io: &IoPath, ticket: &crate::mirror::range_lock::Ticket) {
     for q in io.ranges.release(ticket) {
         io.mail.ring(q);
     }

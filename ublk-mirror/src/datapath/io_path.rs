@@ -16,12 +16,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
-use crate::dirty::DirtyMap;
+use crate::datapath::request::Request;
+use crate::datapath::stats::Stats;
 use crate::doorbell::Doorbells;
-use crate::mirror::{Mailboxes, Mirror};
-use crate::range_lock::RangeLock;
-use crate::request::Request;
-use crate::stats::Stats;
+use crate::mirror::dirty::DirtyMap;
+use crate::mirror::link::{Mailboxes, Mirror};
+use crate::mirror::range_lock::RangeLock;
 
 /// Which requests wait instead of being served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

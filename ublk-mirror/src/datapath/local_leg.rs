@@ -15,7 +15,7 @@ use libublk::helpers::IoBuf;
 use libublk::uring_async::ublk_submit_sqe_async;
 use libublk::UblkUringData;
 
-use crate::error::LegError;
+use crate::datapath::error::LegError;
 
 /// How many times an operation the kernel answered with EAGAIN/EINTR is retried.
 const MAX_RETRIES: u32 = 8;

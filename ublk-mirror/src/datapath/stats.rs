@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::request::Request;
+use crate::datapath::request::Request;
 
 /// Counters of one queue; written by its thread only.
 #[derive(Debug, Default)]

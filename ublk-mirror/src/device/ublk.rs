@@ -14,12 +14,13 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{sys, UblkError, UblkFlags};
 
-use crate::control_server::{ControlPath, ControlServer, DeviceInfo};
+use crate::ctl::socket::ControlServer;
+use crate::ctl::{ControlPath, DeviceInfo};
+use crate::datapath::queue::{run_queue, QueueContext};
+use crate::datapath::stats::Snapshot;
+use crate::device::readiness::Readiness;
 use crate::lock::lock;
-use crate::queue::{run_queue, QueueContext};
-use crate::readiness::Readiness;
 use crate::shared::Shared;
-use crate::stats::Snapshot;
 use crate::stop::StopReason;
 
 pub const UBLK_CONTROL: &str = "/dev/ublk-control";
@@ -320,6 +321,6 @@ pub fn delete(dev_id: u32, force: bool) -> Result<()> {
     ctrl.del_dev()
         .map_err(|e| anyhow!("DEL_DEV of ublk device {dev_id} failed: {e}"))?;
     // Nothing can recover it any more.
-    let _ = std::fs::remove_file(crate::state::path_for(dev_id));
+    let _ = std::fs::remove_file(crate::device::state::path_for(dev_id));
     Ok(())
 }

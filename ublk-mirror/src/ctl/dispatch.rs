@@ -1,0 +1,90 @@
+//! One request line: parsed and checked (version, command, fds), then its command goes to
+//! its handler, one line each.
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use control::protocol::{code, Command, Reply, Request, VERSION};
+use serde_json::Value;
+
+use crate::ctl::handlers::{self, Outcome};
+use crate::ctl::{report, DeviceInfo};
+use crate::shared::Shared;
+
+pub(crate) fn handle_line(
+    line: &[u8],
+    fd: Option<OwnedFd>,
+    excess_fds: bool,
+    shared: &Arc<Shared>,
+    info: &DeviceInfo,
+) -> Reply {
+    let value: Value = match serde_json::from_slice(line) {
+        Ok(v) => v,
+        Err(e) => return Reply::err(0, code::BAD_REQUEST, format!("not JSON: {e}")),
+    };
+    let id = value.get("id").and_then(Value::as_u64).unwrap_or(0);
+    if value.get("v").and_then(Value::as_u64) != Some(u64::from(VERSION)) {
+        return Reply::err(
+            id,
+            code::BAD_VERSION,
+            format!("protocol version must be {VERSION}"),
+        );
+    }
+    let req: Request = match serde_json::from_value(value) {
+        Ok(r) => r,
+        Err(e) if e.to_string().contains("unknown variant") => {
+            return Reply::err(id, code::UNKNOWN_COMMAND, e.to_string())
+        }
+        Err(e) => return Reply::err(id, code::BAD_REQUEST, e.to_string()),
+    };
+    if excess_fds {
+        return Reply::err(
+            id,
+            code::BAD_FD,
+            "more than one fd sent with one request; all closed",
+        );
+    }
+    if fd.is_some() && !matches!(req.command, Command::PassFd { .. }) {
+        return Reply::err(
+            id,
+            code::BAD_FD,
+            "an fd may only come with pass-fd; closed it",
+        );
+    }
+    match dispatch(req.command, fd, shared, info) {
+        Ok(v) => Reply::ok(id, v),
+        Err((c, m)) => Reply::err(id, c, m),
+    }
+}
+
+fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &DeviceInfo) -> Outcome {
+    match cmd {
+        Command::Info => Ok(report::info_json(shared, info)),
+        Command::Stats => Ok(report::stats_json(shared)),
+        Command::Pause { timeout } => handlers::pause(shared, timeout),
+        Command::Unpause { image, mirror } => handlers::unpause(shared, info, image, mirror),
+        Command::PassFd { name, nbd } => handlers::pass_fd(shared, fd, name, nbd),
+        Command::ListFds => Ok(handlers::list_fds(shared)),
+        Command::CloseFd { name } => handlers::close_fd(shared, name),
+        Command::WaitIdle { timeout } => handlers::wait_idle(shared, timeout),
+        Command::MirrorStart {
+            name,
+            export,
+            timeout,
+            copy,
+            resync,
+            speed,
+        } => {
+            let plan = handlers::copy_plan(copy, resync, speed)?;
+            handlers::mirror_start(shared, info, name, export, timeout, plan)
+        }
+        Command::MirrorStop => Ok(handlers::mirror_stop(shared)),
+        Command::MirrorWaitReady { timeout } => handlers::mirror_wait_ready(shared, timeout),
+        Command::DirtyMap => Ok(report::dirty_map_json(shared)),
+        Command::Shutdown { keep } => Ok(handlers::shutdown(shared, keep)),
+        other => Err((
+            code::UNKNOWN_COMMAND,
+            format!("{other:?} is not served by this daemon"),
+        )),
+    }
+}

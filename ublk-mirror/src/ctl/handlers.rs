@@ -1,0 +1,270 @@
+//! One function per control command that changes or waits for something (the reports are in
+//! `report.rs`). Each returns the reply's result, or its error code and message.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use control::protocol::{code, defaults, timeout_limit, NegotiatedNbd, MAX_FDS, MAX_FD_NAME};
+use serde_json::{json, Value};
+
+use crate::ctl::{report, DeviceInfo};
+use crate::lock::lock;
+use crate::mirror::copy::CopyState;
+use crate::shared::{ControlError, CopyPlan, Shared, StoredFd};
+use crate::stop::StopReason;
+
+/// A reply's result, or its error code and message.
+pub(super) type Outcome = std::result::Result<Value, (&'static str, String)>;
+
+/// A command's `timeout` by the protocol's one rule: absent is `default`, 0 is no limit
+/// (`None`), otherwise seconds up to a day.
+fn timeout_of(
+    t: Option<f64>,
+    default: f64,
+) -> std::result::Result<Option<Duration>, (&'static str, String)> {
+    timeout_limit(t, default).map_err(|m| (code::BAD_REQUEST, m))
+}
+
+/// A wait with `timeout_of`'s limit; no limit waits as long as it takes.
+fn wait_limit(limit: Option<Duration>) -> Duration {
+    limit.unwrap_or(Duration::MAX)
+}
+
+fn control_error(e: ControlError) -> (&'static str, String) {
+    let c = match e {
+        ControlError::PauseTimeout { .. } | ControlError::IdleTimeout(_) => code::TIMEOUT,
+        ControlError::Reopen(..) => code::BAD_IMAGE,
+        ControlError::NotPaused(_) | ControlError::Stopping => code::BAD_STATE,
+        ControlError::PauseFlush(_) => code::FAILED,
+        ControlError::NoSuchFd(_) => code::NO_SUCH_FD,
+        ControlError::MirrorRefused(_) => code::MIRROR_REFUSED,
+        ControlError::MirrorBusy(_) => code::BAD_STATE,
+    };
+    (c, e.to_string())
+}
+
+pub(super) fn pause(shared: &Shared, timeout: Option<f64>) -> Outcome {
+    let limit = timeout_of(timeout, defaults::PAUSE_TIMEOUT)?;
+    let took = shared.pause(wait_limit(limit)).map_err(control_error)?;
+    Ok(json!({ "drain_ms": took.as_secs_f64() * 1000.0 }))
+}
+
+/// Resumes (on `image` if given), then starts mirroring to the stored fd `mirror`, or stops
+/// it for "null".
+pub(super) fn unpause(
+    shared: &std::sync::Arc<Shared>,
+    info: &DeviceInfo,
+    image: Option<String>,
+    mirror: Option<String>,
+) -> Outcome {
+    if let Some(m) = &mirror {
+        let known = m == "null" || lock(&shared.fds).contains_key(m);
+        if !known {
+            return Err((
+                code::NO_SUCH_FD,
+                format!("no fd named {m:?} (pass-fd it first)"),
+            ));
+        }
+    }
+    shared
+        .unpause(image.map(PathBuf::from))
+        .map_err(control_error)?;
+    match mirror.as_deref() {
+        Some("null") => {
+            shared.stop_mirror();
+        }
+        Some(name) => {
+            let timeout = timeout_of(None, defaults::MIRROR_TIMEOUT)?;
+            shared
+                .start_mirror(name, "", timeout, info.max_io_bytes, CopyPlan::None)
+                .map_err(control_error)?;
+        }
+        None => {}
+    }
+    if let Some(m) = mirror {
+        *lock(&shared.mirror_request) = (m != "null").then_some(m);
+    }
+    Ok(json!({ "state": shared.state().name() }))
+}
+
+pub(super) fn pass_fd(
+    shared: &Shared,
+    fd: Option<OwnedFd>,
+    name: String,
+    nbd: Option<NegotiatedNbd>,
+) -> Outcome {
+    let fd = fd.ok_or((code::BAD_FD, "pass-fd without an fd".to_string()))?;
+    if name.is_empty() || name.len() > MAX_FD_NAME || name.chars().any(char::is_control) {
+        return Err((
+            code::BAD_REQUEST,
+            format!("fd names are 1..={MAX_FD_NAME} printable bytes"),
+        ));
+    }
+    check_stream_socket(&fd).map_err(|m| (code::BAD_FD, m))?;
+    let mut fds = lock(&shared.fds);
+    if !fds.contains_key(&name) && fds.len() >= MAX_FDS {
+        return Err((
+            code::TOO_MANY_FDS,
+            format!("at most {MAX_FDS} fds; close-fd one"),
+        ));
+    }
+    let replaced = fds.insert(name.clone(), StoredFd { fd, nbd }).is_some();
+    log::info!(
+        "pass-fd {name:?} stored{}",
+        if replaced {
+            " (replaced the old one)"
+        } else {
+            ""
+        }
+    );
+    Ok(json!({ "name": name, "replaced": replaced }))
+}
+
+pub(super) fn list_fds(shared: &Shared) -> Value {
+    let fds = lock(&shared.fds);
+    let list: Vec<Value> = fds
+        .iter()
+        .map(|(n, f)| {
+            json!({ "name": n, "family": socket_family(&f.fd),
+                    "negotiated": f.nbd.is_some(),
+                    "export": f.nbd.as_ref().map(|x| x.export.clone()) })
+        })
+        .collect();
+    json!({ "fds": list })
+}
+
+pub(super) fn close_fd(shared: &Shared, name: String) -> Outcome {
+    match lock(&shared.fds).remove(&name) {
+        Some(_) => Ok(json!({ "name": name })),
+        None => Err((code::NO_SUCH_FD, format!("no fd named {name:?}"))),
+    }
+}
+
+pub(super) fn wait_idle(shared: &Shared, timeout: Option<f64>) -> Outcome {
+    let limit = timeout_of(timeout, defaults::WAIT_IDLE_TIMEOUT)?;
+    shared.wait_idle(wait_limit(limit)).map_err(control_error)?;
+    Ok(json!({ "reqs_outstanding": 0, "nbd_mirror_failed": u8::from(shared.mirror_failed()) }))
+}
+
+/// What `mirror-start` copies: `copy` and `resync` exclude each other; a speed of 0 is no
+/// limit, as an absent one.
+pub(super) fn copy_plan(
+    copy: bool,
+    resync: bool,
+    speed: Option<u64>,
+) -> std::result::Result<CopyPlan, (&'static str, String)> {
+    if copy && resync {
+        return Err((
+            code::BAD_REQUEST,
+            "copy and resync exclude each other".into(),
+        ));
+    }
+    let speed = speed.filter(|&s| s > 0);
+    Ok(match (copy, resync) {
+        (true, _) => CopyPlan::Copy { speed },
+        (_, true) => CopyPlan::Resync { speed },
+        _ => CopyPlan::None,
+    })
+}
+
+pub(super) fn mirror_start(
+    shared: &std::sync::Arc<Shared>,
+    info: &DeviceInfo,
+    name: String,
+    export: Option<String>,
+    timeout: Option<f64>,
+    plan: CopyPlan,
+) -> Outcome {
+    // 0 is no limit, like tapdisk (a hung target then hangs the guest).
+    let timeout = timeout_of(timeout, defaults::MIRROR_TIMEOUT)?;
+    let m = shared
+        .start_mirror(
+            &name,
+            export.as_deref().unwrap_or(""),
+            timeout,
+            info.max_io_bytes,
+            plan,
+        )
+        .map_err(control_error)?;
+    *lock(&shared.mirror_request) = Some(name);
+    Ok(json!({ "state": m.state().name(), "export": m.export.name, "size": m.export.size }))
+}
+
+pub(super) fn mirror_stop(shared: &Shared) -> Value {
+    json!({ "stopped": shared.stop_mirror() })
+}
+
+/// Waits until the copy or resync is ready; fails at once if none runs or it ended otherwise.
+pub(super) fn mirror_wait_ready(shared: &Shared, timeout: Option<f64>) -> Outcome {
+    let limit = timeout_of(timeout, defaults::MIRROR_WAIT_READY_TIMEOUT)?;
+    let deadline = limit.map(|d| std::time::Instant::now() + d);
+    loop {
+        let Some(job) = shared.copy.load_full() else {
+            return Err((code::BAD_STATE, "no copy or resync is running".into()));
+        };
+        match job.state() {
+            CopyState::Ready => return Ok(report::copy_json(&job)),
+            CopyState::Copying => {}
+            other => {
+                return Err((
+                    code::FAILED,
+                    format!("the {} ended {}", job.kind, other.name()),
+                ))
+            }
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+            return Err((code::TIMEOUT, format!("{} not ready yet", job.kind)));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub(super) fn shutdown(shared: &Shared, keep: bool) -> Value {
+    let why = if keep {
+        StopReason::Detach
+    } else {
+        StopReason::Control
+    };
+    let _ = lock(&shared.stop).send(why);
+    json!({})
+}
+
+/// Mirror targets are stream sockets (TCP, or a Unix socketpair from a TLS relay).
+fn check_stream_socket(fd: &OwnedFd) -> std::result::Result<(), String> {
+    // SAFETY: stat is plain old data; all-zero is valid and fstat fills it in.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and a valid stat buffer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(format!("fstat: {}", std::io::Error::last_os_error()));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err("the fd is not a socket".into());
+    }
+    let mut ty: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid socket fd and an int-sized buffer for SO_TYPE.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut ty as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || ty != libc::SOCK_STREAM {
+        return Err("the fd is not a stream socket".into());
+    }
+    Ok(())
+}
+
+/// "unix", "inet" or "inet6": what kind of link a stored fd is.
+fn socket_family(fd: &OwnedFd) -> &'static str {
+    match crate::mirror::attach::socket_family(fd.as_raw_fd()) {
+        libc::AF_UNIX => "unix",
+        libc::AF_INET => "inet",
+        libc::AF_INET6 => "inet6",
+        _ => "unknown",
+    }
+}

@@ -1,0 +1,213 @@
+//! The control server against a temp-file device: framing, fds, errors and timeouts.
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use control::protocol::{code, Reply, MAX_FDS, MAX_LINE};
+
+use crate::ctl::socket::serve_client;
+use crate::ctl::DeviceInfo;
+use crate::lock::lock;
+use crate::shared::Shared;
+use control::fdpass::send_with_fd;
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsFd;
+
+/// A control connection served by the real handler, with the device side replaced by a
+/// Shared on a temp file (no ublk needed).
+fn session() -> (
+    tempfile::NamedTempFile,
+    Arc<Shared>,
+    UnixStream,
+    BufReader<UnixStream>,
+) {
+    let (f, shared) = crate::shared::tests::shared_with(1 << 20, 1);
+    let (ours, theirs) = UnixStream::pair().expect("pair");
+    let (s2, info) = (shared.clone(), test_info());
+    std::thread::spawn(move || serve_client(theirs, &s2, &info));
+    let reader = BufReader::new(ours.try_clone().expect("clone"));
+    (f, shared, ours, reader)
+}
+
+/// What the handler is told of the (absent) device.
+pub(crate) fn test_info() -> DeviceInfo {
+    DeviceInfo {
+        dev_id: 0,
+        bdev: "/dev/ublkb0".into(),
+        queues: 1,
+        depth: 1,
+        max_io_bytes: 4096,
+    }
+}
+
+fn reply(r: &mut BufReader<UnixStream>) -> Reply {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("reply");
+    serde_json::from_str(line.trim_end()).expect("reply json")
+}
+
+fn code_of(r: &Reply) -> &str {
+    r.error.as_ref().map(|e| e.code.as_str()).unwrap_or("ok")
+}
+
+#[test]
+fn errors_are_replies_and_the_connection_survives() {
+    let (_f, _s, mut c, mut r) = session();
+    c.write_all(b"garbage\n").expect("send");
+    assert_eq!(code_of(&reply(&mut r)), code::BAD_REQUEST);
+    c.write_all(b"{\"v\":1,\"id\":3,\"cmd\":\"frob\"}\n")
+        .expect("send");
+    let rep = reply(&mut r);
+    assert_eq!((code_of(&rep), rep.id), (code::UNKNOWN_COMMAND, 3));
+    c.write_all(b"{\"v\":2,\"id\":4,\"cmd\":\"stats\"}\n")
+        .expect("send");
+    assert_eq!(code_of(&reply(&mut r)), code::BAD_VERSION);
+    c.write_all(&vec![b'x'; MAX_LINE + 10]).expect("send");
+    c.write_all(b"\n").expect("send");
+    assert_eq!(code_of(&reply(&mut r)), code::BAD_REQUEST, "oversized line");
+    // The same line split across reads, with the newline in the last part.
+    c.write_all(&vec![b'y'; 40_000]).expect("send");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    c.write_all(&vec![b'y'; 30_000]).expect("send");
+    c.write_all(b"\n").expect("send");
+    let rep = reply(&mut r);
+    assert!(
+        rep.error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("line longer")),
+        "split oversized line: {rep:?}"
+    );
+    c.write_all(b"{\"v\":1,\"id\":9,\"cmd\":\"stats\"}\n")
+        .expect("send");
+    let rep = reply(&mut r);
+    assert!(
+        rep.ok && rep.id == 9,
+        "still serving after the errors: {rep:?}"
+    );
+    let v = rep.result.expect("stats");
+    assert_eq!(v["reqs_outstanding"], 0);
+    assert_eq!(v["nbd_mirror_failed"], 0);
+}
+
+#[test]
+fn fds_bind_to_their_line_and_bad_ones_are_closed() {
+    let (_f, shared, c, mut r) = session();
+    let (sock, _peer) = UnixStream::pair().expect("pair");
+    let file = std::fs::File::open("/dev/null").expect("file");
+    // An fd on the wrong command.
+    send_with_fd(&c, b"{\"v\":1,\"id\":1,\"cmd\":\"stats\"}\n", sock.as_fd()).expect("send");
+    assert_eq!(code_of(&reply(&mut r)), code::BAD_FD);
+    // Not a socket.
+    send_with_fd(
+        &c,
+        b"{\"v\":1,\"id\":2,\"cmd\":\"pass-fd\",\"args\":{\"name\":\"f\"}}\n",
+        file.as_fd(),
+    )
+    .expect("send");
+    assert_eq!(code_of(&reply(&mut r)), code::BAD_FD);
+    // pass-fd without an fd.
+    (&c).write_all(b"{\"v\":1,\"id\":3,\"cmd\":\"pass-fd\",\"args\":{\"name\":\"f\"}}\n")
+        .expect("send");
+    assert_eq!(code_of(&reply(&mut r)), code::BAD_FD);
+    // A good one, then its replacement.
+    let line = b"{\"v\":1,\"id\":4,\"cmd\":\"pass-fd\",\"args\":{\"name\":\"m\"}}\n";
+    send_with_fd(&c, line, sock.as_fd()).expect("send");
+    let rep = reply(&mut r);
+    assert!(rep.ok, "{rep:?}");
+    send_with_fd(&c, line, sock.as_fd()).expect("send");
+    assert_eq!(reply(&mut r).result.expect("ok")["replaced"], true);
+    assert_eq!(lock(&shared.fds).len(), 1);
+    (&c).write_all(b"{\"v\":1,\"id\":5,\"cmd\":\"list-fds\"}\n")
+        .expect("send");
+    let fds = reply(&mut r).result.expect("list");
+    assert_eq!(fds["fds"][0]["name"], "m");
+    assert_eq!(fds["fds"][0]["family"], "unix");
+    (&c).write_all(b"{\"v\":1,\"id\":6,\"cmd\":\"close-fd\",\"args\":{\"name\":\"m\"}}\n")
+        .expect("send");
+    assert!(reply(&mut r).ok);
+    assert!(lock(&shared.fds).is_empty());
+}
+
+#[test]
+fn two_fds_in_one_message_are_rejected() {
+    let (_f, shared, c, mut r) = session();
+    let (a, _pa) = UnixStream::pair().expect("pair");
+    let (b, _pb) = UnixStream::pair().expect("pair");
+    let line = b"{\"v\":1,\"id\":7,\"cmd\":\"pass-fd\",\"args\":{\"name\":\"two\"}}\n";
+    control::fdpass::send_with_fds(&c, line, &[a.as_fd(), b.as_fd()]).expect("send");
+    assert_eq!(code_of(&reply(&mut r)), code::BAD_FD);
+    assert!(
+        lock(&shared.fds).is_empty(),
+        "nothing stored from a message with two fds"
+    );
+}
+
+/// `pause` and `wait-idle` with `timeout: 0` wait as long as it takes (as `mirror-start`'s
+/// 0 does); they do not fail at once.
+#[test]
+fn a_zero_timeout_is_no_limit() {
+    let (_f, shared, mut c, mut r) = session();
+    shared.io.stats.queue(0).start(); // one request being served
+    for (id, cmd) in [(1, "wait-idle"), (2, "pause")] {
+        let line =
+            format!("{{\"v\":1,\"id\":{id},\"cmd\":\"{cmd}\",\"args\":{{\"timeout\":0}}}}\n");
+        c.write_all(line.as_bytes()).expect("send");
+        r.get_ref()
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let mut early = String::new();
+        assert!(
+            r.read_line(&mut early).is_err(),
+            "{cmd} with timeout 0 answered while a request was outstanding: {early}"
+        );
+        r.get_ref().set_read_timeout(None).expect("timeout");
+        shared.io.stats.queue(0).complete();
+        let rep = reply(&mut r);
+        assert!(rep.ok && rep.id == id, "{cmd}: {rep:?}");
+        shared.io.stats.queue(0).start();
+    }
+    assert_eq!(shared.state(), crate::shared::DeviceState::Paused);
+    shared.io.stats.queue(0).complete();
+    // Out of range is refused, with the rule.
+    c.write_all(b"{\"v\":1,\"id\":3,\"cmd\":\"wait-idle\",\"args\":{\"timeout\":-1}}\n")
+        .expect("send");
+    let rep = reply(&mut r);
+    assert_eq!(code_of(&rep), code::BAD_REQUEST);
+    assert!(rep
+        .error
+        .is_some_and(|e| e.message.contains("0 (no limit)")));
+}
+
+#[test]
+fn wait_ready_is_served_as_mirror_wait_ready() {
+    let (_f, _s, mut c, mut r) = session();
+    for (id, cmd) in [(1, "mirror-wait-ready"), (2, "wait-ready")] {
+        let line = format!("{{\"v\":1,\"id\":{id},\"cmd\":\"{cmd}\",\"args\":{{}}}}\n");
+        c.write_all(line.as_bytes()).expect("send");
+        let rep = reply(&mut r);
+        // Known, and answered: no copy is running.
+        assert_eq!(
+            (code_of(&rep), rep.id),
+            (code::BAD_STATE, id),
+            "{cmd}: {rep:?}"
+        );
+    }
+}
+
+#[test]
+fn at_most_sixteen_fds() {
+    let (_f, _s, c, mut r) = session();
+    let (sock, _peer) = UnixStream::pair().expect("pair");
+    for i in 0..=MAX_FDS {
+        let line =
+            format!("{{\"v\":1,\"id\":{i},\"cmd\":\"pass-fd\",\"args\":{{\"name\":\"n{i}\"}}}}\n");
+        send_with_fd(&c, line.as_bytes(), sock.as_fd()).expect("send");
+        let rep = reply(&mut r);
+        if i < MAX_FDS {
+            assert!(rep.ok, "{rep:?}");
+        } else {
+            assert_eq!(code_of(&rep), code::TOO_MANY_FDS);
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The fan-out of one admitted request to its legs. A read goes to the local image only; so
+//! does a write-like request while no mirror takes writes ([`unmirrored`]: it marks what the
+//! target will lack out of sync). While a mirror takes writes, a write-like request goes to
+//! both legs at once ([`mirrored`]). Either way the guest gets the local leg's result.
+
+use std::sync::atomic::Ordering;
+
+use crate::datapath::error::LegError;
+use crate::datapath::io_path::IoPath;
+use crate::datapath::local_leg::LocalLeg;
+use crate::datapath::request::Request;
+use crate::datapath::tag::{wait_until, TagContext};
+use crate::mirror::link::{Mirror, MirrorOp, Outcome};
+
+/// Carries out one request; Ok is the value committed to the kernel (bytes for data
+/// requests). Write-like requests go to the mirror too while one takes I/O.
+pub(super) async fn fan_out(
+    t: &TagContext<'_>,
+    tag: u16,
+    req: Request,
+    buf: &mut [u8],
+) -> Result<i32, LegError> {
+    if matches!(req, Request::Read { .. }) {
+        return serve_local(t.leg, req, buf).await;
+    }
+    // Counted before looking at the mirror slot: a mirror starting waits for local-only
+    // writes to finish, and they see it and mark themselves out of sync (see start_mirror).
+    t.counters.local_only_begin();
+    let mirror = t.io.mirror.load_full();
+    let Some(m) = mirror.as_ref().filter(|m| m.takes_io()) else {
+        return unmirrored(t, req, buf, mirror.is_some()).await;
+    };
+    t.counters.local_only_end();
+    mirrored(t, tag, req, buf, m).await
+}
+
+/// A write-like request no mirror takes (`attached`: one is attached but failed or
+/// stopping), counted as local-only by the caller; ends that count.
+async fn unmirrored(
+    t: &TagContext<'_>,
+    req: Request,
+    buf: &mut [u8],
+    attached: bool,
+) -> Result<i32, LegError> {
+    // With a mirror attached but not taking I/O (failed, stopping), or none since one was
+    // stopped or a previous daemon's died, the write will differ from the target (a later
+    // --resync must copy it): its bits are set before it is issued, so a crash cannot lose
+    // them.
+    if attached || t.io.tracks_without_mirror() {
+        mark_dirty(t.io, &req);
+    }
+    let res = serve_local(t.leg, req, buf).await;
+    // A mirror that appeared meanwhile (start_mirror waits for us) must see this write.
+    if !attached && t.io.mirror.load().is_some() {
+        mark_dirty(t.io, &req);
+    }
+    t.counters.local_only_end();
+    res
+}
+
+/// A write-like request to both legs: its place in the range lock (overlapping writes reach
+/// both legs in arrival order), the activity log, then the local leg on this ring and the
+/// mirror leg on the link concurrently; done when both are.
+async fn mirrored(
+    t: &TagContext<'_>,
+    tag: u16,
+    req: Request,
+    buf: &mut [u8],
+    m: &Mirror,
+) -> Result<i32, LegError> {
+    let range = req.range().filter(|_| !t.io.range_lock_disabled);
+    let ticket = range.map(|(off, len)| t.io.ranges.enqueue(off, len, t.qid));
+    if let Some(ticket) = &ticket {
+        wait_until(t.parked, || ticket.granted.load(Ordering::Acquire)).await;
+    }
+    let Some(op) = mirror_op(req, buf) else {
+        return serve_local(t.leg, req, buf).await;
+    };
+    // On disk before either leg sees the write: a crash between the legs is then covered.
+    let logged = req.range();
+    if let Some((off, len)) = logged {
+        t.io.dirty.al_begin(off, len);
+    }
+    t.parked.outcomes.borrow_mut()[usize::from(tag)] = None;
+    m.submit(t.qid, tag, op);
+    let remote = async {
+        let mut outcome = None;
+        wait_until(t.parked, || {
+            outcome = t.parked.outcomes.borrow_mut()[usize::from(tag)].take();
+            outcome.is_some()
+        })
+        .await;
+        outcome.unwrap_or(Outcome::Failed)
+    };
+    let (local, remote) = smol::future::zip(serve_local(t.leg, req, buf), remote).await;
+    if let Some(ticket) = &ticket {
+        for q in t.io.ranges.release(ticket) {
+            t.io.mail.ring(q);
+        }
+    }
+    if remote == Outcome::Failed {
+        mark_dirty(t.io, &req);
+    }
+    if let Some((off, len)) = logged {
+        t.io.dirty.al_end(off, len);
+    }
+    local
+}
+
+/// What the target must do for a write-like request (None for a read). The data is copied:
+/// the mirror link sends it from another thread.
+fn mirror_op(req: Request, buf: &[u8]) -> Option<MirrorOp> {
+    Some(match req {
+        Request::Write { offset, len, fua } => MirrorOp::Write {
+            offset,
+            data: buf[..len as usize].to_vec(),
+            fua,
+        },
+        Request::Flush => MirrorOp::Flush,
+        Request::Discard { offset, len } | Request::WriteZeroes { offset, len } => {
+            MirrorOp::WriteZeroes { offset, len }
+        }
+        Request::Read { .. } => return None,
+    })
+}
+
+fn mark_dirty(io: &IoPath, req: &Request) {
+    if let Some((off, len)) = req.range() {
+        io.dirty.mark(off, len);
+    }
+}
+
+/// The local leg only.
+async fn serve_local(leg: &LocalLeg, req: Request, buf: &mut [u8]) -> Result<i32, LegError> {
+    match req {
+        Request::Read { offset, len } => {
+            leg.read(&mut buf[..len as usize], offset).await?;
+            Ok(len as i32)
+        }
+        Request::Write { offset, len, fua } => {
+            leg.write(&buf[..len as usize], offset, fua).await?;
+            Ok(len as i32)
+        }
+        Request::Flush => leg.flush().await.map(|()| 0),
+        Request::Discard { offset, len } => leg.discard(offset, len).await.map(|()| 0),
+        Request::WriteZeroes { offset, len } => leg.write_zeroes(offset, len).await.map(|()| 0),
+    }
+}
