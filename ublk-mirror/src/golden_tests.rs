@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::ctl::dispatch::handle_line;
 use crate::ctl::DeviceInfo;
-use crate::shared::Shared;
+use crate::daemon::Daemon;
 
 fn golden_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -107,7 +107,7 @@ fn fake_target() -> (OwnedFd, std::thread::JoinHandle<()>) {
 }
 
 struct Driver {
-    shared: Arc<Shared>,
+    daemon: Arc<Daemon>,
     info: DeviceInfo,
     lines: BTreeSet<String>,
     id: u64,
@@ -123,7 +123,7 @@ impl Driver {
             req["args"] = args;
         }
         let line = serde_json::to_vec(&req).expect("json");
-        let reply = handle_line(&line, fd, false, &self.shared, &self.info);
+        let reply = handle_line(&line, fd, false, &self.daemon, &self.info);
         let v = serde_json::to_value(&reply).expect("reply json");
         let expect_ok = !label.starts_with("error(");
         assert_eq!(v["ok"], expect_ok, "{label}: {v}");
@@ -158,9 +158,9 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 /// mirror, and after mirror-stop; plus error replies.
 #[test]
 fn control_reply_keys_match_the_golden_file() {
-    let (_img, shared) = crate::shared::tests::shared_with(1 << 20, 1);
+    let (_img, daemon) = crate::daemon::tests::daemon_with(1 << 20, 1);
     let mut d = Driver {
-        shared: shared.clone(),
+        daemon: daemon.clone(),
         info: crate::ctl::tests::test_info(),
         lines: BTreeSet::new(),
         id: 0,
@@ -176,7 +176,7 @@ fn control_reply_keys_match_the_golden_file() {
         None,
     );
     d.call("mirror-stop(none)", "mirror-stop", none.clone(), None);
-    shared.io.dirty.mark(64 << 10, 4096);
+    daemon.io.dirty.mark(64 << 10, 4096);
     d.call("dirty-map(marked)", "dirty-map", none.clone(), None);
     d.call(
         "wait-idle",
@@ -232,13 +232,13 @@ fn control_reply_keys_match_the_golden_file() {
     d.call("stats(mirror-no-copy)", "stats", none.clone(), None);
     drop(target);
     wait_until("the mirror did not fail when its target went away", || {
-        shared.mirror_failed()
+        daemon.mirror_failed()
     });
     d.call("stats(mirror-failed)", "stats", none.clone(), None);
     d.call("mirror-stop(failed)", "mirror-stop", none.clone(), None);
 
     // A failure inherited from a previous daemon (after recover).
-    shared.inherit_mirror_failure("golden".into());
+    daemon.mirroring.inherit_failure("golden".into());
     d.call("stats(inherited-failure)", "stats", none.clone(), None);
     d.call("shutdown", "shutdown", serde_json::json!({}), None);
     d.call(

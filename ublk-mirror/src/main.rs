@@ -9,19 +9,21 @@
 //!   and activity log, the range lock;
 //! - `ctl/`: the control socket, one handler per command, the JSON reports;
 //! - `device/`: the ublk device's life, the image, readiness, the state file;
-//! - `shared.rs`: the control-plane state the handlers and the device share;
+//! - `daemon.rs`: the daemon object the control handlers hold, a small struct of parts;
+//!   `fd_store.rs`: the stored fds;
 //! - small shared pieces: `lock.rs`, `stop.rs`, `run_dir.rs`, `doorbell.rs`.
 
 mod ctl;
+mod daemon;
 mod datapath;
 mod device;
 mod doorbell;
+mod fd_store;
 #[cfg(test)]
 mod golden_tests;
 mod lock;
 mod mirror;
 mod run_dir;
-mod shared;
 mod stop;
 
 use std::os::fd::RawFd;
@@ -32,12 +34,12 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::ctl::ControlPath;
+use crate::daemon::Daemon;
 use crate::device::image::{DirectMode, Image};
 use crate::device::readiness::Readiness;
 use crate::device::ublk::DeviceConfig;
 use crate::device::{state, ublk};
 use crate::mirror::dirty::{self, DirtyMap, DEFAULT_GRANULE};
-use crate::shared::Shared;
 use crate::stop::StopReason;
 
 fn long_about() -> String {
@@ -270,7 +272,7 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
 
     let (stop_tx, stop_rx) = mpsc::channel();
     forward_signals(stop_tx.clone())?;
-    let shared = Shared::new(
+    let daemon = Daemon::new(
         image,
         args.direct,
         args.queues,
@@ -282,7 +284,7 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
     .context("setting up the queues' doorbells")?;
     if let Some(prev) = &recovering {
         if let Some(m) = &prev.mirror {
-            shared.inherit_mirror_failure(format!(
+            daemon.mirroring.inherit_failure(format!(
                 "the previous daemon (pid {}) {} while mirroring to {:?} (export {:?}): the \
                  target may lack writes; hand over a new connection and mirror-start --resync",
                 prev.pid,
@@ -290,25 +292,25 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
                 m.target,
                 m.export
             ));
-            if !shared.io.dirty.persistent() {
+            if !daemon.io.dirty.persistent() {
                 // Nothing recorded what the target missed: all of it is out of sync.
-                shared.io.dirty.mark_all();
+                daemon.io.dirty.mark_all();
             }
         }
     }
-    if shared.io.dirty.persistent() {
-        start_activity_log_cleaner(&shared)?;
+    if daemon.io.dirty.persistent() {
+        start_activity_log_cleaner(&daemon)?;
     }
-    *lock::lock(&shared.record) = Some(state::DaemonState {
+    daemon.record.set(state::DaemonState {
         version: state::DaemonState::CURRENT_VERSION,
         dev_id: 0,
         pid: std::process::id(),
-        image: shared.image_path(),
+        image: daemon.device.image_path(),
         direct: args.direct,
         queues: args.queues,
         depth: args.depth,
         max_io: args.max_io,
-        label: shared.label.clone(),
+        label: daemon.label.clone(),
         control: None,
         bitmap: args.bitmap.clone(),
         granularity: args.granularity,
@@ -327,15 +329,15 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
         (false, Some(p)) => Some(ControlPath::Path(p)),
         (false, None) => Some(ControlPath::Default),
     };
-    let totals = ublk::serve(shared, &cfg, control, stop_rx, readiness)?;
+    let totals = ublk::serve(daemon, &cfg, control, stop_rx, readiness)?;
     log::info!("stats at exit: {totals}");
     Ok(())
 }
 
 /// Clears idle extents from the activity log about once a second, so that a crash marks out
 /// of sync only what was recently written.
-fn start_activity_log_cleaner(shared: &std::sync::Arc<Shared>) -> Result<()> {
-    let weak = std::sync::Arc::downgrade(shared);
+fn start_activity_log_cleaner(daemon: &std::sync::Arc<Daemon>) -> Result<()> {
+    let weak = std::sync::Arc::downgrade(daemon);
     std::thread::Builder::new()
         .name("activity-log".into())
         .spawn(move || loop {

@@ -9,13 +9,13 @@ use serde_json::Value;
 
 use crate::ctl::handlers::{self, Outcome};
 use crate::ctl::{report, DeviceInfo};
-use crate::shared::Shared;
+use crate::daemon::Daemon;
 
 pub(crate) fn handle_line(
     line: &[u8],
     fd: Option<OwnedFd>,
     excess_fds: bool,
-    shared: &Arc<Shared>,
+    daemon: &Arc<Daemon>,
     info: &DeviceInfo,
 ) -> Reply {
     let value: Value = match serde_json::from_slice(line) {
@@ -51,22 +51,22 @@ pub(crate) fn handle_line(
             "an fd may only come with pass-fd; closed it",
         );
     }
-    match dispatch(req.command, fd, shared, info) {
+    match dispatch(req.command, fd, daemon, info) {
         Ok(v) => Reply::ok(id, v),
         Err((c, m)) => Reply::err(id, c, m),
     }
 }
 
-fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &DeviceInfo) -> Outcome {
+fn dispatch(cmd: Command, fd: Option<OwnedFd>, daemon: &Arc<Daemon>, info: &DeviceInfo) -> Outcome {
     match cmd {
-        Command::Info => Ok(report::info_json(shared, info)),
-        Command::Stats => Ok(report::stats_json(shared)),
-        Command::Pause { timeout } => handlers::pause(shared, timeout),
-        Command::Unpause { image, mirror } => handlers::unpause(shared, info, image, mirror),
-        Command::PassFd { name, nbd } => handlers::pass_fd(shared, fd, name, nbd),
-        Command::ListFds => Ok(handlers::list_fds(shared)),
-        Command::CloseFd { name } => handlers::close_fd(shared, name),
-        Command::WaitIdle { timeout } => handlers::wait_idle(shared, timeout),
+        Command::Info => Ok(report::info_json(daemon, info)),
+        Command::Stats => Ok(report::stats_json(daemon)),
+        Command::Pause { timeout } => handlers::pause(daemon, timeout),
+        Command::Unpause { image, mirror } => handlers::unpause(daemon, info, image, mirror),
+        Command::PassFd { name, nbd } => handlers::pass_fd(daemon, fd, name, nbd),
+        Command::ListFds => Ok(handlers::list_fds(daemon)),
+        Command::CloseFd { name } => handlers::close_fd(daemon, name),
+        Command::WaitIdle { timeout } => handlers::wait_idle(daemon, timeout),
         Command::MirrorStart {
             name,
             export,
@@ -76,12 +76,12 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, shared: &Arc<Shared>, info: &Devi
             speed,
         } => {
             let plan = handlers::copy_plan(copy, resync, speed)?;
-            handlers::mirror_start(shared, info, name, export, timeout, plan)
+            handlers::mirror_start(daemon, info, name, export, timeout, plan)
         }
-        Command::MirrorStop => Ok(handlers::mirror_stop(shared)),
-        Command::MirrorWaitReady { timeout } => handlers::mirror_wait_ready(shared, timeout),
-        Command::DirtyMap => Ok(report::dirty_map_json(shared)),
-        Command::Shutdown { keep } => Ok(handlers::shutdown(shared, keep)),
+        Command::MirrorStop => Ok(handlers::mirror_stop(daemon)),
+        Command::MirrorWaitReady { timeout } => handlers::mirror_wait_ready(daemon, timeout),
+        Command::DirtyMap => Ok(report::dirty_map_json(daemon)),
+        Command::Shutdown { keep } => Ok(handlers::shutdown(daemon, keep)),
         other => Err((
             code::UNKNOWN_COMMAND,
             format!("{other:?} is not served by this daemon"),

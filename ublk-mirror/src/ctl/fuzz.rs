@@ -9,24 +9,24 @@ use serde_json::Value;
 
 use crate::ctl::dispatch::handle_line;
 use crate::ctl::DeviceInfo;
-use crate::shared::Shared;
+use crate::daemon::Daemon;
 use proptest::prelude::*;
 use proptest::sample::select;
 use std::sync::OnceLock;
 
 struct Target {
     _image: tempfile::NamedTempFile,
-    shared: Arc<Shared>,
+    daemon: Arc<Daemon>,
     info: DeviceInfo,
 }
 
 fn target() -> &'static Target {
     static T: OnceLock<Target> = OnceLock::new();
     T.get_or_init(|| {
-        let (image, shared) = crate::shared::tests::shared_with(1 << 20, 1);
+        let (image, daemon) = crate::daemon::tests::daemon_with(1 << 20, 1);
         Target {
             _image: image,
-            shared,
+            daemon,
             info: crate::ctl::tests::test_info(),
         }
     })
@@ -78,7 +78,7 @@ proptest! {
     #[test]
     fn arbitrary_bytes_are_answered(line in proptest::collection::vec(any::<u8>(), 0..600)) {
         let t = target();
-        let r = handle_line(&line, None, false, &t.shared, &t.info);
+        let r = handle_line(&line, None, false, &t.daemon, &t.info);
         prop_assert!(!r.ok || serde_json::from_slice::<Value>(&line).is_ok());
     }
 
@@ -94,7 +94,7 @@ proptest! {
         let line = serde_json::to_vec(&serde_json::json!({
             "v": v, "id": 1, "cmd": cmd, "args": args,
         })).expect("json");
-        let r = handle_line(&line, None, false, &t.shared, &t.info);
+        let r = handle_line(&line, None, false, &t.daemon, &t.info);
         prop_assert!(r.ok || r.error.is_some());
     }
 }

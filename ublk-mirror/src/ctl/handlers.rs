@@ -1,5 +1,6 @@
 //! One function per control command that changes or waits for something (the reports are in
-//! `report.rs`). Each returns the reply's result, or its error code and message.
+//! `report.rs`). Each returns the reply's result, or its error code and message; a part's
+//! error type names its own code (`LifecycleError::code`, `MirrorError::code`).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -9,9 +10,12 @@ use control::protocol::{code, defaults, timeout_limit, NegotiatedNbd, MAX_FDS, M
 use serde_json::{json, Value};
 
 use crate::ctl::{report, DeviceInfo};
+use crate::daemon::Daemon;
+use crate::fd_store::StoredFd;
 use crate::lock::lock;
 use crate::mirror::copy::CopyState;
-use crate::shared::{ControlError, CopyPlan, Shared, StoredFd};
+use crate::mirror::mirroring::{CopyPlan, MirrorTarget};
+
 use crate::stop::StopReason;
 
 /// A reply's result, or its error code and message.
@@ -31,35 +35,25 @@ fn wait_limit(limit: Option<Duration>) -> Duration {
     limit.unwrap_or(Duration::MAX)
 }
 
-fn control_error(e: ControlError) -> (&'static str, String) {
-    let c = match e {
-        ControlError::PauseTimeout { .. } | ControlError::IdleTimeout(_) => code::TIMEOUT,
-        ControlError::Reopen(..) => code::BAD_IMAGE,
-        ControlError::NotPaused(_) | ControlError::Stopping => code::BAD_STATE,
-        ControlError::PauseFlush(_) => code::FAILED,
-        ControlError::NoSuchFd(_) => code::NO_SUCH_FD,
-        ControlError::MirrorRefused(_) => code::MIRROR_REFUSED,
-        ControlError::MirrorBusy(_) => code::BAD_STATE,
-    };
-    (c, e.to_string())
-}
-
-pub(super) fn pause(shared: &Shared, timeout: Option<f64>) -> Outcome {
+pub(super) fn pause(daemon: &Daemon, timeout: Option<f64>) -> Outcome {
     let limit = timeout_of(timeout, defaults::PAUSE_TIMEOUT)?;
-    let took = shared.pause(wait_limit(limit)).map_err(control_error)?;
+    let took = daemon
+        .device
+        .pause(wait_limit(limit))
+        .map_err(|e| (e.code(), e.to_string()))?;
     Ok(json!({ "drain_ms": took.as_secs_f64() * 1000.0 }))
 }
 
 /// Resumes (on `image` if given), then starts mirroring to the stored fd `mirror`, or stops
 /// it for "null".
 pub(super) fn unpause(
-    shared: &std::sync::Arc<Shared>,
+    daemon: &std::sync::Arc<Daemon>,
     info: &DeviceInfo,
     image: Option<String>,
     mirror: Option<String>,
 ) -> Outcome {
     if let Some(m) = &mirror {
-        let known = m == "null" || lock(&shared.fds).contains_key(m);
+        let known = m == "null" || daemon.fds.contains(m);
         if !known {
             return Err((
                 code::NO_SUCH_FD,
@@ -67,29 +61,35 @@ pub(super) fn unpause(
             ));
         }
     }
-    shared
+    daemon
         .unpause(image.map(PathBuf::from))
-        .map_err(control_error)?;
+        .map_err(|e| (e.code(), e.to_string()))?;
     match mirror.as_deref() {
         Some("null") => {
-            shared.stop_mirror();
+            daemon.stop_mirror();
         }
         Some(name) => {
             let timeout = timeout_of(None, defaults::MIRROR_TIMEOUT)?;
-            shared
-                .start_mirror(name, "", timeout, info.max_io_bytes, CopyPlan::None)
-                .map_err(control_error)?;
+            let target = MirrorTarget {
+                fd_name: name,
+                export_name: "",
+                timeout,
+                plan: CopyPlan::None,
+            };
+            daemon
+                .start_mirror(target, info.max_io_bytes)
+                .map_err(|e| (e.code(), e.to_string()))?;
         }
         None => {}
     }
     if let Some(m) = mirror {
-        *lock(&shared.mirror_request) = (m != "null").then_some(m);
+        *lock(&daemon.mirroring.request) = (m != "null").then_some(m);
     }
-    Ok(json!({ "state": shared.state().name() }))
+    Ok(json!({ "state": daemon.device.state().name() }))
 }
 
 pub(super) fn pass_fd(
-    shared: &Shared,
+    daemon: &Daemon,
     fd: Option<OwnedFd>,
     name: String,
     nbd: Option<NegotiatedNbd>,
@@ -102,7 +102,7 @@ pub(super) fn pass_fd(
         ));
     }
     check_stream_socket(&fd).map_err(|m| (code::BAD_FD, m))?;
-    let mut fds = lock(&shared.fds);
+    let mut fds = daemon.fds.lock();
     if !fds.contains_key(&name) && fds.len() >= MAX_FDS {
         return Err((
             code::TOO_MANY_FDS,
@@ -121,8 +121,8 @@ pub(super) fn pass_fd(
     Ok(json!({ "name": name, "replaced": replaced }))
 }
 
-pub(super) fn list_fds(shared: &Shared) -> Value {
-    let fds = lock(&shared.fds);
+pub(super) fn list_fds(daemon: &Daemon) -> Value {
+    let fds = daemon.fds.lock();
     let list: Vec<Value> = fds
         .iter()
         .map(|(n, f)| {
@@ -134,17 +134,19 @@ pub(super) fn list_fds(shared: &Shared) -> Value {
     json!({ "fds": list })
 }
 
-pub(super) fn close_fd(shared: &Shared, name: String) -> Outcome {
-    match lock(&shared.fds).remove(&name) {
+pub(super) fn close_fd(daemon: &Daemon, name: String) -> Outcome {
+    match daemon.fds.take(&name) {
         Some(_) => Ok(json!({ "name": name })),
         None => Err((code::NO_SUCH_FD, format!("no fd named {name:?}"))),
     }
 }
 
-pub(super) fn wait_idle(shared: &Shared, timeout: Option<f64>) -> Outcome {
+pub(super) fn wait_idle(daemon: &Daemon, timeout: Option<f64>) -> Outcome {
     let limit = timeout_of(timeout, defaults::WAIT_IDLE_TIMEOUT)?;
-    shared.wait_idle(wait_limit(limit)).map_err(control_error)?;
-    Ok(json!({ "reqs_outstanding": 0, "nbd_mirror_failed": u8::from(shared.mirror_failed()) }))
+    daemon
+        .wait_idle(wait_limit(limit))
+        .map_err(|e| (e.code(), e.to_string()))?;
+    Ok(json!({ "reqs_outstanding": 0, "nbd_mirror_failed": u8::from(daemon.mirror_failed()) }))
 }
 
 /// What `mirror-start` copies: `copy` and `resync` exclude each other; a speed of 0 is no
@@ -169,7 +171,7 @@ pub(super) fn copy_plan(
 }
 
 pub(super) fn mirror_start(
-    shared: &std::sync::Arc<Shared>,
+    daemon: &std::sync::Arc<Daemon>,
     info: &DeviceInfo,
     name: String,
     export: Option<String>,
@@ -178,29 +180,29 @@ pub(super) fn mirror_start(
 ) -> Outcome {
     // 0 is no limit, like tapdisk (a hung target then hangs the guest).
     let timeout = timeout_of(timeout, defaults::MIRROR_TIMEOUT)?;
-    let m = shared
-        .start_mirror(
-            &name,
-            export.as_deref().unwrap_or(""),
-            timeout,
-            info.max_io_bytes,
-            plan,
-        )
-        .map_err(control_error)?;
-    *lock(&shared.mirror_request) = Some(name);
+    let target = MirrorTarget {
+        fd_name: &name,
+        export_name: export.as_deref().unwrap_or(""),
+        timeout,
+        plan,
+    };
+    let m = daemon
+        .start_mirror(target, info.max_io_bytes)
+        .map_err(|e| (e.code(), e.to_string()))?;
+    *lock(&daemon.mirroring.request) = Some(name);
     Ok(json!({ "state": m.state().name(), "export": m.export.name, "size": m.export.size }))
 }
 
-pub(super) fn mirror_stop(shared: &Shared) -> Value {
-    json!({ "stopped": shared.stop_mirror() })
+pub(super) fn mirror_stop(daemon: &Daemon) -> Value {
+    json!({ "stopped": daemon.stop_mirror() })
 }
 
 /// Waits until the copy or resync is ready; fails at once if none runs or it ended otherwise.
-pub(super) fn mirror_wait_ready(shared: &Shared, timeout: Option<f64>) -> Outcome {
+pub(super) fn mirror_wait_ready(daemon: &Daemon, timeout: Option<f64>) -> Outcome {
     let limit = timeout_of(timeout, defaults::MIRROR_WAIT_READY_TIMEOUT)?;
     let deadline = limit.map(|d| std::time::Instant::now() + d);
     loop {
-        let Some(job) = shared.copy.load_full() else {
+        let Some(job) = daemon.mirroring.copy.load_full() else {
             return Err((code::BAD_STATE, "no copy or resync is running".into()));
         };
         match job.state() {
@@ -220,13 +222,13 @@ pub(super) fn mirror_wait_ready(shared: &Shared, timeout: Option<f64>) -> Outcom
     }
 }
 
-pub(super) fn shutdown(shared: &Shared, keep: bool) -> Value {
+pub(super) fn shutdown(daemon: &Daemon, keep: bool) -> Value {
     let why = if keep {
         StopReason::Detach
     } else {
         StopReason::Control
     };
-    let _ = lock(&shared.stop).send(why);
+    let _ = lock(&daemon.stop).send(why);
     json!({})
 }
 

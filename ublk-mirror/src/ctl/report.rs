@@ -6,28 +6,28 @@ use std::sync::atomic::Ordering;
 use serde_json::{json, Value};
 
 use crate::ctl::DeviceInfo;
+use crate::daemon::Daemon;
 use crate::lock::lock;
 use crate::mirror::copy::CopyJob;
-use crate::shared::Shared;
 
-pub(super) fn info_json(shared: &Shared, info: &DeviceInfo) -> Value {
+pub(super) fn info_json(daemon: &Daemon, info: &DeviceInfo) -> Value {
     json!({
         "device": info.bdev,
         "dev_id": info.dev_id,
-        "size": shared.dev_size,
-        "image": shared.image_path().display().to_string(),
-        "image_open": shared.image_is_open(),
+        "size": daemon.device.dev_size,
+        "image": daemon.device.image_path().display().to_string(),
+        "image_open": daemon.device.image_is_open(),
         "queues": info.queues,
         "depth": info.depth,
         "max_io_bytes": info.max_io_bytes,
-        "logical_block_size": shared.logical_block,
-        "state": shared.state().name(),
-        "label": shared.label,
+        "logical_block_size": daemon.device.logical_block,
+        "state": daemon.device.state().name(),
+        "label": daemon.label,
     })
 }
 
-pub(super) fn dirty_map_json(shared: &Shared) -> Value {
-    let extents: Vec<Value> = shared
+pub(super) fn dirty_map_json(daemon: &Daemon) -> Value {
+    let extents: Vec<Value> = daemon
         .io
         .dirty
         .extents()
@@ -35,21 +35,21 @@ pub(super) fn dirty_map_json(shared: &Shared) -> Value {
         .map(|(o, l)| json!([o, l]))
         .collect();
     json!({
-        "granularity": shared.io.dirty.granule(),
-        "dirty_bytes": shared.io.dirty.dirty_bytes(),
+        "granularity": daemon.io.dirty.granule(),
+        "dirty_bytes": daemon.io.dirty.dirty_bytes(),
         "extents": extents,
     })
 }
 
 /// The names and meaning follow `tap-ctl stats` where they overlap.
-pub(super) fn stats_json(shared: &Shared) -> Value {
-    let s = shared.io.stats.snapshot();
+pub(super) fn stats_json(daemon: &Daemon) -> Value {
+    let s = daemon.io.stats.snapshot();
     json!({
-        "name": shared.label,
-        "state": shared.state().name(),
+        "name": daemon.label,
+        "state": daemon.device.state().name(),
         "reqs_outstanding": s.outstanding,
         "reqs_parked": s.parked,
-        "nbd_mirror_failed": u8::from(shared.mirror_failed()),
+        "nbd_mirror_failed": u8::from(daemon.mirror_failed()),
         "ops": {
             "read": { "count": s.reads, "bytes": s.read_bytes },
             "write": { "count": s.writes, "bytes": s.write_bytes, "fua": s.fua_writes },
@@ -58,21 +58,21 @@ pub(super) fn stats_json(shared: &Shared) -> Value {
             "write_zeroes": { "count": s.write_zeroes, "bytes": s.write_zeroes_bytes },
             "errors": s.errors,
         },
-        "mirror": mirror_json(shared),
+        "mirror": mirror_json(daemon),
     })
 }
 
-fn mirror_json(shared: &Shared) -> Value {
-    let requested = lock(&shared.mirror_request).clone();
-    let Some(m) = shared.io.mirror.load_full() else {
+fn mirror_json(daemon: &Daemon) -> Value {
+    let requested = lock(&daemon.mirroring.request).clone();
+    let Some(m) = daemon.io.mirror.load_full() else {
         // After a recovery from a daemon that was mirroring: failed, until mirror-start/stop.
-        let inherited = shared.inherited_failure();
+        let inherited = daemon.mirroring.inherited_failure();
         return json!({ "state": if inherited.is_some() { "failed" } else { "off" },
                        "requested": requested, "target": Value::Null,
                        "in_flight": 0, "ops": 0, "bytes_mirrored": 0, "last_error": inherited,
-                       "dirty_bytes": shared.io.dirty.dirty_bytes(),
-                       "bitmap_persistent": shared.io.dirty.persistent(),
-                       "activity_log_extents": shared.io.dirty.activity_extents() });
+                       "dirty_bytes": daemon.io.dirty.dirty_bytes(),
+                       "bitmap_persistent": daemon.io.dirty.persistent(),
+                       "activity_log_extents": daemon.io.dirty.activity_extents() });
     };
     let failure = m.failure();
     json!({
@@ -87,11 +87,11 @@ fn mirror_json(shared: &Shared) -> Value {
         "bytes_mirrored": m.bytes.load(Ordering::Relaxed),
         "last_error": failure.as_ref().map(|f| f.0.clone()),
         "failed_at": failure.as_ref().and_then(|f| f.1.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()),
-        "dirty_bytes": shared.io.dirty.dirty_bytes(),
-        "bitmap_persistent": shared.io.dirty.persistent(),
-        "activity_log_extents": shared.io.dirty.activity_extents(),
-        "range_locks": shared.io.ranges.len(),
-        "copy": shared.copy.load_full().map(|j| copy_json(&j)),
+        "dirty_bytes": daemon.io.dirty.dirty_bytes(),
+        "bitmap_persistent": daemon.io.dirty.persistent(),
+        "activity_log_extents": daemon.io.dirty.activity_extents(),
+        "range_locks": daemon.io.ranges.len(),
+        "copy": daemon.mirroring.copy.load_full().map(|j| copy_json(&j)),
     })
 }
 

@@ -16,7 +16,7 @@ use control::protocol::{code, Reply, MAX_LINE};
 
 use crate::ctl::dispatch::handle_line;
 use crate::ctl::DeviceInfo;
-use crate::shared::Shared;
+use crate::daemon::Daemon;
 
 /// Control clients connected at once; more are told so and closed.
 const MAX_CLIENTS: usize = 16;
@@ -33,7 +33,7 @@ impl Drop for ControlServer {
 }
 
 impl ControlServer {
-    pub fn start(path: &Path, shared: Arc<Shared>, info: DeviceInfo) -> Result<ControlServer> {
+    pub fn start(path: &Path, daemon: Arc<Daemon>, info: DeviceInfo) -> Result<ControlServer> {
         if let Some(dir) = path.parent() {
             if !dir.exists() {
                 std::fs::create_dir_all(dir)
@@ -63,7 +63,7 @@ impl ControlServer {
         let clients = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || accept_loop(listener, shared, info, clients))
+            .spawn(move || accept_loop(listener, daemon, info, clients))
             .context("spawning the control thread")?;
         Ok(ControlServer {
             path: path.to_owned(),
@@ -73,7 +73,7 @@ impl ControlServer {
 
 fn accept_loop(
     listener: UnixListener,
-    shared: Arc<Shared>,
+    daemon: Arc<Daemon>,
     info: DeviceInfo,
     clients: Arc<AtomicUsize>,
 ) {
@@ -99,11 +99,11 @@ fn accept_loop(
             );
             continue;
         }
-        let (shared, info, clients) = (shared.clone(), info.clone(), clients.clone());
+        let (daemon, info, clients) = (daemon.clone(), info.clone(), clients.clone());
         let spawned = std::thread::Builder::new()
             .name("control-client".into())
             .spawn(move || {
-                serve_client(conn, &shared, &info);
+                serve_client(conn, &daemon, &info);
                 clients.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
@@ -148,7 +148,7 @@ fn send(conn: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     conn.write_all(line.as_bytes())
 }
 
-pub(crate) fn serve_client(mut conn: UnixStream, shared: &Arc<Shared>, info: &DeviceInfo) {
+pub(crate) fn serve_client(mut conn: UnixStream, daemon: &Arc<Daemon>, info: &DeviceInfo) {
     let mut buf = vec![0u8; MAX_LINE];
     let mut pending: Vec<u8> = Vec::new();
     let mut discarding = false;
@@ -193,7 +193,7 @@ pub(crate) fn serve_client(mut conn: UnixStream, shared: &Arc<Shared>, info: &De
                 &line,
                 fd.take(),
                 std::mem::take(&mut excess_fds),
-                shared,
+                daemon,
                 info,
             );
             if send(&mut conn, &reply).is_err() {

@@ -8,26 +8,25 @@ use control::protocol::{code, Reply, MAX_FDS, MAX_LINE};
 
 use crate::ctl::socket::serve_client;
 use crate::ctl::DeviceInfo;
-use crate::lock::lock;
-use crate::shared::Shared;
+use crate::daemon::Daemon;
 use control::fdpass::send_with_fd;
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
 
 /// A control connection served by the real handler, with the device side replaced by a
-/// Shared on a temp file (no ublk needed).
+/// Daemon on a temp file (no ublk needed).
 fn session() -> (
     tempfile::NamedTempFile,
-    Arc<Shared>,
+    Arc<Daemon>,
     UnixStream,
     BufReader<UnixStream>,
 ) {
-    let (f, shared) = crate::shared::tests::shared_with(1 << 20, 1);
+    let (f, daemon) = crate::daemon::tests::daemon_with(1 << 20, 1);
     let (ours, theirs) = UnixStream::pair().expect("pair");
-    let (s2, info) = (shared.clone(), test_info());
+    let (s2, info) = (daemon.clone(), test_info());
     std::thread::spawn(move || serve_client(theirs, &s2, &info));
     let reader = BufReader::new(ours.try_clone().expect("clone"));
-    (f, shared, ours, reader)
+    (f, daemon, ours, reader)
 }
 
 /// What the handler is told of the (absent) device.
@@ -92,7 +91,7 @@ fn errors_are_replies_and_the_connection_survives() {
 
 #[test]
 fn fds_bind_to_their_line_and_bad_ones_are_closed() {
-    let (_f, shared, c, mut r) = session();
+    let (_f, daemon, c, mut r) = session();
     let (sock, _peer) = UnixStream::pair().expect("pair");
     let file = std::fs::File::open("/dev/null").expect("file");
     // An fd on the wrong command.
@@ -117,7 +116,7 @@ fn fds_bind_to_their_line_and_bad_ones_are_closed() {
     assert!(rep.ok, "{rep:?}");
     send_with_fd(&c, line, sock.as_fd()).expect("send");
     assert_eq!(reply(&mut r).result.expect("ok")["replaced"], true);
-    assert_eq!(lock(&shared.fds).len(), 1);
+    assert_eq!(daemon.fds.lock().len(), 1);
     (&c).write_all(b"{\"v\":1,\"id\":5,\"cmd\":\"list-fds\"}\n")
         .expect("send");
     let fds = reply(&mut r).result.expect("list");
@@ -126,19 +125,19 @@ fn fds_bind_to_their_line_and_bad_ones_are_closed() {
     (&c).write_all(b"{\"v\":1,\"id\":6,\"cmd\":\"close-fd\",\"args\":{\"name\":\"m\"}}\n")
         .expect("send");
     assert!(reply(&mut r).ok);
-    assert!(lock(&shared.fds).is_empty());
+    assert!(daemon.fds.lock().is_empty());
 }
 
 #[test]
 fn two_fds_in_one_message_are_rejected() {
-    let (_f, shared, c, mut r) = session();
+    let (_f, daemon, c, mut r) = session();
     let (a, _pa) = UnixStream::pair().expect("pair");
     let (b, _pb) = UnixStream::pair().expect("pair");
     let line = b"{\"v\":1,\"id\":7,\"cmd\":\"pass-fd\",\"args\":{\"name\":\"two\"}}\n";
     control::fdpass::send_with_fds(&c, line, &[a.as_fd(), b.as_fd()]).expect("send");
     assert_eq!(code_of(&reply(&mut r)), code::BAD_FD);
     assert!(
-        lock(&shared.fds).is_empty(),
+        daemon.fds.lock().is_empty(),
         "nothing stored from a message with two fds"
     );
 }
@@ -147,8 +146,8 @@ fn two_fds_in_one_message_are_rejected() {
 /// 0 does); they do not fail at once.
 #[test]
 fn a_zero_timeout_is_no_limit() {
-    let (_f, shared, mut c, mut r) = session();
-    shared.io.stats.queue(0).start(); // one request being served
+    let (_f, daemon, mut c, mut r) = session();
+    daemon.io.stats.queue(0).start(); // one request being served
     for (id, cmd) in [(1, "wait-idle"), (2, "pause")] {
         let line =
             format!("{{\"v\":1,\"id\":{id},\"cmd\":\"{cmd}\",\"args\":{{\"timeout\":0}}}}\n");
@@ -162,13 +161,16 @@ fn a_zero_timeout_is_no_limit() {
             "{cmd} with timeout 0 answered while a request was outstanding: {early}"
         );
         r.get_ref().set_read_timeout(None).expect("timeout");
-        shared.io.stats.queue(0).complete();
+        daemon.io.stats.queue(0).complete();
         let rep = reply(&mut r);
         assert!(rep.ok && rep.id == id, "{cmd}: {rep:?}");
-        shared.io.stats.queue(0).start();
+        daemon.io.stats.queue(0).start();
     }
-    assert_eq!(shared.state(), crate::shared::DeviceState::Paused);
-    shared.io.stats.queue(0).complete();
+    assert_eq!(
+        daemon.device.state(),
+        crate::device::lifecycle::DeviceState::Paused
+    );
+    daemon.io.stats.queue(0).complete();
     // Out of range is refused, with the rule.
     c.write_all(b"{\"v\":1,\"id\":3,\"cmd\":\"wait-idle\",\"args\":{\"timeout\":-1}}\n")
         .expect("send");

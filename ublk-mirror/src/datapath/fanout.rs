@@ -24,7 +24,7 @@ pub(super) async fn fan_out(
         return serve_local(t.leg, req, buf).await;
     }
     // Counted before looking at the mirror slot: a mirror starting waits for local-only
-    // writes to finish, and they see it and mark themselves out of sync (see start_mirror).
+    // writes to finish, and they see it and mark themselves out of sync (see `Mirroring::start`).
     t.counters.local_only_begin();
     let mirror = t.io.mirror.load_full();
     let Some(m) = mirror.as_ref().filter(|m| m.takes_io()) else {
@@ -50,7 +50,7 @@ async fn unmirrored(
         mark_dirty(t.io, &req);
     }
     let res = serve_local(t.leg, req, buf).await;
-    // A mirror that appeared meanwhile (start_mirror waits for us) must see this write.
+    // A mirror that appeared meanwhile (`Mirroring::start` waits for us) must see this write.
     if !attached && t.io.mirror.load().is_some() {
         mark_dirty(t.io, &req);
     }

@@ -1,13 +1,13 @@
 //! The data path's handle: what queue threads and copy workers read to serve a request, and
 //! nothing of the control plane (pause/unpause and mirror attach logic, stored fds, the state
-//! record). `Shared` owns one behind an `Arc`; the queues and the copy workers get a clone of
+//! record). The `Daemon` (`daemon.rs`) owns one behind an `Arc`; the queues and the copy workers get a clone of
 //! that `Arc` only.
 //!
 //! The common path of a request touches only atomics: its queue's own counters, one load of
 //! the gate and one of the mirror slot. While a mirror is attached a write-like request also
 //! takes the range lock's mutex (a few instructions), and the activity log's lock when its
 //! extent is not logged yet (or, with no mirror taking writes, when it leaves an extent idle).
-//! The pause handshake that makes the gate safe is described in `shared.rs`.
+//! The pause handshake that makes the gate safe is described in `device/lifecycle.rs`.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};

@@ -3,7 +3,7 @@
 //! One `LocalLeg` per queue thread. The image's fd is read from a shared slot for each
 //! operation rather than registered as a fixed file: a pause closes the image (releasing its
 //! lock) and an unpause may install another, and both happen only while no request is in
-//! flight (see `shared.rs`). Every operation is complete when its future resolves: short
+//! flight (see `device/lifecycle.rs`). Every operation is complete when its future resolves: short
 //! transfers are resubmitted for the remainder, so a caller never sees a partial write.
 
 use std::cell::{Cell, OnceCell};

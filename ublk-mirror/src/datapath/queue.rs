@@ -141,7 +141,7 @@ async fn doorbell(io: Arc<IoPath>, qid: u16, parked: Rc<Parked>) {
 }
 
 /// Counts the request as started and lets it through the gate, or parks it until the gate
-/// lets it through. The order (count, then look) is what makes pause safe: see `shared.rs`.
+/// lets it through. The order (count, then look) is what makes pause safe: see `device/lifecycle.rs`.
 async fn admit(t: &TagContext<'_>, req: &Request) {
     loop {
         t.counters.start();

@@ -72,7 +72,7 @@ impl QueueCounters {
     }
 
     /// Counts a request as started. SeqCst: this store must be ordered before the caller's
-    /// look at the pause gate (see `shared.rs`).
+    /// look at the pause gate (see `device/lifecycle.rs`).
     pub fn start(&self) {
         let v = self.started.load(Ordering::Relaxed);
         self.started.store(v + 1, Ordering::SeqCst);
@@ -89,7 +89,7 @@ impl QueueCounters {
         self.completed.store(v + 1, Ordering::SeqCst);
     }
 
-    /// SeqCst, and before the caller looks at the mirror slot (see `Shared::start_mirror`).
+    /// SeqCst, and before the caller looks at the mirror slot (see `Mirroring::start`).
     pub fn local_only_begin(&self) {
         let v = self.local_only.load(Ordering::Relaxed);
         self.local_only.store(v + 1, Ordering::SeqCst);

@@ -16,11 +16,11 @@ use libublk::{sys, UblkError, UblkFlags};
 
 use crate::ctl::socket::ControlServer;
 use crate::ctl::{ControlPath, DeviceInfo};
+use crate::daemon::Daemon;
 use crate::datapath::queue::{run_queue, QueueContext};
 use crate::datapath::stats::Snapshot;
 use crate::device::readiness::Readiness;
 use crate::lock::lock;
-use crate::shared::Shared;
 use crate::stop::StopReason;
 
 pub const UBLK_CONTROL: &str = "/dev/ublk-control";
@@ -53,7 +53,7 @@ pub fn check_driver() -> Result<()> {
 /// `control` says where the control socket goes (`None`: no socket). Returns the counters at
 /// exit.
 pub fn serve(
-    shared: Arc<Shared>,
+    daemon: Arc<Daemon>,
     cfg: &DeviceConfig,
     control: Option<ControlPath>,
     stop_rx: Receiver<StopReason>,
@@ -106,41 +106,38 @@ pub fn serve(
     };
     let control_path = control.map(|p| p.resolve(dev_id));
     let server = match &control_path {
-        Some(p) => Some(ControlServer::start(p, shared.clone(), info.clone())?),
+        Some(p) => Some(ControlServer::start(p, daemon.clone(), info.clone())?),
         None => None,
     };
-    if let Some(r) = lock(&shared.record).as_mut() {
-        r.dev_id = dev_id;
-        r.control = control_path.clone();
-    }
-    shared.save_state();
+    daemon.record.set_device(dev_id, control_path.clone());
+    daemon.save_state();
 
-    let init = |dev: &mut UblkDev| init_target(dev, &shared);
+    let init = |dev: &mut UblkDev| init_target(dev, &daemon);
     let ctx = QueueContext {
-        io: shared.io.clone(),
-        stop: lock(&shared.stop).clone(),
+        io: daemon.io.clone(),
+        stop: lock(&daemon.stop).clone(),
     };
     let queue_fn = move |qid: u16, dev: &UblkDev| run_queue(qid, dev, &ctx);
     // The device fn runs on this thread once the device is live; it blocks until a stop is
     // requested and then sends STOP_DEV, which ends the queues and so `run_target`.
     let stop_rx = Mutex::new(stop_rx);
-    let on_live_shared = shared.clone();
+    let on_live_daemon = daemon.clone();
     let on_live = move |ctrl: &UblkCtrl| {
         let bdev = ctrl.get_bdev_path();
         println!("{bdev}");
-        log::info!("serving {bdev} [{}]", on_live_shared.label);
+        log::info!("serving {bdev} [{}]", on_live_daemon.label);
         readiness.ready(&bdev);
         let reason = match stop_rx.lock() {
             Ok(rx) => rx.recv().unwrap_or(StopReason::ChannelClosed),
             Err(_) => StopReason::ChannelClosed,
         };
         if reason == StopReason::Detach {
-            detach(&on_live_shared, &bdev);
+            detach(&on_live_daemon, &bdev);
         }
         log::info!("stopping {bdev}: {reason}");
         readiness.stopping();
         // Parked requests must complete, or the kernel's teardown waits for them forever.
-        on_live_shared.release_for_stop();
+        on_live_daemon.release_for_stop();
         if let Err(e) = ctrl.kill_dev() {
             log::error!("STOP_DEV of {bdev} failed: {e}");
         }
@@ -148,15 +145,15 @@ pub fn serve(
     let run = ctrl.run_target(init, queue_fn, on_live);
     drop(server);
     // The queues are done: nothing more goes to the target; disconnect it politely.
-    shared.stop_mirror();
+    daemon.stop_mirror();
 
-    if let Err(e) = shared.sync_image() {
+    if let Err(e) = daemon.device.sync_image() {
         log::error!(
             "final fdatasync of {} failed: {e}",
-            shared.image_path().display()
+            daemon.device.image_path().display()
         );
     }
-    let totals = shared.io.stats.snapshot();
+    let totals = daemon.io.stats.snapshot();
     // Delete even when run_target failed: an added device must not outlive its daemon.
     let del = match ctrl.del_dev() {
         // Someone else (`ublk-mirror delete --force`) deleted it first: the goal is met.
@@ -165,7 +162,7 @@ pub fn serve(
     };
     run.map_err(|e| anyhow!("serving ublk device {dev_id} failed: {e}"))?;
     del.map_err(|e| anyhow!("DEL_DEV of ublk device {dev_id} failed: {e}"))?;
-    shared.remove_state();
+    daemon.record.remove();
     log::info!("ublk device {dev_id} deleted");
     Ok(totals)
 }
@@ -174,17 +171,17 @@ pub fn serve(
 /// flushes like a pause, ends an attached mirror cleanly, records the detach and exits without
 /// STOP_DEV: the kernel quiesces the device, and the requests this daemon had fetched but not
 /// answered (those parked by the pause) are reissued to the successor.
-fn detach(shared: &Shared, bdev: &str) -> ! {
+fn detach(daemon: &Daemon, bdev: &str) -> ! {
     log::info!("detaching from {bdev}: draining and flushing; the device stays for `recover`");
-    if let Err(e) = shared.pause(std::time::Duration::from_secs(30)) {
+    if let Err(e) = daemon.device.pause(std::time::Duration::from_secs(30)) {
         log::warn!("detach: {e}; requests still in flight will be reissued to the successor");
     }
-    let mirror = shared.mirror_record();
-    shared.stop_mirror();
-    if let Err(e) = shared.sync_image() {
+    let mirror = daemon.mirror_record();
+    daemon.stop_mirror();
+    if let Err(e) = daemon.device.sync_image() {
         log::error!("detach: final flush failed: {e}");
     }
-    shared.save_detached(mirror);
+    daemon.save_detached(mirror);
     log::info!("detached from {bdev}; exiting");
     std::process::exit(0)
 }
@@ -218,11 +215,11 @@ fn add_dev_error(e: UblkError, dev_id: i32) -> anyhow::Error {
 }
 
 /// Describes the device to the kernel: size, block sizes, cache and FUA, discard limits.
-fn init_target(dev: &mut UblkDev, shared: &Shared) -> Result<(), UblkError> {
+fn init_target(dev: &mut UblkDev, daemon: &Daemon) -> Result<(), UblkError> {
     let max_io_bytes = dev.dev_info.max_io_buf_bytes;
     let tgt = &mut dev.tgt;
-    tgt.dev_size = shared.dev_size;
-    let logical_block = shared.logical_block;
+    tgt.dev_size = daemon.device.dev_size;
+    let logical_block = daemon.device.logical_block;
 
     let lbs_shift = logical_block.trailing_zeros() as u8;
     // Discards and write-zeroes are single fallocate calls; 1 GiB bounds one request's latency.
@@ -238,7 +235,7 @@ fn init_target(dev: &mut UblkDev, shared: &Shared) -> Result<(), UblkError> {
             io_opt_shift: 12.max(lbs_shift),
             io_min_shift: lbs_shift,
             max_sectors: max_io_bytes >> 9,
-            dev_sectors: shared.dev_size >> 9,
+            dev_sectors: daemon.device.dev_size >> 9,
             ..Default::default()
         },
         discard: sys::ublk_param_discard {
@@ -252,8 +249,8 @@ fn init_target(dev: &mut UblkDev, shared: &Shared) -> Result<(), UblkError> {
         ..Default::default()
     };
     dev.set_target_json(serde_json::json!({
-        "image": shared.image_path().display().to_string(),
-        "label": shared.label,
+        "image": daemon.device.image_path().display().to_string(),
+        "label": daemon.label,
     }));
     Ok(())
 }

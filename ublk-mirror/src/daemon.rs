@@ -1,0 +1,170 @@
+//! The daemon object the control handlers and the device's serve loop hold: a small struct of
+//! parts, each with one job. The data path never sees it: queue threads and copy workers get
+//! only `io` (the `IoPath`).
+//!
+//! - `io`: what queue threads read lock-free (`datapath/io_path.rs`);
+//! - `device`: pause, unpause, stop, wait-idle, the image slot and the admin lock
+//!   (`device/lifecycle.rs`);
+//! - `fds`: the stored fds (`fd_store.rs`);
+//! - `record`: the state record for `recover` (`device/record.rs`);
+//! - `mirroring`: mirror start and stop, the copy job, the inherited failure
+//!   (`mirror/mirroring.rs`).
+//!
+//! What needs two parts is here: mirror start and stop under the admin lock, then a save of
+//! the state record; an unpause that saves the record once a new image is in place.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::datapath::io_path::IoPath;
+use crate::device::image::{DirectMode, Image};
+use crate::device::lifecycle::{Lifecycle, LifecycleError};
+use crate::device::record::{self, StateRecord};
+use crate::device::state::MirrorRecord;
+use crate::fd_store::FdStore;
+use crate::mirror::attach::DeviceNeeds;
+use crate::mirror::copy::WORKERS;
+use crate::mirror::dirty::DirtyMap;
+use crate::mirror::link::Mirror;
+use crate::mirror::mirroring::{MirrorError, MirrorTarget, Mirroring, Stopped};
+use crate::stop::StopReason;
+
+pub struct Daemon {
+    /// What the queue threads and copy workers read; they get this, never the whole daemon.
+    pub io: Arc<IoPath>,
+    pub device: Lifecycle,
+    pub fds: FdStore,
+    /// What `ublk-mirror recover` needs, once the device has an id; saved on every change.
+    pub record: StateRecord,
+    pub mirroring: Mirroring,
+    pub label: String,
+    pub stop: Mutex<Sender<StopReason>>,
+}
+
+impl Daemon {
+    pub fn new(
+        image: Image,
+        direct: DirectMode,
+        queues: u16,
+        label: String,
+        start_paused: bool,
+        stop: Sender<StopReason>,
+        dirty: DirtyMap,
+    ) -> std::io::Result<Arc<Daemon>> {
+        let gate = Lifecycle::initial_gate(start_paused);
+        let io = Arc::new(IoPath::new(
+            image.file.as_raw_fd(),
+            queues,
+            WORKERS,
+            gate,
+            dirty,
+        )?);
+        Ok(Arc::new(Daemon {
+            device: Lifecycle::new(io.clone(), image, direct, start_paused),
+            fds: FdStore::default(),
+            record: StateRecord::default(),
+            mirroring: Mirroring::new(io.clone()),
+            io,
+            label,
+            stop: Mutex::new(stop),
+        }))
+    }
+
+    /// Reopens the image (at `new_path` if given) and resumes; see `Lifecycle::unpause`.
+    pub fn unpause(&self, new_path: Option<PathBuf>) -> Result<(), LifecycleError> {
+        self.device.unpause(new_path, || self.save_state())
+    }
+
+    /// Before STOP_DEV: parked requests must finish; see `Lifecycle::release_for_stop`.
+    pub fn release_for_stop(&self) {
+        self.device.release_for_stop(|| self.save_state());
+    }
+
+    /// Attaches a mirror (see `Mirroring::start`) and records it in the state file.
+    pub fn start_mirror(
+        &self,
+        target: MirrorTarget<'_>,
+        max_io: u32,
+    ) -> Result<Arc<Mirror>, MirrorError> {
+        let _admin = self.device.admin();
+        let needs = DeviceNeeds {
+            dev_size: self.device.dev_size,
+            logical_block: self.device.logical_block,
+            max_io,
+        };
+        let mirror = self.mirroring.start(&self.fds, target, needs)?;
+        self.save_state();
+        Ok(mirror)
+    }
+
+    /// Ends mirroring cleanly (see `Mirroring::stop`). False if there was neither a mirror
+    /// nor an inherited failure.
+    pub fn stop_mirror(&self) -> bool {
+        let _admin = self.device.admin();
+        match self.mirroring.stop() {
+            Stopped::Mirror(name) => {
+                self.save_state();
+                log::info!("mirror {name:?} stopped");
+                true
+            }
+            Stopped::InheritedFailure => true,
+            Stopped::Nothing => false,
+        }
+    }
+
+    /// What the state file records of the attached mirror, if any.
+    pub fn mirror_record(&self) -> Option<MirrorRecord> {
+        record::mirror_record(&self.io)
+    }
+
+    /// Rewrites the state file from the current image and mirror; a no-op before the device
+    /// has an id.
+    pub fn save_state(&self) {
+        let image = self.device.image_path();
+        self.record.save(image, self.mirror_record(), false);
+    }
+
+    /// The last save before a detach: the mirror that was attached (already stopped) stays on
+    /// record, so the successor reports it failed: it will not see the writes in between.
+    pub fn save_detached(&self, mirror: Option<MirrorRecord>) {
+        let mirror = mirror.or_else(|| {
+            self.mirroring.inherited_failure().map(|_| MirrorRecord {
+                target: String::new(),
+                export: String::new(),
+            })
+        });
+        self.record.save(self.device.image_path(), mirror, true);
+    }
+
+    /// How long `stats` and `wait-idle` report the mirror as failed.
+    pub fn mirror_failed(&self) -> bool {
+        self.mirroring.mirror_failed()
+    }
+
+    /// Wait until no request is outstanding.
+    pub fn wait_idle(&self, timeout: Duration) -> Result<(), LifecycleError> {
+        self.device.wait_idle(timeout)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+
+    /// A daemon on a temp-file image of `len` bytes with `queues` queues (no ublk needed);
+    /// stop requests go nowhere.
+    pub(crate) fn daemon_with(len: u64, queues: u16) -> (tempfile::NamedTempFile, Arc<Daemon>) {
+        let f = tempfile::NamedTempFile::new().expect("tempfile");
+        f.as_file().set_len(len).expect("size");
+        let img = Image::open(f.path(), DirectMode::Off).expect("image");
+        let (tx, _rx) = channel();
+        let dirty = DirtyMap::new(img.size, crate::mirror::dirty::DEFAULT_GRANULE);
+        let d = Daemon::new(img, DirectMode::Off, queues, "t".into(), false, tx, dirty)
+            .expect("daemon");
+        (f, d)
+    }
+}

@@ -1,0 +1,253 @@
+//! Mirroring as the control plane runs it: start (attach the target on a stored fd, publish the
+//! link to the data path, start the copy or resync), stop, and the failure inherited from a
+//! previous daemon that was mirroring. The caller holds the device's admin lock and saves the
+//! state record after a change.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use control::protocol::code;
+
+use crate::datapath::io_path::IoPath;
+use crate::fd_store::FdStore;
+use crate::lock::lock;
+use crate::mirror::attach::{self, DeviceNeeds};
+use crate::mirror::copy::{self, CopyJob};
+use crate::mirror::link::{Mirror, MirrorState};
+
+/// What a new mirror copies in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyPlan {
+    /// New writes only.
+    None,
+    /// Everything: the whole device is marked out of sync, then copied (sparse-aware).
+    Copy { speed: Option<u64> },
+    /// What the out-of-sync map holds (since a failure, plus what a copy had not reached).
+    Resync { speed: Option<u64> },
+}
+
+/// Why a mirror could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("no fd named {0:?} (pass-fd it first)")]
+    NoSuchFd(String),
+    #[error("mirror refused: {0}")]
+    Refused(String),
+    #[error("a mirror is already {0}; mirror-stop it first")]
+    Busy(&'static str),
+}
+
+impl MirrorError {
+    /// The control protocol's error code (`control/PROTOCOL.md`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            MirrorError::NoSuchFd(_) => code::NO_SUCH_FD,
+            MirrorError::Refused(_) => code::MIRROR_REFUSED,
+            MirrorError::Busy(_) => code::BAD_STATE,
+        }
+    }
+}
+
+/// Where and how to mirror (`mirror-start`, or `unpause --mirror`).
+#[derive(Debug, Clone, Copy)]
+pub struct MirrorTarget<'a> {
+    /// The stored fd to the target.
+    pub fd_name: &'a str,
+    /// The export to ask for, unless the fd came negotiated.
+    pub export_name: &'a str,
+    /// How long a request may wait for the target (None: forever).
+    pub timeout: Option<Duration>,
+    pub plan: CopyPlan,
+}
+
+/// What `mirror-stop` found to stop.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// The mirror on this fd name.
+    Mirror(String),
+    /// No mirror, but a failure inherited from a previous daemon, now acknowledged.
+    InheritedFailure,
+    Nothing,
+}
+
+pub struct Mirroring {
+    io: Arc<IoPath>,
+    /// Serializes telling the activity log whether a mirror takes writes (`mirror_changed`).
+    al_mode: Arc<Mutex<()>>,
+    /// The background copy or resync of the current mirror, if any.
+    pub copy: ArcSwapOption<CopyJob>,
+    /// The fd name the last `mirror-start NAME` or `unpause --mirror NAME` mirrored to (None
+    /// after `unpause --mirror null`; kept by `mirror-stop`); `stats` shows it as
+    /// `mirror.requested`.
+    pub request: Mutex<Option<String>>,
+    /// Set when this daemon recovered a device whose previous daemon was mirroring: the
+    /// target missed writes, so `nbd_mirror_failed` reads 1 until the next mirror-start or
+    /// mirror-stop.
+    inherited_failure: Mutex<Option<String>>,
+}
+
+impl Mirroring {
+    pub fn new(io: Arc<IoPath>) -> Mirroring {
+        Mirroring {
+            io,
+            al_mode: Arc::new(Mutex::new(())),
+            copy: ArcSwapOption::empty(),
+            request: Mutex::new(None),
+            inherited_failure: Mutex::new(None),
+        }
+    }
+
+    /// Attaches a mirror on the stored fd `target.fd_name`: runs the NBD handshake unless the
+    /// fd came negotiated, checks the export can take this device, starts the link, and
+    /// returns once the mirror is active (every write that started local-only has completed
+    /// and marked itself out of sync, or 30 s have passed). On error the fd is closed and
+    /// nothing else changes.
+    pub fn start(
+        &self,
+        fds: &FdStore,
+        target: MirrorTarget<'_>,
+        needs: DeviceNeeds,
+    ) -> Result<Arc<Mirror>, MirrorError> {
+        if let Some(m) = self.io.mirror.load_full() {
+            if m.state() != MirrorState::Failed {
+                return Err(MirrorError::Busy(m.state().name()));
+            }
+        }
+        let stored = fds
+            .take(target.fd_name)
+            .ok_or_else(|| MirrorError::NoSuchFd(target.fd_name.to_owned()))?;
+        let (stream, export) = attach::connect(stored.fd, stored.nbd, target.export_name)
+            .map_err(MirrorError::Refused)?;
+        attach::check_export(&export, needs).map_err(MirrorError::Refused)?;
+        let (io, al_mode) = (Arc::downgrade(&self.io), self.al_mode.clone());
+        let on_failure = Box::new(move || on_mirror_failure(&io, &al_mode));
+        let mirror = Mirror::start(
+            target.fd_name.to_owned(),
+            stream,
+            export,
+            target.timeout,
+            self.io.mail.clone(),
+            on_failure,
+        )
+        .map_err(|e| MirrorError::Refused(format!("starting the mirror threads: {e}")))?;
+        self.publish(&mirror);
+        self.start_copy(&mirror, target.plan);
+        log::info!(
+            "mirroring to {:?} (export {:?}, {} bytes, timeout {})",
+            target.fd_name,
+            mirror.export.name,
+            mirror.export.size,
+            target
+                .timeout
+                .map_or("none".to_string(), |t| format!("{} s", t.as_secs_f64()))
+        );
+        Ok(mirror)
+    }
+
+    /// Publishes `mirror` to the queues, then waits for writes that began local-only (they
+    /// mark themselves dirty); the store and the gauge loads are SeqCst, paired with the
+    /// queues' side.
+    fn publish(&self, mirror: &Arc<Mirror>) {
+        self.io.start_tracking();
+        self.io.mirror.store(Some(mirror.clone()));
+        self.mirror_changed();
+        let start = Instant::now();
+        while self.io.stats.local_only() > 0 && start.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        mirror.set_active();
+        self.clear_inherited();
+    }
+
+    /// Cancels the previous copy job, if any, and starts the one `plan` asks for.
+    fn start_copy(&self, mirror: &Arc<Mirror>, plan: CopyPlan) {
+        if let Some(old) = self.copy.swap(None) {
+            old.cancel();
+        }
+        let job = match plan {
+            CopyPlan::None => None,
+            CopyPlan::Copy { speed } => {
+                // A full copy is a resync of everything.
+                self.io.dirty.mark_all();
+                Some(("copy", speed))
+            }
+            CopyPlan::Resync { speed } => Some(("resync", speed)),
+        };
+        if let Some((kind, speed)) = job {
+            let chunk = copy::DEFAULT_CHUNK;
+            let job = copy::start(self.io.clone(), mirror.clone(), kind, speed, chunk);
+            self.copy.store(Some(job));
+        }
+    }
+
+    /// Ends mirroring cleanly: requests in flight to the target complete (for up to 30 s; the
+    /// rest are failed back and marked out of sync), then disconnect, and the activity log is
+    /// emptied as the last writes end. The failed flag is cleared with it (as `tap-ctl
+    /// unpause -2 null`).
+    pub fn stop(&self) -> Stopped {
+        let Some(m) = self.io.mirror.load_full() else {
+            // The orchestrator acknowledges a failure inherited from a previous daemon.
+            return if self.clear_inherited() {
+                Stopped::InheritedFailure
+            } else {
+                Stopped::Nothing
+            };
+        };
+        if let Some(job) = self.copy.swap(None) {
+            job.cancel();
+        }
+        m.stop(Duration::from_secs(30));
+        self.io.mirror.store(None);
+        self.mirror_changed();
+        self.clear_inherited();
+        Stopped::Mirror(m.name.clone())
+    }
+
+    fn mirror_changed(&self) {
+        mirror_changed(&self.io, &self.al_mode);
+    }
+
+    pub fn mirror_failed(&self) -> bool {
+        self.io.mirror.load().as_ref().is_some_and(|m| m.failed())
+            || lock(&self.inherited_failure).is_some()
+    }
+
+    /// A previous daemon of this device died (or detached) while mirroring.
+    pub fn inherit_failure(&self, why: String) {
+        log::warn!("nbd_mirror_failed=1: {why}");
+        *lock(&self.inherited_failure) = Some(why);
+        self.io.start_tracking();
+    }
+
+    fn clear_inherited(&self) -> bool {
+        lock(&self.inherited_failure).take().is_some()
+    }
+
+    pub fn inherited_failure(&self) -> Option<String> {
+        lock(&self.inherited_failure).clone()
+    }
+}
+
+/// The link's `on_failure`: weak, so a link outliving the daemon's data path does nothing.
+fn on_mirror_failure(io: &Weak<IoPath>, al_mode: &Mutex<()>) {
+    if let Some(io) = io.upgrade() {
+        mirror_changed(&io, al_mode);
+    }
+}
+
+/// After every change of whether a mirror takes writes (published, failed, stopped):
+/// tells the activity log, which, while none does, is emptied as the writes end (see
+/// `DirtyMap::set_mirroring`). Each call reads the slot under `al_mode`, so the last one
+/// leaves the log in the mode that matches the slot, whatever the order of the callers.
+fn mirror_changed(io: &IoPath, al_mode: &Mutex<()>) {
+    let _g = lock(al_mode);
+    let mirroring = io.mirror.load().as_ref().is_some_and(|m| m.takes_io());
+    let cleared = io.dirty.set_mirroring(mirroring);
+    if cleared > 0 {
+        log::info!(
+            "activity log: {cleared} idle extents cleared (no mirror takes writes; the \
+             out-of-sync bitmap holds every write that may differ and is written back)"
+        );
+    }
+}
