@@ -147,7 +147,7 @@ fn two_fds_in_one_message_are_rejected() {
 #[test]
 fn a_zero_timeout_is_no_limit() {
     let (_f, daemon, mut c, mut r) = session();
-    daemon.io.stats.queue(0).start(); // one request being served
+    let mut busy = daemon.io.stats.queue(0).try_start(|| false); // one request being served
     for (id, cmd) in [(1, "wait-idle"), (2, "pause")] {
         let line =
             format!("{{\"v\":1,\"id\":{id},\"cmd\":\"{cmd}\",\"args\":{{\"timeout\":0}}}}\n");
@@ -161,16 +161,16 @@ fn a_zero_timeout_is_no_limit() {
             "{cmd} with timeout 0 answered while a request was outstanding: {early}"
         );
         r.get_ref().set_read_timeout(None).expect("timeout");
-        daemon.io.stats.queue(0).complete();
+        drop(busy.take()); // completed
         let rep = reply(&mut r);
         assert!(rep.ok && rep.id == id, "{cmd}: {rep:?}");
-        daemon.io.stats.queue(0).start();
+        busy = daemon.io.stats.queue(0).try_start(|| false);
     }
     assert_eq!(
         daemon.device.state(),
         crate::device::lifecycle::DeviceState::Paused
     );
-    daemon.io.stats.queue(0).complete();
+    drop(busy);
     // Out of range is refused, with the rule.
     c.write_all(b"{\"v\":1,\"id\":3,\"cmd\":\"wait-idle\",\"args\":{\"timeout\":-1}}\n")
         .expect("send");

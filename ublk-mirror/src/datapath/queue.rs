@@ -29,6 +29,7 @@ use crate::datapath::fanout::fan_out;
 use crate::datapath::io_path::IoPath;
 use crate::datapath::local_leg::LocalLeg;
 use crate::datapath::request::Request;
+use crate::datapath::stats::InFlight;
 use crate::datapath::tag::{wait_until, Parked, TagContext};
 use crate::stop::StopReason;
 
@@ -141,14 +142,13 @@ async fn doorbell(io: Arc<IoPath>, qid: u16, parked: Rc<Parked>) {
 }
 
 /// Counts the request as started and lets it through the gate, or parks it until the gate
-/// lets it through. The order (count, then look) is what makes pause safe: see `device/lifecycle.rs`.
-async fn admit(t: &TagContext<'_>, req: &Request) {
+/// lets it through. The order (count, then look) is what makes pause safe: see
+/// `device/lifecycle.rs`. The request is in flight until the returned guard drops.
+async fn admit<'a>(t: &TagContext<'a>, req: &Request) -> InFlight<'a> {
     loop {
-        t.counters.start();
-        if !t.io.gate().blocks(req) {
-            return;
+        if let Some(in_flight) = t.counters.try_start(|| t.io.gate().blocks(req)) {
+            return in_flight;
         }
-        t.counters.unstart();
         t.counters.set_parked(1);
         wait_until(t.parked, || !t.io.gate().blocks(req)).await;
         t.counters.set_parked(-1);
@@ -174,10 +174,10 @@ async fn serve_tag(queue: &UblkQueue<'_>, t: &TagContext<'_>, tag: u16) -> Resul
         );
         let result = match parsed {
             Ok(req) => {
-                admit(t, &req).await;
+                let in_flight = admit(t, &req).await;
                 let res = fan_out(t, tag, req, buf.as_mut_slice()).await;
                 t.counters.record(&req, res.is_ok());
-                t.counters.complete();
+                drop(in_flight);
                 res.unwrap_or_else(|e| {
                     log::error!("tag {tag}: {req:?}: {e}");
                     -e.errno()

@@ -71,20 +71,23 @@ impl QueueCounters {
         bump(&self.errors, 1);
     }
 
-    /// Counts a request as started. SeqCst: this store must be ordered before the caller's
-    /// look at the pause gate (see `device/lifecycle.rs`).
-    pub fn start(&self) {
+    /// Counts a request as started unless `blocked` (looked at after the count) says it must
+    /// wait; then the count is taken back and None returned. The order (count, then look) is
+    /// the pause handshake (see `device/lifecycle.rs`): the count is a SeqCst store ordered
+    /// before the caller's look at the gate. The request is completed when the returned
+    /// guard drops, so a start can never be left unpaired.
+    pub fn try_start(&self, blocked: impl FnOnce() -> bool) -> Option<InFlight<'_>> {
         let v = self.started.load(Ordering::Relaxed);
         self.started.store(v + 1, Ordering::SeqCst);
+        if blocked() {
+            let v = self.started.load(Ordering::Relaxed);
+            self.started.store(v - 1, Ordering::SeqCst);
+            return None;
+        }
+        Some(InFlight { counters: self })
     }
 
-    /// Takes back a `start` (the request parked instead).
-    pub fn unstart(&self) {
-        let v = self.started.load(Ordering::Relaxed);
-        self.started.store(v - 1, Ordering::SeqCst);
-    }
-
-    pub fn complete(&self) {
+    fn complete(&self) {
         let v = self.completed.load(Ordering::Relaxed);
         self.completed.store(v + 1, Ordering::SeqCst);
     }
@@ -104,6 +107,20 @@ impl QueueCounters {
         let v = self.parked.load(Ordering::Relaxed);
         self.parked
             .store(v.saturating_add_signed(delta), Ordering::Relaxed);
+    }
+}
+
+/// A request counted as started (and so waited for by a pause) until this guard drops, which
+/// counts it completed: every path out of a request, early returns and unwinding included,
+/// completes it exactly once (as Cloud Hypervisor's block device counts active requests).
+#[must_use = "dropping the guard completes the request at once"]
+pub struct InFlight<'a> {
+    counters: &'a QueueCounters,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.counters.complete();
     }
 }
 
@@ -228,5 +245,27 @@ mod tests {
         let s = stats.snapshot();
         assert_eq!((s.writes, s.write_bytes, s.fua_writes), (1, 4096, 1));
         assert_eq!((s.flushes, s.reads, s.errors), (1, 0, 1));
+    }
+
+    #[test]
+    fn a_started_request_is_outstanding_until_its_guard_drops_and_a_blocked_one_never_is() {
+        let stats = Stats::new(1);
+        let q = stats.queue(0);
+        assert!(
+            q.try_start(|| true).is_none(),
+            "blocked: the count is taken back"
+        );
+        assert_eq!(stats.snapshot().outstanding, 0);
+        let a = q.try_start(|| false);
+        let b = q.try_start(|| false);
+        assert_eq!(stats.snapshot().outstanding, 2);
+        drop(a);
+        assert_eq!(stats.snapshot().outstanding, 1);
+        let early_return = |g: Option<InFlight<'_>>| -> Option<()> {
+            let _g = g?;
+            None // an early exit still completes
+        };
+        early_return(b);
+        assert_eq!(stats.snapshot().outstanding, 0);
     }
 }

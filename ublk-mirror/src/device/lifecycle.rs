@@ -320,7 +320,7 @@ mod tests {
     #[test]
     fn stats_are_answered_while_a_pause_drains_and_a_timeout_undoes_it() {
         let (_f, daemon) = daemon_with(1 << 20, 2);
-        daemon.io.stats.queue(1).start(); // one request being served
+        let busy = daemon.io.stats.queue(1).try_start(|| false); // one request being served
         let s2 = daemon.clone();
         let pause = std::thread::spawn(move || s2.device.pause(Duration::from_millis(400)));
         std::thread::sleep(Duration::from_millis(100));
@@ -344,7 +344,7 @@ mod tests {
             "a failed pause keeps the image"
         );
 
-        daemon.io.stats.queue(1).complete();
+        drop(busy); // completed
         daemon.device.pause(Duration::from_secs(1)).expect("pause");
         assert_eq!(daemon.device.state(), DeviceState::Paused);
         assert!(!daemon.device.image_is_open(), "paused means closed");

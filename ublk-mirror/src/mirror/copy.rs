@@ -236,14 +236,13 @@ fn worker(
         }
         throttle(job);
         // Count first, then look at the gate (the pause handshake, as the queues do).
-        loop {
-            counters.start();
-            if !io.gate_blocks_copy() {
-                break;
+        // The chunk is outstanding until `in_flight` drops.
+        let in_flight = loop {
+            if let Some(started) = counters.try_start(|| io.gate_blocks_copy()) {
+                break started;
             }
-            counters.unstart();
             std::thread::sleep(Duration::from_millis(10));
-        }
+        };
         let ticket = io.ranges.enqueue(off, len, qid);
         while !ticket.granted.load(Ordering::Acquire) {
             io.wait_doorbell(qid, Duration::from_millis(100));
@@ -262,7 +261,6 @@ fn worker(
                 log::error!("{}: reading the image at {off}: {e}", job.kind);
                 job.end(CopyState::Failed);
                 release(io, &ticket);
-                counters.complete();
                 return;
             }
         };
@@ -274,7 +272,7 @@ fn worker(
             io.wait_doorbell(qid, Duration::from_millis(100));
         };
         release(io, &ticket);
-        counters.complete();
+        drop(in_flight);
         if outcome == Outcome::Failed {
             return;
         }
