@@ -11,7 +11,7 @@
 //! - `device/`: the ublk device's life, the image, readiness, the state file;
 //! - `daemon.rs`: the daemon object the control handlers hold, a small struct of parts;
 //!   `fd_store.rs`: the stored fds;
-//! - small shared pieces: `lock.rs`, `stop.rs`, `run_dir.rs`, `doorbell.rs`.
+//! - small shared pieces: `lock.rs`, `stop.rs`, `run_dir.rs`, `doorbell.rs`, `file_lock.rs`.
 
 mod ctl;
 mod daemon;
@@ -19,6 +19,7 @@ mod datapath;
 mod device;
 mod doorbell;
 mod fd_store;
+mod file_lock;
 #[cfg(test)]
 mod golden_tests;
 mod lock;

@@ -6,10 +6,11 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use crate::file_lock::lock_exclusive;
 
 /// Whether to bypass the page cache. In the state file as "on", "off" or "auto", as on the
 /// command line.
@@ -159,26 +160,6 @@ fn open_file(path: &Path, mode: DirectMode) -> Result<(File, bool), ImageError> 
             }
             Err(e) => Err(open_err(e)),
         },
-    }
-}
-
-/// An open-file-description lock belongs to this open file, not to the process: it is released
-/// when the fd is closed and it conflicts with every other open of the image, in this process
-/// or another (a POSIX record lock would not conflict within one process).
-pub fn lock_exclusive(file: &File) -> io::Result<()> {
-    // SAFETY: flock is plain old data; all-zero is a valid value that we then fill in.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_WRLCK as libc::c_short;
-    lock.l_whence = libc::SEEK_SET as libc::c_short;
-    lock.l_start = 0;
-    lock.l_len = 0; // the whole file, however it grows
-    const F_OFD_SETLK: libc::c_int = 37;
-    // SAFETY: the fd is open for the duration of the call and `lock` is a valid flock.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), F_OFD_SETLK, &lock) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

@@ -159,7 +159,7 @@ impl DirtyMap {
             .truncate(false)
             .open(path)
             .map_err(io)?;
-        crate::device::image::lock_exclusive(&file).map_err(|_| BitmapError::Locked {
+        crate::file_lock::lock_exclusive(&file).map_err(|_| BitmapError::Locked {
             path: shown.clone(),
         })?;
         let fresh = file.metadata().map_err(io)?.len() == 0;
