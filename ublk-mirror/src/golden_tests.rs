@@ -153,18 +153,8 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Every command of the control protocol, in the states whose replies differ in shape: no
-/// mirror, a failure inherited from a previous daemon, a mirror with a finished copy, a failed
-/// mirror, and after mirror-stop; plus error replies.
-#[test]
-fn control_reply_keys_match_the_golden_file() {
-    let (_img, daemon) = crate::daemon::tests::daemon_with(1 << 20, 1);
-    let mut d = Driver {
-        daemon: daemon.clone(),
-        info: crate::ctl::tests::test_info(),
-        lines: BTreeSet::new(),
-        id: 0,
-    };
+/// The commands of a device without a mirror, from `info` to `unpause --mirror null`.
+fn no_mirror_commands(d: &mut Driver) {
     let none = Value::Null;
     d.call("info", "info", none.clone(), None);
     d.call("stats(no-mirror)", "stats", none.clone(), None);
@@ -176,7 +166,7 @@ fn control_reply_keys_match_the_golden_file() {
         None,
     );
     d.call("mirror-stop(none)", "mirror-stop", none.clone(), None);
-    daemon.io.dirty.mark(64 << 10, 4096);
+    d.daemon.io.dirty.mark(64 << 10, 4096);
     d.call("dirty-map(marked)", "dirty-map", none.clone(), None);
     d.call(
         "wait-idle",
@@ -193,7 +183,11 @@ fn control_reply_keys_match_the_golden_file() {
         serde_json::json!({"mirror": "null"}),
         None,
     );
+}
 
+/// Stored fds, a mirror with a full copy, and a mirror that fails.
+fn fd_and_mirror_commands(d: &mut Driver) {
+    let none = Value::Null;
     // Stored fds: one plain, one negotiated.
     let (plain, _peer) = UnixStream::pair().expect("pair");
     let args = serde_json::json!({"name": "plain"});
@@ -232,10 +226,27 @@ fn control_reply_keys_match_the_golden_file() {
     d.call("stats(mirror-no-copy)", "stats", none.clone(), None);
     drop(target);
     wait_until("the mirror did not fail when its target went away", || {
-        daemon.mirror_failed()
+        d.daemon.mirror_failed()
     });
     d.call("stats(mirror-failed)", "stats", none.clone(), None);
     d.call("mirror-stop(failed)", "mirror-stop", none.clone(), None);
+}
+
+/// Every command of the control protocol, in the states whose replies differ in shape: no
+/// mirror, a failure inherited from a previous daemon, a mirror with a finished copy, a failed
+/// mirror, and after mirror-stop; plus error replies.
+#[test]
+fn control_reply_keys_match_the_golden_file() {
+    let (_img, daemon) = crate::daemon::tests::daemon_with(1 << 20, 1);
+    let mut d = Driver {
+        daemon: daemon.clone(),
+        info: crate::ctl::tests::test_info(),
+        lines: BTreeSet::new(),
+        id: 0,
+    };
+    no_mirror_commands(&mut d);
+    fd_and_mirror_commands(&mut d);
+    let none = Value::Null;
 
     // A failure inherited from a previous daemon (after recover).
     daemon.mirroring.inherit_failure("golden".into());

@@ -245,7 +245,49 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
         );
     }
     ublk::check_driver()?;
-    let dirty = match &args.bitmap {
+    let dirty = open_dirty_map(&args, &image)?;
+    let readiness = Readiness::new(args.ready_fd)?;
+    private_mount_namespace();
+
+    let (stop_tx, stop_rx) = mpsc::channel();
+    forward_signals(stop_tx.clone())?;
+    let daemon = Daemon::new(
+        image,
+        args.direct,
+        args.queues,
+        args.label.clone(),
+        args.paused,
+        stop_tx,
+        dirty,
+    )
+    .context("setting up the queues' doorbells")?;
+    if let Some(prev) = &recovering {
+        inherit_mirror(&daemon, prev);
+    }
+    if daemon.io.dirty.persistent() {
+        start_activity_log_cleaner(&daemon)?;
+    }
+    daemon.record.set(initial_record(&args, &daemon));
+    let cfg = DeviceConfig {
+        dev_id: args.dev_id.map_or(-1, |id| id as i32),
+        queues: args.queues,
+        depth: args.depth,
+        max_io_bytes: args.max_io,
+        recover: recovering.is_some(),
+    };
+    let control = match (args.no_control, args.control) {
+        (true, _) => None,
+        (false, Some(p)) => Some(ControlPath::Path(p)),
+        (false, None) => Some(ControlPath::Default),
+    };
+    let totals = ublk::serve(daemon, &cfg, control, stop_rx, readiness)?;
+    log::info!("stats at exit: {totals}");
+    Ok(())
+}
+
+/// The out-of-sync map: in the `--bitmap` file (logging what it holds), or in memory.
+fn open_dirty_map(args: &ServeArgs, image: &Image) -> Result<DirtyMap> {
+    Ok(match &args.bitmap {
         Some(p) => {
             let m = DirtyMap::open_file(p, &image.path, image.size, args.granularity)?;
             log::info!(
@@ -267,42 +309,31 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
             m
         }
         None => DirtyMap::new(image.size, args.granularity),
-    };
-    let readiness = Readiness::new(args.ready_fd)?;
-    private_mount_namespace();
+    })
+}
 
-    let (stop_tx, stop_rx) = mpsc::channel();
-    forward_signals(stop_tx.clone())?;
-    let daemon = Daemon::new(
-        image,
-        args.direct,
-        args.queues,
-        args.label,
-        args.paused,
-        stop_tx,
-        dirty,
-    )
-    .context("setting up the queues' doorbells")?;
-    if let Some(prev) = &recovering {
-        if let Some(m) = &prev.mirror {
-            daemon.mirroring.inherit_failure(format!(
-                "the previous daemon (pid {}) {} while mirroring to {:?} (export {:?}): the \
-                 target may lack writes; hand over a new connection and mirror-start --resync",
-                prev.pid,
-                if prev.detached { "detached" } else { "died" },
-                m.target,
-                m.export
-            ));
-            if !daemon.io.dirty.persistent() {
-                // Nothing recorded what the target missed: all of it is out of sync.
-                daemon.io.dirty.mark_all();
-            }
+/// A previous daemon that was mirroring when it died or detached leaves the mirror failed:
+/// the target may lack writes.
+fn inherit_mirror(daemon: &Daemon, prev: &state::DaemonState) {
+    if let Some(m) = &prev.mirror {
+        daemon.mirroring.inherit_failure(format!(
+            "the previous daemon (pid {}) {} while mirroring to {:?} (export {:?}): the \
+             target may lack writes; hand over a new connection and mirror-start --resync",
+            prev.pid,
+            if prev.detached { "detached" } else { "died" },
+            m.target,
+            m.export
+        ));
+        if !daemon.io.dirty.persistent() {
+            // Nothing recorded what the target missed: all of it is out of sync.
+            daemon.io.dirty.mark_all();
         }
     }
-    if daemon.io.dirty.persistent() {
-        start_activity_log_cleaner(&daemon)?;
-    }
-    daemon.record.set(state::DaemonState {
+}
+
+/// What the state file records from the start (the device id and socket follow once known).
+fn initial_record(args: &ServeArgs, daemon: &Daemon) -> state::DaemonState {
+    state::DaemonState {
         version: state::DaemonState::CURRENT_VERSION,
         dev_id: 0,
         pid: std::process::id(),
@@ -317,22 +348,7 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
         granularity: args.granularity,
         mirror: None,
         detached: false,
-    });
-    let cfg = DeviceConfig {
-        dev_id: args.dev_id.map_or(-1, |id| id as i32),
-        queues: args.queues,
-        depth: args.depth,
-        max_io_bytes: args.max_io,
-        recover: recovering.is_some(),
-    };
-    let control = match (args.no_control, args.control) {
-        (true, _) => None,
-        (false, Some(p)) => Some(ControlPath::Path(p)),
-        (false, None) => Some(ControlPath::Default),
-    };
-    let totals = ublk::serve(daemon, &cfg, control, stop_rx, readiness)?;
-    log::info!("stats at exit: {totals}");
-    Ok(())
+    }
 }
 
 /// Clears idle extents from the activity log about once a second, so that a crash marks out

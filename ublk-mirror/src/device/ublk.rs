@@ -59,6 +59,64 @@ pub fn serve(
     stop_rx: Receiver<StopReason>,
     readiness: Readiness,
 ) -> Result<Snapshot> {
+    let ctrl = add_device(cfg)?;
+    let dev_id = ctrl.dev_info().dev_id;
+    // The socket's path may depend on the id the driver picked: bind it now, before START, so
+    // a failure leaves no device behind (the ctrl's drop deletes it).
+    let info = DeviceInfo {
+        dev_id,
+        bdev: format!("/dev/ublkb{dev_id}"),
+        queues: cfg.queues,
+        depth: cfg.depth,
+        max_io_bytes: cfg.max_io_bytes,
+    };
+    let control_path = control.map(|p| p.resolve(dev_id));
+    let server = match &control_path {
+        Some(p) => Some(ControlServer::start(p, daemon.clone(), info.clone())?),
+        None => None,
+    };
+    daemon.record.set_device(dev_id, control_path.clone());
+    daemon.save_state();
+
+    let init = |dev: &mut UblkDev| init_target(dev, &daemon);
+    let ctx = QueueContext {
+        io: daemon.io.clone(),
+        stop: lock(&daemon.stop).clone(),
+    };
+    let queue_fn = move |qid: u16, dev: &UblkDev| run_queue(qid, dev, &ctx);
+    // The device fn runs on this thread once the device is live; it blocks until a stop is
+    // requested and then sends STOP_DEV, which ends the queues and so `run_target`.
+    let stop_rx = Mutex::new(stop_rx);
+    let on_live_daemon = daemon.clone();
+    let on_live = move |ctrl: &UblkCtrl| on_live(ctrl, &on_live_daemon, &readiness, &stop_rx);
+    let run = ctrl.run_target(init, queue_fn, on_live);
+    drop(server);
+    // The queues are done: nothing more goes to the target; disconnect it politely.
+    daemon.stop_mirror();
+
+    if let Err(e) = daemon.device.sync_image() {
+        log::error!(
+            "final fdatasync of {} failed: {e}",
+            daemon.device.image_path().display()
+        );
+    }
+    let totals = daemon.io.stats.snapshot();
+    // Delete even when run_target failed: an added device must not outlive its daemon.
+    let del = match ctrl.del_dev() {
+        // Someone else (`ublk-mirror delete --force`) deleted it first: the goal is met.
+        Err(UblkError::OtherError(e)) if e == -libc::ENODEV || e == -libc::ENOENT => Ok(0),
+        other => other,
+    };
+    run.map_err(|e| anyhow!("serving ublk device {dev_id} failed: {e}"))?;
+    del.map_err(|e| anyhow!("DEL_DEV of ublk device {dev_id} failed: {e}"))?;
+    daemon.record.remove();
+    log::info!("ublk device {dev_id} deleted");
+    Ok(totals)
+}
+
+/// ADD_DEV (or, recovering, START_USER_RECOVERY of `cfg.dev_id`): from here on the returned
+/// ctrl deletes the device when dropped.
+fn add_device(cfg: &DeviceConfig) -> Result<UblkCtrl> {
     if cfg.dev_id >= 0 && !cfg.recover {
         check_id_free(cfg.dev_id)?;
     }
@@ -95,76 +153,36 @@ pub fn serve(
         cfg.depth,
         cfg.max_io_bytes
     );
-    // The socket's path may depend on the id the driver picked: bind it now, before START, so
-    // a failure leaves no device behind (the ctrl's drop deletes it).
-    let info = DeviceInfo {
-        dev_id,
-        bdev: format!("/dev/ublkb{dev_id}"),
-        queues: cfg.queues,
-        depth: cfg.depth,
-        max_io_bytes: cfg.max_io_bytes,
-    };
-    let control_path = control.map(|p| p.resolve(dev_id));
-    let server = match &control_path {
-        Some(p) => Some(ControlServer::start(p, daemon.clone(), info.clone())?),
-        None => None,
-    };
-    daemon.record.set_device(dev_id, control_path.clone());
-    daemon.save_state();
+    Ok(ctrl)
+}
 
-    let init = |dev: &mut UblkDev| init_target(dev, &daemon);
-    let ctx = QueueContext {
-        io: daemon.io.clone(),
-        stop: lock(&daemon.stop).clone(),
+/// The device fn: runs on the serving thread once the device is live; blocks until a stop is
+/// requested, then detaches (exits) or releases parked requests and sends STOP_DEV, which ends
+/// the queues and so `run_target`.
+fn on_live(
+    ctrl: &UblkCtrl,
+    daemon: &Daemon,
+    readiness: &Readiness,
+    stop_rx: &Mutex<Receiver<StopReason>>,
+) {
+    let bdev = ctrl.get_bdev_path();
+    println!("{bdev}");
+    log::info!("serving {bdev} [{}]", daemon.label);
+    readiness.ready(&bdev);
+    let reason = match stop_rx.lock() {
+        Ok(rx) => rx.recv().unwrap_or(StopReason::ChannelClosed),
+        Err(_) => StopReason::ChannelClosed,
     };
-    let queue_fn = move |qid: u16, dev: &UblkDev| run_queue(qid, dev, &ctx);
-    // The device fn runs on this thread once the device is live; it blocks until a stop is
-    // requested and then sends STOP_DEV, which ends the queues and so `run_target`.
-    let stop_rx = Mutex::new(stop_rx);
-    let on_live_daemon = daemon.clone();
-    let on_live = move |ctrl: &UblkCtrl| {
-        let bdev = ctrl.get_bdev_path();
-        println!("{bdev}");
-        log::info!("serving {bdev} [{}]", on_live_daemon.label);
-        readiness.ready(&bdev);
-        let reason = match stop_rx.lock() {
-            Ok(rx) => rx.recv().unwrap_or(StopReason::ChannelClosed),
-            Err(_) => StopReason::ChannelClosed,
-        };
-        if reason == StopReason::Detach {
-            detach(&on_live_daemon, &bdev);
-        }
-        log::info!("stopping {bdev}: {reason}");
-        readiness.stopping();
-        // Parked requests must complete, or the kernel's teardown waits for them forever.
-        on_live_daemon.release_for_stop();
-        if let Err(e) = ctrl.kill_dev() {
-            log::error!("STOP_DEV of {bdev} failed: {e}");
-        }
-    };
-    let run = ctrl.run_target(init, queue_fn, on_live);
-    drop(server);
-    // The queues are done: nothing more goes to the target; disconnect it politely.
-    daemon.stop_mirror();
-
-    if let Err(e) = daemon.device.sync_image() {
-        log::error!(
-            "final fdatasync of {} failed: {e}",
-            daemon.device.image_path().display()
-        );
+    if reason == StopReason::Detach {
+        detach(daemon, &bdev);
     }
-    let totals = daemon.io.stats.snapshot();
-    // Delete even when run_target failed: an added device must not outlive its daemon.
-    let del = match ctrl.del_dev() {
-        // Someone else (`ublk-mirror delete --force`) deleted it first: the goal is met.
-        Err(UblkError::OtherError(e)) if e == -libc::ENODEV || e == -libc::ENOENT => Ok(0),
-        other => other,
-    };
-    run.map_err(|e| anyhow!("serving ublk device {dev_id} failed: {e}"))?;
-    del.map_err(|e| anyhow!("DEL_DEV of ublk device {dev_id} failed: {e}"))?;
-    daemon.record.remove();
-    log::info!("ublk device {dev_id} deleted");
-    Ok(totals)
+    log::info!("stopping {bdev}: {reason}");
+    readiness.stopping();
+    // Parked requests must complete, or the kernel's teardown waits for them forever.
+    daemon.release_for_stop();
+    if let Err(e) = ctrl.kill_dev() {
+        log::error!("STOP_DEV of {bdev} failed: {e}");
+    }
 }
 
 /// `shutdown --keep`: leave the device to a successor (`ublk-mirror recover`). Drains and

@@ -136,6 +136,57 @@ impl DirtyMap {
         size.div_ceil(AL_EXTENT).div_ceil(64) as usize
     }
 
+    /// Writes the header of a new bitmap file for `[granularity, device size, image device,
+    /// image inode]`; its generation is 1.
+    fn new_header(map: &mut [u8], header: [u64; 4]) -> u64 {
+        map[0..8].copy_from_slice(MAGIC);
+        map[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        let [granule, size, dev, ino] = header;
+        for (at, v) in [(16, granule), (24, size), (32, dev), (40, ino), (48, 1u64)] {
+            map[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        1
+    }
+
+    /// Checks an existing bitmap file was made for `header` (as `new_header`) and is `len`
+    /// bytes long, and counts its generation up.
+    fn next_generation(
+        map: &mut [u8],
+        header: [u64; 4],
+        len: u64,
+        shown: &str,
+    ) -> Result<u64, BitmapError> {
+        let [granule, size, dev, ino] = header;
+        let fields = [
+            ("granularity", 16, granule),
+            ("device size", 24, size),
+            ("image device", 32, dev),
+            ("image inode", 40, ino),
+        ];
+        for (what, at, expected) in fields {
+            let found = le_u64(map, at);
+            if found != expected {
+                return Err(BitmapError::Mismatch {
+                    path: shown.to_owned(),
+                    what,
+                    found,
+                    expected,
+                });
+            }
+        }
+        if map.len() as u64 != len {
+            return Err(BitmapError::Mismatch {
+                path: shown.to_owned(),
+                what: "file length",
+                found: map.len() as u64,
+                expected: len,
+            });
+        }
+        let g = le_u64(map, 48) + 1;
+        map[48..56].copy_from_slice(&g.to_le_bytes());
+        Ok(g)
+    }
+
     /// Opens (or creates) the bitmap file for an image of `size` bytes at `image`.
     pub fn open_file(
         path: &Path,
@@ -173,42 +224,11 @@ impl DirtyMap {
         {
             return Err(BitmapError::NotABitmap { path: shown });
         }
+        let header = [granule, size, dev, ino];
         let generation = if fresh {
-            map[0..8].copy_from_slice(MAGIC);
-            map[8..12].copy_from_slice(&VERSION.to_le_bytes());
-            for (at, v) in [(16, granule), (24, size), (32, dev), (40, ino), (48, 1u64)] {
-                map[at..at + 8].copy_from_slice(&v.to_le_bytes());
-            }
-            1
+            Self::new_header(&mut map, header)
         } else {
-            let fields = [
-                ("granularity", 16, granule),
-                ("device size", 24, size),
-                ("image device", 32, dev),
-                ("image inode", 40, ino),
-            ];
-            for (what, at, expected) in fields {
-                let found = le_u64(&map, at);
-                if found != expected {
-                    return Err(BitmapError::Mismatch {
-                        path: shown,
-                        what,
-                        found,
-                        expected,
-                    });
-                }
-            }
-            if map.len() as u64 != len {
-                return Err(BitmapError::Mismatch {
-                    path: shown,
-                    what: "file length",
-                    found: map.len() as u64,
-                    expected: len,
-                });
-            }
-            let g = le_u64(&map, 48) + 1;
-            map[48..56].copy_from_slice(&g.to_le_bytes());
-            g
+            Self::next_generation(&mut map, header, len, &shown)?
         };
         map.flush().map_err(io)?;
         let extents = size.div_ceil(AL_EXTENT) as usize;
