@@ -26,9 +26,10 @@ expect_error bad-fd ctl pass-fd notasocket --fd 5 5</etc/passwd
 expect_error no-such-fd ctl close-fd nothing
 expect_error no-such-fd ctl unpause --mirror nothing
 # A real stream socket is accepted, listed, replaced and closed.
-nbd-proxy serve --listen tcp:127.0.0.1:10809 --export "x=$WORK/sock.img" > /dev/null 2>&1 &
-make_image "$WORK/sock.img" 1M; np=$!
-for _ in $(seq 50); do (exec 5<>/dev/tcp/127.0.0.1/10809) 2>/dev/null && break; sleep 0.1; done
+# The image exists before the server starts (it opens it at once), and the server is up before
+# the connection: start_target waits for its "listening" line instead of guessing a time.
+make_image "$WORK/sock.img" 1M
+start_target "$WORK/sock.img"; np=$TARGET_PID
 exec 5<>/dev/tcp/127.0.0.1/10809
 ctl pass-fd target --fd 5 > /dev/null || fail "pass-fd of a TCP socket failed"
 out=$(ctl --json pass-fd target --fd 5); [[ $out == *'"replaced": true'* ]] || fail "second pass-fd did not replace: $out"

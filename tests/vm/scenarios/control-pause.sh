@@ -41,9 +41,17 @@ for i in 1 2 3 4 5; do
     ctl pause > /dev/null || fail "pausing a paused device must be a no-op"
     before=$(ctl_get stats ops.write.count)
     ctl unpause > /dev/null || fail "unpause $i failed"
-    sleep 1
-    after=$(ctl_get stats ops.write.count)
-    [ "$after" -gt "$before" ] || fail "no writes completed after unpause"
+    # Writes must resume: poll (bounded) rather than assume how soon a loaded VM runs fio.
+    resumed=0
+    for _ in $(seq 300); do
+        after=$(ctl_get stats ops.write.count)
+        [ "$after" -gt "$before" ] && { resumed=1; break; }
+        sleep 0.1
+    done
+    if [ $resumed = 0 ]; then
+        ctl stats; tail -n 20 "$WORK/fio.out"; tail -n 20 "$DAEMON_LOG"
+        fail "no writes completed within 30 s after unpause $i"
+    fi
     log "cycle $i: pause took ${lat[-1]} ms (client-side), $parked requests parked, writes resumed"
 done
 kill -INT $fio_pid 2>/dev/null || true; wait $fio_pid || true
