@@ -5,7 +5,13 @@ use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use crate::protocol::{Command, NegotiatedNbd, Reply, Request, MAX_FD_NAME, MAX_LINE, VERSION};
+use serde::de::DeserializeOwned;
+
+#[cfg(doc)]
+use crate::protocol::PassFdReply;
+use crate::protocol::{
+    Command, NegotiatedNbd, Reply, Request, Response, MAX_FD_NAME, MAX_LINE, VERSION,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -24,6 +30,10 @@ pub enum ClientError {
     #[error("invalid request: {0}")]
     Invalid(&'static str),
 }
+
+/// A result that is read and dropped, whatever its shape (also none): for a caller that
+/// needs only to know the daemon said `ok`.
+pub type Ignored = serde::de::IgnoredAny;
 
 pub struct Client {
     stream: UnixStream,
@@ -46,13 +56,14 @@ impl Client {
     }
 
     /// Passes `fd` under `name`: the line and the fd go in one sendmsg, so the daemon binds
-    /// the fd to exactly this request.
-    pub fn pass_fd(
+    /// the fd to exactly this request. The result is parsed as `R`: [`PassFdReply`], or
+    /// [`Ignored`] when only the daemon's consent matters.
+    pub fn pass_fd<R: DeserializeOwned>(
         &mut self,
         name: &str,
         fd: BorrowedFd<'_>,
         nbd: Option<NegotiatedNbd>,
-    ) -> Result<serde_json::Value, ClientError> {
+    ) -> Result<R, ClientError> {
         if name.is_empty() || name.len() > MAX_FD_NAME {
             return Err(ClientError::Invalid("fd names are 1 to 64 bytes"));
         }
@@ -61,17 +72,24 @@ impl Client {
             nbd,
         })?;
         crate::fdpass::send_with_fd(&self.stream, line.as_bytes(), fd)?;
-        self.read_reply()
+        typed(self.read_reply()?)
     }
 
-    /// Sends a request without an fd and waits for its reply.
-    pub fn request(&mut self, command: Command) -> Result<serde_json::Value, ClientError> {
+    /// Sends a request without an fd and waits for its result, parsed as `R`: the command's
+    /// reply type (`InfoReply` for `info`, ...), or `serde_json::Value` for the bare JSON.
+    pub fn request<R: DeserializeOwned>(&mut self, command: Command) -> Result<R, ClientError> {
         if matches!(command, Command::PassFd { .. }) {
             return Err(ClientError::Invalid("pass-fd needs an fd: use pass_fd()"));
         }
         let line = self.encode(command)?;
         self.stream.write_all(line.as_bytes())?;
-        self.read_reply()
+        typed(self.read_reply()?)
+    }
+
+    /// As [`Client::request`], with the result parsed as the type of `command`'s reply.
+    pub fn call(&mut self, command: Command) -> Result<Response, ClientError> {
+        let result: serde_json::Value = self.request(command.clone())?;
+        Response::parse(&command, result).map_err(|e| ClientError::BadReply(e.to_string()))
     }
 
     /// Sends `line` as it is (a newline is added) and returns the reply line, unparsed.
@@ -113,6 +131,7 @@ impl Client {
         Ok(line)
     }
 
+    /// The next reply's result (`null` if an `ok` reply had none), or the daemon's refusal.
     fn read_reply(&mut self) -> Result<serde_json::Value, ClientError> {
         let mut line = String::new();
         let n = (&mut self.reader)
@@ -136,4 +155,9 @@ impl Client {
             })
         }
     }
+}
+
+/// `result` as `R`, or a malformed reply that says which key or value did not fit.
+fn typed<R: DeserializeOwned>(result: serde_json::Value) -> Result<R, ClientError> {
+    serde_json::from_value(result).map_err(|e| ClientError::BadReply(e.to_string()))
 }

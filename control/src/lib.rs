@@ -2,8 +2,8 @@
 //! over a Unix stream socket, with fds passed as SCM_RIGHTS. `control/PROTOCOL.md` is the
 //! reference for other languages.
 //!
-//! `protocol` holds the messages (every command the daemon serves, its defaults and the one
-//! timeout rule), `client` the orchestrator's side, `fdpass` the SCM_RIGHTS rules; the daemon's
+//! `protocol` holds the messages (every command the daemon serves, its defaults, the one
+//! timeout rule and each command's typed reply), `client` the orchestrator's side, `fdpass` the SCM_RIGHTS rules; the daemon's
 //! side is `ublk-mirror/src/control_server.rs` and the command line `ublk-mirror-ctl`
 //! (`src/bin/ublk-mirror-ctl.rs`). For every command line of the project, `units` parses sizes
 //! the same way and `help` is the rule their `--help` keeps; `logging` (feature `logging`) is

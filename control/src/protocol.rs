@@ -3,10 +3,17 @@
 //! Every command here is served by the daemon (`ublk-mirror/src/control_server.rs`) and has a
 //! verb of the same name in `ublk-mirror-ctl`; the one older name still accepted is
 //! `wait-ready` for `mirror-wait-ready`.
+//!
+//! Requests are [`Request`]s carrying a [`Command`]; replies are [`Reply`]s whose `result` is
+//! the command's reply type ([`InfoReply`], [`StatsReply`], ... gathered in [`Response`]), with
+//! exactly the keys the daemon sends, `null` ones included.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+mod replies;
+pub use replies::*;
 
 pub const VERSION: u32 = 1;
 /// Longest line either side sends or accepts, newline included.
@@ -170,7 +177,7 @@ pub struct NegotiatedNbd {
     pub block_size: [u32; 3],
 }
 
-/// A reply: `{"v":1,"id":7,"ok":true,"result":{...}}` or
+/// A reply: `{"v":1,"id":7,"ok":true,"result":{...}}` (`result` is a [`Response`]) or
 /// `{"v":1,"id":7,"ok":false,"error":{"code":"...","message":"..."}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reply {

@@ -131,8 +131,19 @@ impl Drop for TempDir {
     }
 }
 
+/// The result a daemon sends for `cmd` (the keys of `control::protocol`'s reply types).
+fn result_of(cmd: &str) -> serde_json::Value {
+    match cmd {
+        "mirror-start" => serde_json::json!({"state": "active", "export": "", "size": 4096}),
+        "pause" => serde_json::json!({"drain_ms": 0.5}),
+        "wait-idle" => serde_json::json!({"reqs_outstanding": 0, "nbd_mirror_failed": 0}),
+        _ => serde_json::json!({}),
+    }
+}
+
 /// Runs the CLI with `args` (`{sock}` is the socket) against a daemon stand-in that answers
-/// one request with `{}`; returns that request (null if none came within 10 s).
+/// one request as a daemon would (`result_of`); returns that request (null if none came
+/// within 10 s).
 fn one_request(dir: &Path, args: &[&str]) -> (serde_json::Value, Output) {
     let sock = dir.join("ctl.sock");
     let _ = std::fs::remove_file(&sock);
@@ -153,7 +164,8 @@ fn one_request(dir: &Path, args: &[&str]) -> (serde_json::Value, Output) {
         let mut line = String::new();
         BufReader::new(&conn).read_line(&mut line).expect("read");
         let req: serde_json::Value = serde_json::from_str(&line).expect("json request");
-        let reply = serde_json::json!({"v": 1, "id": req["id"], "ok": true, "result": {}});
+        let result = result_of(req["cmd"].as_str().unwrap_or(""));
+        let reply = serde_json::json!({"v": 1, "id": req["id"], "ok": true, "result": result});
         writeln!(&conn, "{reply}").expect("reply");
         req
     });
@@ -207,7 +219,24 @@ fn requests_carry_the_defaults_and_zero_timeouts() {
     let (req, o) = one_request(dir, &["wait-idle", "--json", "--socket", "{sock}"]);
     assert!(o.status.success(), "{o:?}");
     assert_eq!(req["args"]["timeout"], 30.0);
-    assert_eq!(text(&o).0.trim(), "{}");
+    assert_eq!(
+        text(&o).0.trim(),
+        "{\n  \"nbd_mirror_failed\": 0,\n  \"reqs_outstanding\": 0\n}"
+    );
+    // Text: one `key: value` line per key, sorted, as scenarios parse them.
+    let (_, o) = one_request(dir, &["mirror-start", "t", "--socket", "{sock}"]);
+    assert_eq!(text(&o).0, "export: \nsize: 4096\nstate: active\n");
+    let (_, o) = one_request(dir, &["pause", "--socket", "{sock}"]);
+    assert_eq!(text(&o).0, "drain_ms: 0.5\n");
+}
+
+/// A reply that lacks a key of the command's reply type is refused, not printed half.
+#[test]
+fn a_malformed_reply_is_an_error() {
+    let dir = TempDir::new("malformed");
+    let (_, o) = one_request(dir.0.as_path(), &["stats", "--socket", "{sock}"]);
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(text(&o).1.contains("malformed reply"), "{o:?}");
 }
 
 #[test]

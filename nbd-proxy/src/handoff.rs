@@ -80,7 +80,7 @@ fn pass(handoff: &Path, name: &str, stream: &Stream, nbd: Option<NegotiatedNbd>)
         Stream::Unix(s) => s.as_fd(),
     };
     Client::connect(handoff)?
-        .pass_fd(name, fd, nbd)
+        .pass_fd::<control::client::Ignored>(name, fd, nbd)
         .with_context(|| format!("passing the socket to {}", handoff.display()))?;
     Ok(())
 }

@@ -12,8 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
 use control::client::Client;
-use control::protocol::{defaults, timeout_limit, Command};
+use control::protocol::{
+    defaults, timeout_limit, Command, CopyReport, InfoReply, PassFdReply, StatsReply,
+};
 use control::units::{parse_size, SIZE_UNITS};
+use serde::Serialize;
 use serde_json::Value;
 
 const RUN_DIR: &str = "/run/ublk-mirror";
@@ -306,10 +309,8 @@ impl<A: clap::Args> On<A> {
             Action::Request(command, wait) => {
                 let mut client = Client::connect(&path)?;
                 client.set_timeout(wait)?;
-                let v = client
-                    .request(command)
-                    .context(path.display().to_string())?;
-                print(&v, json, "ok")
+                let reply = client.call(command).context(path.display().to_string())?;
+                print(&reply, json, "ok")
             }
             Action::PassFd { name, fd } => {
                 // SAFETY: F_GETFD only inspects the descriptor table entry.
@@ -318,74 +319,40 @@ impl<A: clap::Args> On<A> {
                 }
                 // SAFETY: checked open above; borrowed only for the duration of the call.
                 let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-                let v = Client::connect(&path)?.pass_fd(&name, borrowed, None)?;
-                print(&v, json, &format!("passed fd {fd} as {name:?}"))
+                let reply: PassFdReply = Client::connect(&path)?.pass_fd(&name, borrowed, None)?;
+                print(&reply, json, &format!("passed fd {fd} as {name:?}"))
             }
             Action::WaitReady { timeout, progress } => wait_ready(&path, timeout, progress, json),
         }
     }
 }
 
+/// One line per verb: its action from its arguments (`list` and `raw` take no daemon reply
+/// of their own shape, and are run here directly).
 fn run(cli: Cli) -> Result<()> {
     let Cli { global, command } = cli;
     match command {
-        Cmd::List { output } => {
-            if global.target.given() {
-                usage_error(
-                    "list asks every daemon under /run/ublk-mirror: it takes no --socket or \
-                     --dev-id",
-                );
-            }
-            list(output.json || global.output.json)
-        }
-        Cmd::Raw { target, line } => {
-            if global.output.json {
-                usage_error("raw prints the reply line as it is: it takes no --json");
-            }
-            let path = target.socket(global.target)?;
-            let reply = Client::connect(&path)?.raw_line(&line)?;
-            println!("{reply}");
-            Ok(())
-        }
+        Cmd::List { output } => list_verb(&global, output),
+        Cmd::Raw { target, line } => raw(global, target, &line),
         Cmd::Info(on) => on.run(global, |_| request(Command::Info, QUICK)),
         Cmd::Stats(on) => on.run(global, |_| request(Command::Stats, QUICK)),
-        Cmd::Pause(on) => on.run(global, |a| {
-            let wait = reply_wait(a.timeout)?;
-            let timeout = Some(a.timeout);
-            Ok(Action::Request(Command::Pause { timeout }, wait))
-        }),
-        Cmd::Unpause(on) => on.run(global, |a| {
-            let image = a.image.map(|p| p.display().to_string());
-            let mirror = a.mirror;
-            request(Command::Unpause { image, mirror }, SLOW)
-        }),
+        Cmd::Pause(on) => on.run(global, pause),
+        Cmd::Unpause(on) => on.run(global, unpause),
         Cmd::PassFd(on) => on.run(global, |a| {
-            let (name, fd) = (a.name, a.fd);
-            Ok(Action::PassFd { name, fd })
+            Ok(Action::PassFd {
+                name: a.name,
+                fd: a.fd,
+            })
         }),
         Cmd::ListFds(on) => on.run(global, |_| request(Command::ListFds, QUICK)),
         Cmd::CloseFd(on) => on.run(global, |a| {
             request(Command::CloseFd { name: a.name }, QUICK)
         }),
-        Cmd::WaitIdle(on) => on.run(global, |a| {
-            let wait = reply_wait(a.timeout)?;
-            let timeout = Some(a.timeout);
-            Ok(Action::Request(Command::WaitIdle { timeout }, wait))
-        }),
+        Cmd::WaitIdle(on) => on.run(global, wait_idle),
         Cmd::Shutdown(on) => on.run(global, |a| {
             request(Command::Shutdown { keep: a.keep }, SLOW)
         }),
-        Cmd::MirrorStart(on) => on.run(global, |a| {
-            let command = Command::MirrorStart {
-                name: a.name,
-                export: Some(a.export),
-                timeout: Some(a.timeout),
-                copy: a.copy,
-                resync: a.resync,
-                speed: (a.speed > 0).then_some(a.speed),
-            };
-            request(command, SLOW)
-        }),
+        Cmd::MirrorStart(on) => on.run(global, mirror_start),
         Cmd::MirrorWaitReady(on) => on.run(global, |a| {
             let (timeout, progress) = (a.timeout, a.progress);
             Ok(Action::WaitReady { timeout, progress })
@@ -393,6 +360,55 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::MirrorStop(on) => on.run(global, |_| request(Command::MirrorStop, SLOW)),
         Cmd::DirtyMap(on) => on.run(global, |_| request(Command::DirtyMap, QUICK)),
     }
+}
+
+fn list_verb(global: &Global, output: Output) -> Result<()> {
+    if global.target.given() {
+        usage_error(
+            "list asks every daemon under /run/ublk-mirror: it takes no --socket or --dev-id",
+        );
+    }
+    list(output.json || global.output.json)
+}
+
+fn raw(global: Global, target: Target, line: &str) -> Result<()> {
+    if global.output.json {
+        usage_error("raw prints the reply line as it is: it takes no --json");
+    }
+    let path = target.socket(global.target)?;
+    let reply = Client::connect(&path)?.raw_line(line)?;
+    println!("{reply}");
+    Ok(())
+}
+
+fn pause(a: PauseArgs) -> Result<Action> {
+    let wait = reply_wait(a.timeout)?;
+    let timeout = Some(a.timeout);
+    Ok(Action::Request(Command::Pause { timeout }, wait))
+}
+
+fn unpause(a: UnpauseArgs) -> Result<Action> {
+    let image = a.image.map(|p| p.display().to_string());
+    let mirror = a.mirror;
+    request(Command::Unpause { image, mirror }, SLOW)
+}
+
+fn wait_idle(a: WaitIdleArgs) -> Result<Action> {
+    let wait = reply_wait(a.timeout)?;
+    let timeout = Some(a.timeout);
+    Ok(Action::Request(Command::WaitIdle { timeout }, wait))
+}
+
+fn mirror_start(a: MirrorStartArgs) -> Result<Action> {
+    let command = Command::MirrorStart {
+        name: a.name,
+        export: Some(a.export),
+        timeout: Some(a.timeout),
+        copy: a.copy,
+        resync: a.resync,
+        speed: (a.speed > 0).then_some(a.speed),
+    };
+    request(command, SLOW)
 }
 
 fn human(bytes: f64) -> String {
@@ -406,86 +422,39 @@ fn human(bytes: f64) -> String {
     format!("{v:.1} {}", UNITS[u])
 }
 
+/// `v` as JSON text, as the untyped reply printed it in messages (strings quoted, `null`).
+fn json_text<T: Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "?".into())
+}
+
 /// Polls `stats` until the copy is ready, showing progress if asked.
 fn wait_ready(path: &Path, timeout: f64, progress: bool, json: bool) -> Result<()> {
-    let tty = progress && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let limit = timeout_limit(Some(timeout), timeout).map_err(anyhow::Error::msg)?;
     let deadline = limit.map(|d| Instant::now() + d);
-    let mut last_line: Option<Instant> = None;
-    // The bar is redrawn in place with a carriage return; spaces (not an ANSI erase) wipe
-    // what a longer previous line left.
-    let mut drawn = 0usize;
+    let mut shown = Progress::new(progress);
     loop {
         let mut c = Client::connect(path)?;
-        c.set_timeout(Some(Duration::from_secs(10)))?;
-        let stats = c.request(Command::Stats)?;
-        let copy = &stats["mirror"]["copy"];
-        if copy.is_null() {
+        c.set_timeout(Some(QUICK))?;
+        let stats: StatsReply = c.request(Command::Stats)?;
+        let Some(copy) = stats.mirror.copy() else {
             bail!(
                 "no copy or resync is running (mirror state {})",
-                stats["mirror"]["state"]
+                json_text(stats.mirror.state())
             );
-        }
-        let state = copy["state"].as_str().unwrap_or("?");
-        let done = copy["bytes_done"].as_f64().unwrap_or(0.0);
-        let total = copy["bytes_total"].as_f64().unwrap_or(0.0);
-        let rate = copy["rate"].as_f64().unwrap_or(0.0);
-        let pct = if total > 0.0 {
-            100.0 * done / total
-        } else {
-            100.0
         };
-        let eta = copy["eta"]
-            .as_f64()
-            .map_or("?".to_string(), |e| format!("{e:.0}s"));
-        let text = format!(
-            "{} {state}: {pct:5.1}% {} / {} at {}/s, ETA {eta}",
-            copy["kind"].as_str().unwrap_or("copy"),
-            human(done),
-            human(total),
-            human(rate)
-        );
-        if tty {
-            let width = 30usize;
-            let filled = ((pct / 100.0) * width as f64).round() as usize;
-            let bar = format!(
-                "[{}{}] {text}",
-                "#".repeat(filled.min(width)),
-                ".".repeat(width - filled.min(width))
-            );
-            let wipe = drawn.saturating_sub(bar.chars().count());
-            drawn = bar.chars().count();
-            print!("\r{bar}{}", " ".repeat(wipe));
-            let _ = std::io::Write::flush(&mut std::io::stdout());
-        } else if progress && last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
-            println!("{text}");
-            last_line = Some(Instant::now());
-        }
-        match state {
+        shown.show(copy);
+        match copy.state.as_str() {
             "ready" => {
-                if tty {
-                    println!();
-                }
-                return if json {
-                    print(copy, true, "")
-                } else {
-                    println!(
-                        "ready: {} copied in {:.1} s",
-                        human(done),
-                        copy["elapsed"].as_f64().unwrap_or(0.0)
-                    );
-                    Ok(())
-                };
+                shown.end();
+                return ready(copy, json);
             }
             "copying" => {}
             other => {
-                if tty {
-                    println!();
-                }
+                shown.end();
                 bail!(
                     "the {} ended {other}: {}",
-                    copy["kind"],
-                    stats["mirror"]["last_error"]
+                    json_text(&copy.kind),
+                    json_text(&stats.mirror.last_error())
                 );
             }
         }
@@ -496,30 +465,134 @@ fn wait_ready(path: &Path, timeout: f64, progress: bool, json: bool) -> Result<(
     }
 }
 
-fn print(v: &Value, json: bool, plain: &str) -> Result<()> {
+/// The copy is ready: its report (`--json`) or one line.
+fn ready(copy: &CopyReport, json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(v)?);
-        return Ok(());
+        return print(copy, true, "");
     }
-    match v {
-        Value::Object(map) if !map.is_empty() => print_object("", map),
-        _ => println!("{plain}"),
-    }
+    println!(
+        "ready: {} copied in {:.1} s",
+        human(copy.bytes_done as f64),
+        copy.elapsed
+    );
     Ok(())
 }
 
-fn print_object(prefix: &str, map: &serde_json::Map<String, Value>) {
-    for (k, v) in map {
-        match v {
-            Value::Object(inner) => print_object(&format!("{prefix}{k}."), inner),
-            Value::String(s) => println!("{prefix}{k}: {s}"),
-            other => println!("{prefix}{k}: {other}"),
+/// What `mirror-wait-ready --progress` shows: a bar redrawn in place on a terminal, a line
+/// every 2 s otherwise, nothing without `--progress`.
+struct Progress {
+    progress: bool,
+    tty: bool,
+    last_line: Option<Instant>,
+    /// Characters of the bar drawn last: spaces (not an ANSI erase) wipe what a longer
+    /// previous bar left.
+    drawn: usize,
+}
+
+impl Progress {
+    fn new(progress: bool) -> Progress {
+        Progress {
+            progress,
+            tty: progress && std::io::IsTerminal::is_terminal(&std::io::stdout()),
+            last_line: None,
+            drawn: 0,
+        }
+    }
+
+    /// Shows one poll of the copy.
+    fn show(&mut self, copy: &CopyReport) {
+        let (done, total) = (copy.bytes_done as f64, copy.bytes_total as f64);
+        let pct = if total > 0.0 {
+            100.0 * done / total
+        } else {
+            100.0
+        };
+        let eta = copy.eta.map_or("?".to_string(), |e| format!("{e:.0}s"));
+        let text = format!(
+            "{} {}: {pct:5.1}% {} / {} at {}/s, ETA {eta}",
+            copy.kind,
+            copy.state,
+            human(done),
+            human(total),
+            human(copy.rate)
+        );
+        if self.tty {
+            let width = 30usize;
+            let filled = ((pct / 100.0) * width as f64).round() as usize;
+            let bar = format!(
+                "[{}{}] {text}",
+                "#".repeat(filled.min(width)),
+                ".".repeat(width - filled.min(width))
+            );
+            let wipe = self.drawn.saturating_sub(bar.chars().count());
+            self.drawn = bar.chars().count();
+            print!("\r{bar}{}", " ".repeat(wipe));
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        } else if self.progress
+            && self
+                .last_line
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(2))
+        {
+            println!("{text}");
+            self.last_line = Some(Instant::now());
+        }
+    }
+
+    /// Ends the bar's line before anything else is printed.
+    fn end(&self) {
+        if self.tty {
+            println!();
         }
     }
 }
 
+/// Prints a reply: its JSON with `--json`, else one `key: value` line per leaf (nested keys
+/// joined with `.`, in key order), or `plain` for an empty one.
+fn print<T: Serialize>(reply: &T, json: bool, plain: &str) -> Result<()> {
+    print!("{}", render(reply, json, plain)?);
+    Ok(())
+}
+
+/// What `print` prints. The typed reply goes through a JSON object first, so keys come sorted
+/// and values are written as JSON writes them (`null`, `1.5`, `[[0,4096]]`), as they were
+/// when the reply was printed untyped.
+fn render<T: Serialize>(reply: &T, json: bool, plain: &str) -> Result<String> {
+    let v = serde_json::to_value(reply)?;
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&v)?));
+    }
+    let mut out = String::new();
+    match &v {
+        Value::Object(map) if !map.is_empty() => render_object("", map, &mut out),
+        _ => out = format!("{plain}\n"),
+    }
+    Ok(out)
+}
+
+fn render_object(prefix: &str, map: &serde_json::Map<String, Value>, out: &mut String) {
+    use std::fmt::Write;
+    for (k, v) in map {
+        // Writing to a String cannot fail.
+        let _ = match v {
+            Value::Object(inner) => {
+                render_object(&format!("{prefix}{k}."), inner, out);
+                Ok(())
+            }
+            Value::String(s) => writeln!(out, "{prefix}{k}: {s}"),
+            other => writeln!(out, "{prefix}{k}: {other}"),
+        };
+    }
+}
+
+/// One daemon of `list`: its `info`, or why it did not answer.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Row {
+    Up(InfoReply),
+    Unreachable { socket: String, error: String },
+}
+
 fn list(json: bool) -> Result<()> {
-    let mut rows = Vec::new();
     let entries = match std::fs::read_dir(RUN_DIR) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -532,47 +605,43 @@ fn list(json: bool) -> Result<()> {
         }
         Err(e) => return Err(e).context(RUN_DIR),
     };
-    for entry in entries.flatten() {
-        let p = entry.path();
-        if p.extension().and_then(|e| e.to_str()) != Some("sock") {
-            continue;
-        }
-        let row = Client::connect(&p)
-            .and_then(|mut c| {
-                c.set_timeout(Some(Duration::from_secs(5)))?;
-                c.request(Command::Info)
-            })
-            .unwrap_or_else(|e| serde_json::json!({ "socket": p.display().to_string(), "error": e.to_string() }));
-        rows.push(row);
-    }
+    let rows: Vec<Row> = entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("sock"))
+        .map(|p| {
+            Client::connect(&p)
+                .and_then(|mut c| {
+                    c.set_timeout(Some(Duration::from_secs(5)))?;
+                    c.request(Command::Info)
+                })
+                .map_or_else(
+                    |e| Row::Unreachable {
+                        socket: p.display().to_string(),
+                        error: e.to_string(),
+                    },
+                    Row::Up,
+                )
+        })
+        .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        // Through a JSON value, so each object's keys come sorted as before.
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::to_value(&rows)?)?
+        );
         return Ok(());
     }
     if rows.is_empty() {
         println!("no daemons under {RUN_DIR}");
     }
     for r in rows {
-        let g = |k: &str| {
-            r.get(k)
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_owned)
-                        .unwrap_or_else(|| v.to_string())
-                })
-                .unwrap_or_default()
-        };
-        if r.get("error").is_some() {
-            println!("{}  unreachable: {}", g("socket"), g("error"));
-        } else {
-            println!(
+        match r {
+            Row::Unreachable { socket, error } => println!("{socket}  unreachable: {error}"),
+            Row::Up(i) => println!(
                 "{}  {}  {}  image={}  label={}",
-                g("device"),
-                g("state"),
-                g("size"),
-                g("image"),
-                g("label")
-            );
+                i.device, i.state, i.size, i.image, i.label
+            ),
         }
     }
     Ok(())
@@ -680,6 +749,40 @@ mod tests {
             panic!("not pause");
         };
         assert_eq!(on.args.timeout, 0.0);
+    }
+
+    /// The lines VM scenarios parse (`ctl_get stats mirror.copy.state`, ...) come out of the
+    /// typed reply as they came out of the untyped one.
+    #[test]
+    fn stats_text_is_the_untyped_text() {
+        let line = r#"{"mirror":{"activity_log_extents":2,"bitmap_persistent":false,
+            "bytes_mirrored":4096,"copy":{"bytes_done":4096,"bytes_total":8192,"elapsed":1.5,
+            "eta":2.0,"kind":"copy","rate":2731.0,"speed_limit":null,"state":"copying"},
+            "dirty_bytes":4096,"export":"e","export_size":8192,"failed_at":null,"in_flight":1,
+            "last_error":null,"ops":1,"range_locks":1,"requested":"m","state":"active",
+            "target":"m","timeout":10.0},"name":"l","nbd_mirror_failed":0,"ops":{"discard":
+            {"bytes":0,"count":0},"errors":0,"flush":{"count":0},"read":{"bytes":0,"count":0},
+            "write":{"bytes":4096,"count":1,"fua":0},"write_zeroes":{"bytes":0,"count":0}},
+            "reqs_outstanding":1,"reqs_parked":0,"state":"running"}"#;
+        let untyped: Value = serde_json::from_str(line).expect("json");
+        let typed: StatsReply = serde_json::from_value(untyped.clone()).expect("typed");
+        for json in [false, true] {
+            let want = render(&untyped, json, "ok").expect("untyped");
+            assert_eq!(render(&typed, json, "ok").expect("typed"), want);
+        }
+        let text = render(&typed, false, "ok").expect("text");
+        for l in [
+            "mirror.copy.state: copying\n",
+            "mirror.activity_log_extents: 2\n",
+            "mirror.copy.speed_limit: null\n",
+            "mirror.timeout: 10.0\n",
+            "reqs_outstanding: 1\n",
+        ] {
+            assert!(text.contains(l), "{l:?} not in\n{text}");
+        }
+        let empty = control::protocol::ShutdownReply {};
+        assert_eq!(render(&empty, false, "ok").expect("empty"), "ok\n");
+        assert_eq!(render(&empty, true, "ok").expect("empty"), "{}\n");
     }
 
     #[test]
