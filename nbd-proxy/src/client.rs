@@ -2,12 +2,14 @@
 //! Unix, TLS), and a pipelined transmission-phase [`Connection`].
 //!
 //! The handshake is blocking on purpose: it runs once per connection, before the socket is
-//! handed to whatever drives the transmission phase (a thread here, io_uring in the daemon, which
-//! reuses [`Inflight`] and the codec in [`crate::proto`]).
+//! handed to whatever drives the transmission phase: a thread here ([`Connection`]); in the
+//! daemon, its mirror link (today a pair of threads with a cookie table of its own; once issue
+//! 13 moves the link onto io_uring, it is to use [`Inflight`] and the codec in [`crate::proto`]).
 
-use std::collections::HashMap;
 use std::io::{self, Read, Write};
 
+pub use crate::inflight::Inflight;
+use crate::inflight::{InflightError, Refused};
 use crate::proto::{self, *};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,15 @@ pub enum ClientError {
     BadRequest(&'static str),
     #[error("too many requests in flight ({0})")]
     TooManyInFlight(usize),
+}
+
+impl From<InflightError> for ClientError {
+    fn from(e: InflightError) -> ClientError {
+        match e {
+            InflightError::Full(limit) => ClientError::TooManyInFlight(limit),
+            InflightError::DuplicateCookie(c) => ProtoError::DuplicateCookie(c).into(),
+        }
+    }
 }
 
 fn fmt_msg(m: &str) -> String {
@@ -324,56 +335,6 @@ fn malformed(what: &'static str) -> ClientError {
     ProtoError::Malformed(what).into()
 }
 
-/// Requests in flight on one connection: cookie -> bytes of READ data its reply carries.
-/// Bounded, so a server cannot make it grow, and strict: a reply must match a request.
-#[derive(Debug)]
-pub struct Inflight {
-    pending: HashMap<u64, u32>,
-    limit: usize,
-}
-
-impl Inflight {
-    pub fn new(limit: usize) -> Inflight {
-        Inflight {
-            pending: HashMap::with_capacity(limit.min(1024)),
-            limit,
-        }
-    }
-
-    pub fn insert(&mut self, cookie: u64, read_len: u32) -> Result<(), ClientError> {
-        if self.pending.len() >= self.limit {
-            return Err(ClientError::TooManyInFlight(self.limit));
-        }
-        if self.pending.contains_key(&cookie) {
-            return Err(ProtoError::DuplicateCookie(cookie).into());
-        }
-        self.pending.insert(cookie, read_len);
-        Ok(())
-    }
-
-    /// Matches a reply: the number of data bytes that follow it (0 unless a successful READ).
-    pub fn complete(&mut self, reply: &SimpleReply) -> Result<u32, ProtoError> {
-        let read_len = self
-            .pending
-            .remove(&reply.cookie)
-            .ok_or(ProtoError::UnknownCookie(reply.cookie))?;
-        Ok(if reply.error == 0 { read_len } else { 0 })
-    }
-
-    pub fn len(&self) -> usize {
-        self.pending.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
-    }
-
-    /// Forgets every request (the connection is gone); returns their cookies.
-    pub fn drain(&mut self) -> Vec<u64> {
-        self.pending.drain().map(|(c, _)| c).collect()
-    }
-}
-
 /// A completed request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
@@ -471,7 +432,9 @@ impl<S: Read + Write> Connection<S> {
         self.next_cookie = self.next_cookie.wrapping_add(1);
         let read_len = if command == Command::Read { length } else { 0 };
         if command != Command::Disc {
-            self.inflight.insert(cookie, read_len)?;
+            self.inflight
+                .insert(cookie, read_len, ())
+                .map_err(|r: Refused<()>| ClientError::from(r.error))?;
         }
         let hdr = RequestHeader {
             flags,
@@ -492,7 +455,7 @@ impl<S: Read + Write> Connection<S> {
         let mut h = [0u8; SIMPLE_REPLY_LEN];
         self.stream.read_exact(&mut h)?;
         let reply = SimpleReply::decode(&h)?;
-        let data_len = self.inflight.complete(&reply)?;
+        let data_len = self.inflight.complete(&reply)?.data_len;
         let mut data = vec![0u8; data_len as usize];
         self.stream.read_exact(&mut data)?;
         Ok(Completion {

@@ -3,12 +3,14 @@
 //!
 //! - [`proto`]: the wire format, without I/O; every decoder validates and returns typed errors.
 //! - [`client`]: the handshake over any blocking stream, and a pipelined connection.
+//! - [`inflight`]: the table of requests in flight on one connection, owning what it tracks.
 //! - [`address`]: `tcp:HOST:PORT` and `unix:PATH` endpoints.
 //! - `server`: exports image files to many concurrent, pipelined clients.
 //! - `tls`: STARTTLS with rustls, bridged to plain sockets.
 
 pub mod address;
 pub mod client;
+pub mod inflight;
 pub mod proto;
 #[cfg(feature = "server")]
 pub mod server;
