@@ -8,6 +8,7 @@
 
 mod handshake;
 mod transmission;
+mod unpoison;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -22,6 +23,7 @@ use std::time::Duration;
 
 use crate::address::Stream;
 use crate::proto::tx_flags;
+use unpoison::Unpoisoned;
 
 /// Server-wide settings.
 #[derive(Debug, Clone)]
@@ -149,7 +151,9 @@ impl Export {
     }
 }
 
-/// An exclusive (or, read-only, shared) OFD lock, released when the file closes.
+/// An exclusive (or, read-only, shared) OFD lock, released when the file closes. The daemon
+/// has its own twin (`ublk-mirror/src/file_lock.rs`): neither crate depends on the other's
+/// side, and `control` is a protocol crate, so the two stay apart for now.
 fn lock(file: &File, shared: bool) -> io::Result<()> {
     // SAFETY: flock is plain old data; all-zero is a valid value that we then fill in.
     let mut l: libc::flock = unsafe { std::mem::zeroed() };
@@ -188,7 +192,7 @@ impl Server {
     }
 
     pub fn add_export(&self, export: Export) -> Result<(), ExportError> {
-        let mut map = write(&self.exports);
+        let mut map = self.exports.write().unpoisoned();
         if map.contains_key(&export.name) {
             return Err(ExportError::Exists(export.name));
         }
@@ -207,20 +211,20 @@ impl Server {
     /// is in flight (and get their replies) and close, the image is fdatasync'ed and closed (so
     /// its lock is released). Returns the number of connections that were closed.
     pub fn remove_export(&self, name: &str) -> Result<usize, ExportError> {
-        let export = write(&self.exports)
+        let export = self
+            .exports
+            .write()
+            .unpoisoned()
             .remove(name)
             .ok_or_else(|| ExportError::Unknown(name.to_owned()))?;
         export.removed.store(true, Ordering::Release);
-        let mut conns = lock_ok(&export.conns);
+        let mut conns = export.conns.lock().unpoisoned();
         let closed = conns.len();
         for (_, s) in conns.iter() {
             let _ = s.shutdown(Shutdown::Read);
         }
         while !conns.is_empty() {
-            conns = export
-                .conns_done
-                .wait(conns)
-                .unwrap_or_else(|p| p.into_inner());
+            conns = export.conns_done.wait(conns).unpoisoned();
         }
         drop(conns);
         if let Err(e) = export.file.sync_data() {
@@ -231,11 +235,13 @@ impl Server {
     }
 
     pub fn export_names(&self) -> Vec<String> {
-        read(&self.exports).keys().cloned().collect()
+        self.exports.read().unpoisoned().keys().cloned().collect()
     }
 
     fn lookup(&self, name: &str) -> Option<Arc<Export>> {
-        read(&self.exports)
+        self.exports
+            .read()
+            .unpoisoned()
             .get(name)
             .filter(|e| !e.is_removed())
             .cloned()
@@ -249,7 +255,7 @@ impl Server {
     pub fn serve_connection(self: &Arc<Server>, stream: Stream, peer: &str) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         {
-            let mut live = lock_ok(&self.live);
+            let mut live = self.live.lock().unpoisoned();
             if live.len() >= self.config.max_connections || self.is_shutting_down() {
                 log::warn!("conn {id} from {peer}: refused (connection limit or shutting down)");
                 return;
@@ -268,7 +274,7 @@ impl Server {
             Ok(None) => log::info!("conn {id}: closed during the handshake"),
             Err(e) => log::warn!("conn {id} from {peer}: handshake failed: {e}"),
         }
-        let mut live = lock_ok(&self.live);
+        let mut live = self.live.lock().unpoisoned();
         live.retain(|(c, _)| *c != id);
         self.live_done.notify_all();
     }
@@ -277,7 +283,7 @@ impl Server {
     /// complete and be answered, then return once every connection has closed (or `timeout`).
     pub fn shutdown(&self, timeout: Duration) {
         self.shutting_down.store(true, Ordering::Release);
-        let mut live = lock_ok(&self.live);
+        let mut live = self.live.lock().unpoisoned();
         for (_, s) in live.iter() {
             let _ = s.shutdown(Shutdown::Read);
         }
@@ -294,26 +300,12 @@ impl Server {
                 }
                 break;
             }
-            live = self
-                .live_done
-                .wait_timeout(live, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
+            live = self.live_done.wait_timeout(live, left).unpoisoned().0;
         }
-        for e in read(&self.exports).values() {
+        for e in self.exports.read().unpoisoned().values() {
             if let Err(err) = e.file.sync_data() {
                 log::error!("export {:?}: fdatasync at shutdown failed: {err}", e.name);
             }
         }
     }
-}
-
-fn lock_ok<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(|p| p.into_inner())
-}
-fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(|p| p.into_inner())
 }

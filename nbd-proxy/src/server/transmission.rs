@@ -9,7 +9,8 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use super::{lock_ok, Export, Server};
+use super::unpoison::Unpoisoned;
+use super::{Export, Server};
 use crate::address::Stream;
 use crate::proto::*;
 
@@ -21,14 +22,14 @@ struct Budget {
 
 impl Budget {
     fn acquire(&self, n: u64) {
-        let mut free = lock_ok(&self.free);
+        let mut free = self.free.lock().unpoisoned();
         while *free < n {
-            free = self.cv.wait(free).unwrap_or_else(|p| p.into_inner());
+            free = self.cv.wait(free).unpoisoned();
         }
         *free -= n;
     }
     fn release(&self, n: u64) {
-        *lock_ok(&self.free) += n;
+        *self.free.lock().unpoisoned() += n;
         self.cv.notify_all();
     }
 }
@@ -50,7 +51,7 @@ pub(super) fn run(server: &Arc<Server>, stream: Stream, export: Arc<Export>, id:
         return;
     };
     {
-        let mut conns = lock_ok(&export.conns);
+        let mut conns = export.conns.lock().unpoisoned();
         if export.is_removed() {
             return;
         }
@@ -99,8 +100,8 @@ pub(super) fn run(server: &Arc<Server>, stream: Stream, export: Arc<Export>, id:
         Ok(why) => log::info!("conn {id}: closed ({why})"),
         Err(e) => log::warn!("conn {id}: disconnected: {e}"),
     }
-    let _ = lock_ok(&writer).shutdown(Shutdown::Both);
-    let mut conns = lock_ok(&export.conns);
+    let _ = writer.lock().unpoisoned().shutdown(Shutdown::Both);
+    let mut conns = export.conns.lock().unpoisoned();
     conns.retain(|(c, _)| *c != id);
     export.conns_done.notify_all();
 }
@@ -162,7 +163,7 @@ fn worker(
 ) {
     let mut rng = seed | 1;
     loop {
-        let job = match lock_ok(rx).recv() {
+        let job = match rx.lock().unpoisoned().recv() {
             Ok(j) => j,
             Err(_) => return,
         };
@@ -191,7 +192,7 @@ fn worker(
             error: result.as_ref().err().copied().unwrap_or(0),
             cookie: job.hdr.cookie,
         };
-        let mut w = lock_ok(writer);
+        let mut w = writer.lock().unpoisoned();
         let sent = w.write_all(&reply.encode()).and_then(|()| match &result {
             Ok(data) if !data.is_empty() => w.write_all(data),
             _ => Ok(()),
