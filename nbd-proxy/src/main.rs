@@ -230,62 +230,13 @@ enum Listener {
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(nbd_proxy::tls::server_config(
-            cert,
-            key,
-            args.tls_client_ca.as_deref(),
-        )?),
-        _ => None,
-    };
-    let config = ServerConfig {
-        tls: tls.clone(),
-        handshake_timeout: Duration::from_secs(args.handshake_timeout),
-        max_connections: args.max_connections,
-        workers_per_connection: usize::from(args.workers),
-        reorder_jitter_ms: args.reorder_jitter,
-        ..ServerConfig::default()
-    };
-    if args.reorder_jitter > 0 {
-        log::warn!(
-            "--reorder-jitter {} ms: test mode, requests are delayed at random",
-            args.reorder_jitter
-        );
-    }
-    let server = Server::new(config);
+    let server = Server::new(server_config(&args)?);
     for spec in &args.exports {
         server.add_export(parse_export(spec, args.read_only)?)?;
     }
-    let listener = match &args.listen {
-        Address::Tcp(a) => {
-            let addrs: Vec<_> = a
-                .to_socket_addrs()
-                .with_context(|| format!("resolving {a}"))?
-                .collect();
-            if tls.is_none() && !args.insecure_listen && addrs.iter().any(|s| !s.ip().is_loopback())
-            {
-                bail!(
-                    "--listen tcp:{a} is not a loopback address: without TLS anyone who reaches \
-                     it can write the exported disks; configure --tls-cert/--tls-key, or pass \
-                     --insecure-listen to do it anyway"
-                );
-            }
-            Listener::Tcp(
-                TcpListener::bind(addrs.as_slice()).with_context(|| format!("binding {a}"))?,
-            )
-        }
-        Address::Unix(p) => {
-            remove_stale_socket(p)?;
-            Listener::Unix(
-                UnixListener::bind(p).with_context(|| format!("binding {}", p.display()))?,
-                p.clone(),
-            )
-        }
-    };
-    let shown = match &listener {
-        Listener::Tcp(l) => format!("tcp:{}", l.local_addr()?),
-        Listener::Unix(_, p) => format!("unix:{}", p.display()),
-    };
+    let tls = server.config.tls.is_some();
+    let listener = Listener::bind(&args.listen, tls, args.insecure_listen)?;
+    let shown = listener.shown()?;
     if let Some(path) = &args.control {
         start_control(server.clone(), path.clone(), args.read_only)?;
     }
@@ -294,24 +245,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     std::io::stdout().flush()?;
     log::info!("listening on {shown}");
     loop {
-        let (stream, peer) = match &listener {
-            Listener::Tcp(l) => match l.accept() {
-                Ok((s, peer)) => {
-                    let _ = s.set_nodelay(true);
-                    (Stream::Tcp(s), peer.to_string())
-                }
-                Err(e) => {
-                    log::warn!("accept: {e}");
-                    continue;
-                }
-            },
-            Listener::Unix(l, p) => match l.accept() {
-                Ok((s, _)) => (Stream::Unix(s), format!("unix:{}", p.display())),
-                Err(e) => {
-                    log::warn!("accept: {e}");
-                    continue;
-                }
-            },
+        let Some((stream, peer)) = listener.accept() else {
+            continue;
         };
         let server = server.clone();
         let spawned = std::thread::Builder::new()
@@ -320,6 +255,85 @@ fn serve(args: ServeArgs) -> Result<()> {
         if let Err(e) = spawned {
             log::error!("cannot start a connection thread: {e}");
         }
+    }
+}
+
+/// The server's configuration from `serve`'s options (TLS loaded here).
+fn server_config(args: &ServeArgs) -> Result<ServerConfig> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(nbd_proxy::tls::server_config(
+            cert,
+            key,
+            args.tls_client_ca.as_deref(),
+        )?),
+        _ => None,
+    };
+    if args.reorder_jitter > 0 {
+        log::warn!(
+            "--reorder-jitter {} ms: test mode, requests are delayed at random",
+            args.reorder_jitter
+        );
+    }
+    Ok(ServerConfig {
+        tls,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        max_connections: args.max_connections,
+        workers_per_connection: usize::from(args.workers),
+        reorder_jitter_ms: args.reorder_jitter,
+        ..ServerConfig::default()
+    })
+}
+
+impl Listener {
+    /// Listens on `at`; a TCP address that is not loopback needs TLS (or `insecure`).
+    fn bind(at: &Address, tls: bool, insecure: bool) -> Result<Listener> {
+        Ok(match at {
+            Address::Tcp(a) => {
+                let addrs: Vec<_> = a
+                    .to_socket_addrs()
+                    .with_context(|| format!("resolving {a}"))?
+                    .collect();
+                if !tls && !insecure && addrs.iter().any(|s| !s.ip().is_loopback()) {
+                    bail!(
+                        "--listen tcp:{a} is not a loopback address: without TLS anyone who \
+                         reaches it can write the exported disks; configure \
+                         --tls-cert/--tls-key, or pass --insecure-listen to do it anyway"
+                    );
+                }
+                Listener::Tcp(
+                    TcpListener::bind(addrs.as_slice()).with_context(|| format!("binding {a}"))?,
+                )
+            }
+            Address::Unix(p) => {
+                remove_stale_socket(p)?;
+                Listener::Unix(
+                    UnixListener::bind(p).with_context(|| format!("binding {}", p.display()))?,
+                    p.clone(),
+                )
+            }
+        })
+    }
+
+    /// Where it listens, as `--listen` spells it (the port chosen, for `tcp:HOST:0`).
+    fn shown(&self) -> Result<String> {
+        Ok(match self {
+            Listener::Tcp(l) => format!("tcp:{}", l.local_addr()?),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        })
+    }
+
+    /// The next connection and its peer's name; `None` (logged) if accept failed.
+    fn accept(&self) -> Option<(Stream, String)> {
+        let accepted = match self {
+            Listener::Tcp(l) => l.accept().map(|(s, peer)| {
+                let _ = s.set_nodelay(true);
+                (Stream::Tcp(s), peer.to_string())
+            }),
+            Listener::Unix(l, p) => l
+                .accept()
+                .map(|(s, _)| (Stream::Unix(s), format!("unix:{}", p.display()))),
+        };
+        accepted.map_err(|e| log::warn!("accept: {e}")).ok()
     }
 }
 

@@ -165,57 +165,95 @@ fn would_block(e: &io::Error) -> bool {
 }
 
 /// The pump loop: encrypted bytes on `wire`, plaintext on `plain`.
-fn pump(mut tls: rustls::Connection, mut wire: Stream, mut plain: UnixStream) -> io::Result<()> {
+fn pump(tls: rustls::Connection, wire: Stream, plain: UnixStream) -> io::Result<()> {
     set_nonblocking(wire.as_raw_fd())?;
     set_nonblocking(plain.as_raw_fd())?;
-    let mut to_plain: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; 64 << 10];
-    let (mut wire_eof, mut plain_eof) = (false, false);
+    let mut p = Pump {
+        tls,
+        wire,
+        plain,
+        to_plain: Vec::new(),
+        buf: vec![0u8; 64 << 10],
+        wire_eof: false,
+        plain_eof: false,
+    };
     loop {
-        // Encrypted bytes out.
-        while tls.wants_write() {
-            match tls.write_tls(&mut wire) {
+        p.write_out()?;
+        if p.finished() {
+            return Ok(());
+        }
+        let read_wire = !p.wire_eof && p.to_plain.len() < MAX_PENDING;
+        let read_plain = !p.plain_eof && !p.tls.is_handshaking() && !p.tls.wants_write();
+        let Some(fds) = p.poll(read_wire, read_plain)? else {
+            continue;
+        };
+        let hup = libc::POLLIN | libc::POLLHUP | libc::POLLERR;
+        if read_wire && fds[0].revents & hup != 0 {
+            p.read_wire()?;
+        }
+        if read_plain && fds[1].revents & hup != 0 {
+            p.read_plain()?;
+        }
+    }
+}
+
+/// One TLS session bridged between the encrypted `wire` and the `plain` socketpair end.
+struct Pump {
+    tls: rustls::Connection,
+    wire: Stream,
+    plain: UnixStream,
+    /// Decrypted bytes the plain side has not taken yet.
+    to_plain: Vec<u8>,
+    buf: Vec<u8>,
+    wire_eof: bool,
+    plain_eof: bool,
+}
+
+impl Pump {
+    /// Writes what it can: encrypted bytes to the wire, plaintext to the plain side.
+    fn write_out(&mut self) -> io::Result<()> {
+        while self.tls.wants_write() {
+            match self.tls.write_tls(&mut self.wire) {
                 Ok(_) => {}
                 Err(e) if would_block(&e) => break,
                 Err(e) => return Err(e),
             }
         }
-        // Plaintext out.
-        while !to_plain.is_empty() {
-            match plain.write(&to_plain) {
+        while !self.to_plain.is_empty() {
+            match self.plain.write(&self.to_plain) {
                 Ok(n) => {
-                    to_plain.drain(..n);
+                    self.to_plain.drain(..n);
                 }
                 Err(e) if would_block(&e) => break,
                 Err(e) => return Err(e),
             }
         }
-        if wire_eof && to_plain.is_empty() {
-            let _ = plain.shutdown(std::net::Shutdown::Write);
+        Ok(())
+    }
+
+    /// Passes the wire's end on once the plain side has everything; true when the session is
+    /// over (the plain side closed and all is sent, or both sides closed).
+    fn finished(&mut self) -> bool {
+        if self.wire_eof && self.to_plain.is_empty() {
+            let _ = self.plain.shutdown(std::net::Shutdown::Write);
         }
-        if plain_eof && !tls.wants_write() {
-            return Ok(());
-        }
-        if wire_eof && plain_eof {
-            return Ok(());
-        }
-        let read_wire = !wire_eof && to_plain.len() < MAX_PENDING;
-        let read_plain = !plain_eof && !tls.is_handshaking() && !tls.wants_write();
+        self.plain_eof && (self.wire_eof || !self.tls.wants_write())
+    }
+
+    /// Waits for either side; `None` when interrupted (poll again).
+    fn poll(&self, read_wire: bool, read_plain: bool) -> io::Result<Option<[libc::pollfd; 2]>> {
+        let events = |read: bool, write: bool| {
+            (if read { libc::POLLIN } else { 0 }) | (if write { libc::POLLOUT } else { 0 })
+        };
         let mut fds = [
             libc::pollfd {
-                fd: wire.as_raw_fd(),
-                events: (if read_wire { libc::POLLIN } else { 0 })
-                    | (if tls.wants_write() { libc::POLLOUT } else { 0 }),
+                fd: self.wire.as_raw_fd(),
+                events: events(read_wire, self.tls.wants_write()),
                 revents: 0,
             },
             libc::pollfd {
-                fd: plain.as_raw_fd(),
-                events: (if read_plain { libc::POLLIN } else { 0 })
-                    | (if to_plain.is_empty() {
-                        0
-                    } else {
-                        libc::POLLOUT
-                    }),
+                fd: self.plain.as_raw_fd(),
+                events: events(read_plain, !self.to_plain.is_empty()),
                 revents: 0,
             },
         ];
@@ -224,46 +262,52 @@ fn pump(mut tls: rustls::Connection, mut wire: Stream, mut plain: UnixStream) ->
         if rc < 0 {
             let e = io::Error::last_os_error();
             if would_block(&e) {
-                continue;
+                return Ok(None);
             }
             return Err(e);
         }
-        let hup = libc::POLLIN | libc::POLLHUP | libc::POLLERR;
-        if read_wire && fds[0].revents & hup != 0 {
-            match tls.read_tls(&mut wire) {
-                Ok(0) => wire_eof = true,
-                Ok(_) => {
-                    if let Err(e) = tls.process_new_packets() {
-                        // Tell the peer why (the alert is queued by rustls), then give up.
-                        let _ = tls.write_tls(&mut wire);
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-                    }
-                    loop {
-                        match tls.reader().read(&mut buf) {
-                            Ok(0) => {
-                                wire_eof = true; // close_notify
-                                break;
-                            }
-                            Ok(n) => to_plain.extend_from_slice(&buf[..n]),
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(e),
+        Ok(Some(fds))
+    }
+
+    /// Reads encrypted bytes and queues what they decrypt to for the plain side.
+    fn read_wire(&mut self) -> io::Result<()> {
+        match self.tls.read_tls(&mut self.wire) {
+            Ok(0) => self.wire_eof = true,
+            Ok(_) => {
+                if let Err(e) = self.tls.process_new_packets() {
+                    // Tell the peer why (the alert is queued by rustls), then give up.
+                    let _ = self.tls.write_tls(&mut self.wire);
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                }
+                loop {
+                    match self.tls.reader().read(&mut self.buf) {
+                        Ok(0) => {
+                            self.wire_eof = true; // close_notify
+                            break;
                         }
+                        Ok(n) => self.to_plain.extend_from_slice(&self.buf[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
                     }
                 }
-                Err(e) if would_block(&e) => {}
-                Err(e) => return Err(e),
             }
+            Err(e) if would_block(&e) => {}
+            Err(e) => return Err(e),
         }
-        if read_plain && fds[1].revents & hup != 0 {
-            match plain.read(&mut buf) {
-                Ok(0) => {
-                    plain_eof = true;
-                    tls.send_close_notify();
-                }
-                Ok(n) => tls.writer().write_all(&buf[..n])?,
-                Err(e) if would_block(&e) => {}
-                Err(e) => return Err(e),
+        Ok(())
+    }
+
+    /// Reads plaintext and hands it to TLS; the plain side's end becomes close_notify.
+    fn read_plain(&mut self) -> io::Result<()> {
+        match self.plain.read(&mut self.buf) {
+            Ok(0) => {
+                self.plain_eof = true;
+                self.tls.send_close_notify();
             }
+            Ok(n) => self.tls.writer().write_all(&self.buf[..n])?,
+            Err(e) if would_block(&e) => {}
+            Err(e) => return Err(e),
         }
+        Ok(())
     }
 }

@@ -173,8 +173,15 @@ fn attached(copy: Option<CopyReport>, failure: Option<(&str, f64)>) -> MirrorRep
     })
 }
 
+type Sample = (&'static str, Command, Response);
+
 /// One sample per golden label: the command it answers and its result.
-fn samples() -> Vec<(&'static str, Command, Response)> {
+fn samples() -> Vec<Sample> {
+    [device_samples(), fd_samples(), mirror_samples()].concat()
+}
+
+/// `info`, `stats` in each mirror shape, `pause`, `unpause`.
+fn device_samples() -> Vec<Sample> {
     let timeout = None;
     vec![
         ("info", Command::Info, Response::Info(info("running", true))),
@@ -242,6 +249,12 @@ fn samples() -> Vec<(&'static str, Command, Response)> {
                 state: "running".into(),
             }),
         ),
+    ]
+}
+
+/// `pass-fd`, `list-fds`, `close-fd`.
+fn fd_samples() -> Vec<Sample> {
+    vec![
         (
             "pass-fd",
             Command::PassFd {
@@ -293,6 +306,13 @@ fn samples() -> Vec<(&'static str, Command, Response)> {
                 name: "plain".into(),
             }),
         ),
+    ]
+}
+
+/// `wait-idle`, `shutdown`, `mirror-start`, `mirror-wait-ready`, `mirror-stop`, `dirty-map`.
+fn mirror_samples() -> Vec<Sample> {
+    let timeout = None;
+    vec![
         (
             "wait-idle",
             Command::WaitIdle { timeout },
