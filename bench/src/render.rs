@@ -85,6 +85,18 @@ pub fn markdown(m: &Matrix, stamp: &str, host: &str) -> String {
         si(d.lat_mean_us.median),
         si(d.p99_us.median)
     );
+    mirrored_section(&mut o, m);
+    noise_section(&mut o, m);
+    copy_and_targets(&mut o, m);
+    let _ = writeln!(
+        o,
+        "\n![IOPS and p99 latency per device and job]({stamp}.svg)"
+    );
+    o
+}
+
+/// ublk-mirror mirrored vs dm-raid1 over the same target, per job.
+fn mirrored_section(o: &mut String, m: &Matrix) {
     let _ = writeln!(
         o,
         "\n## Mirrored: ublk-mirror vs dm-raid1 over the same target\n"
@@ -106,6 +118,10 @@ pub fn markdown(m: &Matrix, stamp: &str, host: &str) -> String {
             si(b.p99_us.median)
         );
     }
+}
+
+/// loop2 / loop per job, and loop's own spread: how far apart two identical devices land.
+fn noise_section(o: &mut String, m: &Matrix) {
     let _ = writeln!(o, "\n## Noise floor: loop2 / loop, and loop's own spread\n");
     let _ = writeln!(o, "| job | loop2 / loop | loop (max-min)/median |");
     let _ = writeln!(o, "|---|---|---|");
@@ -118,6 +134,10 @@ pub fn markdown(m: &Matrix, stamp: &str, host: &str) -> String {
             (l.max - l.min) / l.median * 100.0
         );
     }
+}
+
+/// The background copy against nbdcopy, then the issue's targets, met or not.
+fn copy_and_targets(o: &mut String, m: &Matrix) {
     let _ = writeln!(
         o,
         "\n## Background copy vs nbdcopy (same image, same server)\n\n\
@@ -142,11 +162,6 @@ pub fn markdown(m: &Matrix, stamp: &str, host: &str) -> String {
             if t.met() { "yes" } else { "**no**" }
         );
     }
-    let _ = writeln!(
-        o,
-        "\n![IOPS and p99 latency per device and job]({stamp}.svg)"
-    );
-    o
 }
 
 /// A section with one row per job and one column per device.
@@ -189,63 +204,78 @@ pub fn svg(m: &Matrix, stamp: &str) -> String {
             x + 14.0
         );
     }
-    type Pick = fn(&crate::matrix::Cell) -> &Stat;
     let rows: [(&str, Pick); 2] = [("IOPS", |c| &c.iops), ("p99 latency µs", |c| &c.p99_us)];
     for (r, (label, pick)) in rows.iter().enumerate() {
         let y0 = top + r as f64 * (ph + 60.0) + 20.0;
         for (j, job) in JOBS.iter().enumerate() {
             let x0 = left + j as f64 * pw;
-            let max = DEVICES
-                .iter()
-                .map(|d| pick(m.cell(job, d)).max)
-                .fold(0.0f64, f64::max)
-                .max(1e-9);
-            let _ = writeln!(
-                o,
-                r#"<text x="{}" y="{}" font-weight="bold">{job}: {label}</text>"#,
-                x0 + 5.0,
-                y0 - 4.0
-            );
-            let _ = writeln!(
-                o,
-                r##"<line x1="{x0}" y1="{}" x2="{}" y2="{}" stroke="#333"/>"##,
-                y0 + ph,
-                x0 + pw - 20.0,
-                y0 + ph
-            );
-            let _ = writeln!(
-                o,
-                r##"<text x="{}" y="{}" fill="#555">{}</text>"##,
-                x0 + 2.0,
-                y0 + 10.0,
-                si(max)
-            );
-            let bw = (pw - 30.0) / DEVICES.len() as f64;
-            for (i, d) in DEVICES.iter().enumerate() {
-                let s = pick(m.cell(job, d));
-                let h = |v: f64| v / max * (ph - 16.0);
-                let x = x0 + 4.0 + i as f64 * bw;
-                let _ = writeln!(
-                    o,
-                    r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{d} {job}: {} (min {}, max {})</title></rect>"#,
-                    y0 + ph - h(s.median),
-                    bw - 3.0,
-                    h(s.median),
-                    COLORS[i % COLORS.len()],
-                    si(s.median),
-                    si(s.min),
-                    si(s.max)
-                );
-                let cx = x + (bw - 3.0) / 2.0;
-                let _ = writeln!(
-                    o,
-                    r##"<line x1="{cx:.1}" y1="{:.1}" x2="{cx:.1}" y2="{:.1}" stroke="#000"/>"##,
-                    y0 + ph - h(s.max),
-                    y0 + ph - h(s.min)
-                );
-            }
+            panel(&mut o, m, job, label, *pick, (x0, y0), (pw, ph));
         }
     }
     let _ = writeln!(o, "</svg>");
     o
+}
+
+type Pick = fn(&crate::matrix::Cell) -> &Stat;
+
+/// One job's panel of the plot: a bar per device (median) with its min–max whisker, on the
+/// panel's own linear scale; (x0, y0) is its top left corner, (pw, ph) its size.
+fn panel(
+    o: &mut String,
+    m: &Matrix,
+    job: &str,
+    label: &str,
+    pick: Pick,
+    (x0, y0): (f64, f64),
+    (pw, ph): (f64, f64),
+) {
+    let max = DEVICES
+        .iter()
+        .map(|d| pick(m.cell(job, d)).max)
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let _ = writeln!(
+        o,
+        r#"<text x="{}" y="{}" font-weight="bold">{job}: {label}</text>"#,
+        x0 + 5.0,
+        y0 - 4.0
+    );
+    let _ = writeln!(
+        o,
+        r##"<line x1="{x0}" y1="{}" x2="{}" y2="{}" stroke="#333"/>"##,
+        y0 + ph,
+        x0 + pw - 20.0,
+        y0 + ph
+    );
+    let _ = writeln!(
+        o,
+        r##"<text x="{}" y="{}" fill="#555">{}</text>"##,
+        x0 + 2.0,
+        y0 + 10.0,
+        si(max)
+    );
+    let bw = (pw - 30.0) / DEVICES.len() as f64;
+    for (i, d) in DEVICES.iter().enumerate() {
+        let s = pick(m.cell(job, d));
+        let h = |v: f64| v / max * (ph - 16.0);
+        let x = x0 + 4.0 + i as f64 * bw;
+        let _ = writeln!(
+            o,
+            r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{d} {job}: {} (min {}, max {})</title></rect>"#,
+            y0 + ph - h(s.median),
+            bw - 3.0,
+            h(s.median),
+            COLORS[i % COLORS.len()],
+            si(s.median),
+            si(s.min),
+            si(s.max)
+        );
+        let cx = x + (bw - 3.0) / 2.0;
+        let _ = writeln!(
+            o,
+            r##"<line x1="{cx:.1}" y1="{:.1}" x2="{cx:.1}" y2="{:.1}" stroke="#000"/>"##,
+            y0 + ph - h(s.max),
+            y0 + ph - h(s.min)
+        );
+    }
 }

@@ -4,7 +4,7 @@
 //!
 //! `protocol` holds the messages (every command the daemon serves, its defaults, the one
 //! timeout rule and each command's typed reply), `client` the orchestrator's side, `fdpass` the SCM_RIGHTS rules; the daemon's
-//! side is `ublk-mirror/src/control_server.rs` and the command line `ublk-mirror-ctl`
+//! side is `ublk-mirror/src/ctl/` and the command line `ublk-mirror-ctl`
 //! (`src/bin/ublk-mirror-ctl.rs`). For every command line of the project, `units` parses sizes
 //! the same way and `help` is the rule their `--help` keeps; `logging` (feature `logging`) is
 //! the one log format of its daemons.

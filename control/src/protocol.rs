@@ -1,6 +1,6 @@
 //! Messages. One request or reply per line, UTF-8 JSON, at most [`MAX_LINE`] bytes.
 //!
-//! Every command here is served by the daemon (`ublk-mirror/src/control_server.rs`) and has a
+//! Every command here is served by the daemon (`ublk-mirror/src/ctl/`) and has a
 //! verb of the same name in `ublk-mirror-ctl`; the one older name still accepted is
 //! `wait-ready` for `mirror-wait-ready`.
 //!

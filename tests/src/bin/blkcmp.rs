@@ -54,26 +54,7 @@ fn run() -> Result<i32, String> {
     let [a, b] = files.as_slice() else {
         return Err("usage: blkcmp A B [--granule BYTES] [--allowed JSON]".into());
     };
-    let mut fa = File::open(a).map_err(|e| format!("{a}: {e}"))?;
-    let mut fb = File::open(b).map_err(|e| format!("{b}: {e}"))?;
-    let (mut ba, mut bb) = (vec![0u8; granule as usize], vec![0u8; granule as usize]);
-    let mut diffs: Vec<(u64, u64)> = Vec::new();
-    let mut off = 0u64;
-    loop {
-        let na = read_full(&mut fa, &mut ba).map_err(|e| format!("{a}: {e}"))?;
-        let nb = read_full(&mut fb, &mut bb).map_err(|e| format!("{b}: {e}"))?;
-        if na == 0 && nb == 0 {
-            break;
-        }
-        if na != nb || ba[..na] != bb[..nb] {
-            let len = na.max(nb) as u64;
-            match diffs.last_mut() {
-                Some((s, l)) if *s + *l == off => *l += len,
-                _ => diffs.push((off, len)),
-            }
-        }
-        off += na.max(nb) as u64;
-    }
+    let diffs = differing_extents(a, b, granule)?;
     let total: u64 = diffs.iter().map(|d| d.1).sum();
     println!("{} differing extents, {total} bytes", diffs.len());
     for (o, l) in diffs.iter().take(20) {
@@ -97,6 +78,31 @@ fn run() -> Result<i32, String> {
             outside[0]
         );
         Ok(1)
+    }
+}
+
+/// The extents (offset, length) where A and B differ, compared granule by granule; adjacent
+/// differing granules merge into one extent.
+fn differing_extents(a: &str, b: &str, granule: u64) -> Result<Vec<(u64, u64)>, String> {
+    let mut fa = File::open(a).map_err(|e| format!("{a}: {e}"))?;
+    let mut fb = File::open(b).map_err(|e| format!("{b}: {e}"))?;
+    let (mut ba, mut bb) = (vec![0u8; granule as usize], vec![0u8; granule as usize]);
+    let mut diffs: Vec<(u64, u64)> = Vec::new();
+    let mut off = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba).map_err(|e| format!("{a}: {e}"))?;
+        let nb = read_full(&mut fb, &mut bb).map_err(|e| format!("{b}: {e}"))?;
+        if na == 0 && nb == 0 {
+            return Ok(diffs);
+        }
+        if na != nb || ba[..na] != bb[..nb] {
+            let len = na.max(nb) as u64;
+            match diffs.last_mut() {
+                Some((s, l)) if *s + *l == off => *l += len,
+                _ => diffs.push((off, len)),
+            }
+        }
+        off += na.max(nb) as u64;
     }
 }
 
