@@ -21,7 +21,7 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// Longest fd name.
 pub const MAX_FD_NAME: usize = 64;
 /// fds a daemon keeps at once.
-pub const MAX_FDS: usize = 16;
+pub const MAX_FDS: usize = 40;
 
 /// Defaults of the commands' `timeout` arguments, in seconds (PROTOCOL.md's table).
 pub mod defaults {
@@ -117,9 +117,14 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         keep: bool,
     },
-    /// Mirror every write to the NBD target on the stored fd `name`.
+    /// Mirror every write to the NBD target on the stored fd `name`, or over the stored fds
+    /// `names` (one connection each, all to the same export; at most one per queue, and more
+    /// than one only to an export with CAN_MULTI_CONN). Give `name` or `names`.
     MirrorStart {
+        #[serde(default, skip_serializing_if = "String::is_empty")]
         name: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        names: Vec<String>,
         /// Export name for the handshake (default ""), unless the fd came negotiated.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         export: Option<String>,

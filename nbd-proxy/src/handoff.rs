@@ -17,6 +17,54 @@ pub struct TlsClient {
     pub hostname: Option<String>,
 }
 
+/// `connect --connections N`: N connections, each handed over as NAME.i (or NAME when N is
+/// 1). With TLS every connection gets its own relay, so this runs them on threads and
+/// returns when all have ended.
+pub fn connect_n(
+    to: &Address,
+    export: &str,
+    handoff: &Path,
+    name: &str,
+    connections: u16,
+    negotiate: bool,
+    tls: Option<TlsClient>,
+) -> Result<()> {
+    if connections <= 1 {
+        return connect(to, export, handoff, name, negotiate, tls);
+    }
+    let names: Vec<String> = (0..connections).map(|i| format!("{name}.{i}")).collect();
+    let Some(tls) = tls else {
+        for n in &names {
+            connect(to, export, handoff, n, negotiate, None)?;
+        }
+        return Ok(());
+    };
+    let tls = std::sync::Arc::new(tls);
+    let relays: Vec<_> = names
+        .into_iter()
+        .map(|n| {
+            let (to, export, handoff, tls) = (
+                to.clone(),
+                export.to_owned(),
+                handoff.to_owned(),
+                tls.clone(),
+            );
+            std::thread::spawn(move || connect_tls(&to, &export, &handoff, &n, &tls))
+        })
+        .collect();
+    let mut first_err = None;
+    for r in relays {
+        let res = r
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("a relay thread panicked")));
+        if let Err(e) = res {
+            log::error!("{e:#}");
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
 pub fn connect(
     to: &Address,
     export: &str,

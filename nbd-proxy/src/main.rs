@@ -126,8 +126,14 @@ struct ConnectArgs {
     #[arg(long, value_name = "PATH")]
     handoff: PathBuf,
     /// Name under which the daemon stores the socket (referenced later by `mirror-start NAME`).
+    /// With --connections N above 1 the sockets are stored as NAME.0 ... NAME.N-1.
     #[arg(long)]
     name: String,
+    /// Connections to open and hand over, all to the same export: a daemon with Q queues
+    /// drives up to Q of them, one per queue, which needs an export with CAN_MULTI_CONN.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=32))]
+    connections: u16,
     /// Complete the NBD handshake here (through NBD_OPT_GO) and hand off a socket already in
     /// the transmission phase, with the export's size and flags. By default the daemon runs the
     /// handshake itself on the socket it receives.
@@ -162,7 +168,15 @@ fn main() {
                 identity: a.tls_cert.clone().zip(a.tls_key.clone()),
                 hostname: a.tls_hostname.clone(),
             });
-            handoff::connect(&a.to, &a.export, &a.handoff, &a.name, a.negotiate, tls)
+            handoff::connect_n(
+                &a.to,
+                &a.export,
+                &a.handoff,
+                &a.name,
+                a.connections,
+                a.negotiate,
+                tls,
+            )
         }
         Command::Control(a) => control_client(&a),
     };

@@ -133,6 +133,7 @@ impl Daemon {
         let mirror = mirror.or_else(|| {
             self.mirroring.inherited_failure().map(|_| MirrorRecord {
                 target: String::new(),
+                targets: Vec::new(),
                 export: String::new(),
             })
         });

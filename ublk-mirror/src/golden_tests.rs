@@ -238,6 +238,9 @@ fn fd_and_mirror_commands(d: &mut Driver) {
 #[test]
 fn control_reply_keys_match_the_golden_file() {
     let (_img, daemon) = crate::daemon::tests::daemon_with(1 << 20, 1);
+    // No ublk device here, so no queue threads: this plays queue 0's ring for the mirror.
+    let io = daemon.io.clone();
+    let _queue0 = crate::mirror::test_ring::own_connections(move || io.mirror.load_full());
     let mut d = Driver {
         daemon: daemon.clone(),
         info: crate::ctl::tests::test_info(),
@@ -285,8 +288,10 @@ fn the_state_file_matches_the_golden_file() {
         control: Some("/run/ublk-mirror/3.sock".into()),
         bitmap: Some("/var/lib/ublk-mirror/disk.bitmap".into()),
         granularity: 65536,
+        al_extents: None,
         mirror: Some(crate::device::state::MirrorRecord {
             target: "dest".into(),
+            targets: Vec::new(),
             export: "disk".into(),
         }),
         detached: true,

@@ -37,6 +37,7 @@ use clap::{Parser, Subcommand};
 use crate::ctl::ControlPath;
 use crate::daemon::Daemon;
 use crate::device::image::{DirectMode, Image};
+use crate::device::placement::QueueCpus;
 use crate::device::readiness::Readiness;
 use crate::device::ublk::DeviceConfig;
 use crate::device::{state, ublk};
@@ -129,6 +130,12 @@ struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = control::units::parse_size_u32,
           default_value_t = 512 * 1024)]
     max_io: u32,
+    /// Where the threads of a device with 2 or more queues run: away (every CPU but those
+    /// that submit to the queue, so a submitter and its queue thread run in parallel), any
+    /// (every CPU), or own (one CPU of the queue's submitters). A 1-queue device always
+    /// keeps one CPU.
+    #[arg(long, value_enum, value_name = "POLICY", default_value_t = QueueCpus::Away)]
+    queue_cpus: QueueCpus,
     /// O_DIRECT on the image: on, off, or auto (on if the filesystem allows it).
     #[arg(long, value_enum, default_value_t = DirectMode::Auto)]
     direct: DirectMode,
@@ -164,6 +171,12 @@ struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = control::units::parse_size,
           default_value_t = DEFAULT_GRANULE)]
     granularity: u64,
+    /// With --bitmap: the most 4 MiB extents the activity log keeps hot while mirroring
+    /// (DRBD's al-extents). A write to a hot extent costs nothing; a crash marks at most this
+    /// many extents out of sync (or those of the requests in flight, if more).
+    #[arg(long, value_name = "N", default_value_t = dirty::DEFAULT_AL_EXTENTS,
+          value_parser = parse_al_extents)]
+    al_extents: usize,
 }
 
 fn main() {
@@ -209,6 +222,7 @@ fn recover(dev_id: u32, ready_fd: Option<RawFd>) -> Result<()> {
         image: st.image.clone(),
         dev_id: Some(dev_id),
         queues: st.queues,
+        queue_cpus: QueueCpus::default(),
         depth: st.depth,
         max_io: st.max_io,
         direct: st.direct,
@@ -219,6 +233,7 @@ fn recover(dev_id: u32, ready_fd: Option<RawFd>) -> Result<()> {
         paused: false,
         bitmap: st.bitmap.clone(),
         granularity: st.granularity,
+        al_extents: st.al_extents.unwrap_or(dirty::DEFAULT_AL_EXTENTS),
     };
     serve(args, Some(st))
 }
@@ -274,6 +289,7 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
         depth: args.depth,
         max_io_bytes: args.max_io,
         recover: recovering.is_some(),
+        queue_cpus: args.queue_cpus,
     };
     let control = match (args.no_control, args.control) {
         (true, _) => None,
@@ -287,7 +303,7 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
 
 /// The out-of-sync map: in the `--bitmap` file (logging what it holds), or in memory.
 fn open_dirty_map(args: &ServeArgs, image: &Image) -> Result<DirtyMap> {
-    Ok(match &args.bitmap {
+    let map = match &args.bitmap {
         Some(p) => {
             let m = DirtyMap::open_file(p, &image.path, image.size, args.granularity)?;
             log::info!(
@@ -309,7 +325,9 @@ fn open_dirty_map(args: &ServeArgs, image: &Image) -> Result<DirtyMap> {
             m
         }
         None => DirtyMap::new(image.size, args.granularity),
-    })
+    };
+    map.set_al_bound(args.al_extents);
+    Ok(map)
 }
 
 /// A previous daemon that was mirroring when it died or detached leaves the mirror failed:
@@ -346,13 +364,14 @@ fn initial_record(args: &ServeArgs, daemon: &Daemon) -> state::DaemonState {
         control: None,
         bitmap: args.bitmap.clone(),
         granularity: args.granularity,
+        al_extents: Some(args.al_extents),
         mirror: None,
         detached: false,
     }
 }
 
-/// Clears idle extents from the activity log about once a second, so that a crash marks out
-/// of sync only what was recently written.
+/// Moves the activity log's clock about once a second, and retires its least recently used
+/// idle extents when the hot set nears its bound (`DirtyMap::retire_cold`).
 fn start_activity_log_cleaner(daemon: &std::sync::Arc<Daemon>) -> Result<()> {
     let weak = std::sync::Arc::downgrade(daemon);
     std::thread::Builder::new()
@@ -361,7 +380,7 @@ fn start_activity_log_cleaner(daemon: &std::sync::Arc<Daemon>) -> Result<()> {
             std::thread::sleep(std::time::Duration::from_secs(1));
             match weak.upgrade() {
                 Some(s) => {
-                    s.io.dirty.clean_activity_log();
+                    s.io.dirty.retire_cold();
                 }
                 None => return,
             }
@@ -407,6 +426,16 @@ fn private_mount_namespace() {
              in its own namespace",
             std::io::Error::last_os_error()
         );
+    }
+}
+
+/// `--al-extents`: 1 to 1048576 extents (4 PiB of device).
+fn parse_al_extents(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=1 << 20).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s:?}: a number of 4 MiB extents from 1 to 1048576"
+        )),
     }
 }
 

@@ -189,8 +189,11 @@ struct ShutdownArgs {
 
 #[derive(clap::Args)]
 struct MirrorStartArgs {
-    /// The stored fd (see pass-fd) of a socket connected to the NBD server.
-    name: String,
+    /// The stored fd (see pass-fd) of a socket connected to the NBD server; several names
+    /// (`nbd-proxy connect --connections N` stores NAME.0 ... NAME.N-1) mirror over one
+    /// connection each, at most one per queue.
+    #[arg(value_name = "NAME", num_args = 1.., required = true)]
+    names: Vec<String>,
     /// Export name for the NBD handshake, unused when the fd was passed negotiated [default:
     /// "", the server's default export].
     #[arg(
@@ -400,8 +403,13 @@ fn wait_idle(a: WaitIdleArgs) -> Result<Action> {
 }
 
 fn mirror_start(a: MirrorStartArgs) -> Result<Action> {
+    let (name, names) = match a.names.as_slice() {
+        [one] => (one.clone(), Vec::new()),
+        _ => (String::new(), a.names),
+    };
     let command = Command::MirrorStart {
-        name: a.name,
+        name,
+        names,
         export: Some(a.export),
         timeout: Some(a.timeout),
         copy: a.copy,
@@ -755,12 +763,14 @@ mod tests {
     /// typed reply as they came out of the untyped one.
     #[test]
     fn stats_text_is_the_untyped_text() {
-        let line = r#"{"mirror":{"activity_log_extents":2,"bitmap_persistent":false,
+        let line = r#"{"mirror":{"activity_log_bound":1024,"activity_log_extents":2,
+            "activity_log_retired":0,"activity_log_writes":3,"bitmap_persistent":false,
             "bytes_mirrored":4096,"copy":{"bytes_done":4096,"bytes_total":8192,"elapsed":1.5,
             "eta":2.0,"kind":"copy","rate":2731.0,"speed_limit":null,"state":"copying"},
-            "dirty_bytes":4096,"export":"e","export_size":8192,"failed_at":null,"in_flight":1,
-            "last_error":null,"ops":1,"range_locks":1,"requested":"m","state":"active",
-            "target":"m","timeout":10.0},"name":"l","nbd_mirror_failed":0,"ops":{"discard":
+            "connections":2,"dirty_bytes":4096,"export":"e","export_size":8192,
+            "failed_at":null,"in_flight":1,"last_error":null,"ops":1,"range_locks":1,
+            "requested":"m.0,m.1","state":"active","target":"m.0","targets":["m.0","m.1"],
+            "timeout":10.0},"name":"l","nbd_mirror_failed":0,"ops":{"discard":
             {"bytes":0,"count":0},"errors":0,"flush":{"count":0},"read":{"bytes":0,"count":0},
             "write":{"bytes":4096,"count":1,"fua":0},"write_zeroes":{"bytes":0,"count":0}},
             "reqs_outstanding":1,"reqs_parked":0,"state":"running"}"#;

@@ -99,7 +99,7 @@ pub struct CountOps {
 #[serde(untagged)]
 pub enum MirrorReport {
     /// A mirror is attached (connecting, active, failed or stopping).
-    Attached(MirrorAttached),
+    Attached(Box<MirrorAttached>),
     /// No mirror: never started, stopped, or failed in a previous daemon.
     Off(MirrorOff),
 }
@@ -162,8 +162,15 @@ pub struct MirrorAttached {
     pub state: String,
     /// The fd name last asked for, `null` if none.
     pub requested: Option<String>,
-    /// The stored fd's name the mirror runs on.
+    /// The stored fd's name the mirror runs on (the first connection's).
     pub target: String,
+    /// Every connection's stored fd name, in connection order (queue `i` drives connection
+    /// `i`).
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Connections to the target.
+    #[serde(default)]
+    pub connections: u64,
     /// The NBD export's name.
     pub export: String,
     /// The NBD export's size in bytes.
@@ -185,6 +192,15 @@ pub struct MirrorAttached {
     pub bitmap_persistent: bool,
     /// Extents in the activity log.
     pub activity_log_extents: u64,
+    /// The most extents the activity log keeps hot while mirroring (`--al-extents`).
+    #[serde(default)]
+    pub activity_log_bound: u64,
+    /// Writes of the activity log to disk (cold extents logged) since start.
+    #[serde(default)]
+    pub activity_log_writes: u64,
+    /// Extents retired from the hot set (least recently used first) since start.
+    #[serde(default)]
+    pub activity_log_retired: u64,
     /// Ranges held in the range lock.
     pub range_locks: u64,
     /// The background copy or resync, `null` if none was started with this mirror.

@@ -5,6 +5,9 @@
 # device, a new daemon on the same image and bitmap finds exactly the same out-of-sync bytes
 # (generation 2, nothing from the activity log), and a resync to the restarted target
 # converges. A bitmap belonging to another image, or one in use, is refused.
+# Then the activity log's bound: random writes over all 64 extents of a mirrored device with
+# --al-extents 8 keep at most 8 logged; SIGKILL while mirroring, and the successor's bitmap holds
+# at most those 8 extents (32 MiB), not the 256 MiB the writes covered.
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
 L=$WORK/local.img R=$WORK/remote.img BM=$WORK/disk.bitmap
 make_image "$L" 256M; make_image "$R" 256M
@@ -58,5 +61,28 @@ blkcmp "$L" "$R" > "$WORK/cmp.out" || { cat "$WORK/cmp.out"; fail "images differ
 ctl unpause > /dev/null
 log "bitmap survived the crash ($after bytes), resync converged: images identical"
 ctl mirror-stop > /dev/null
+stop_daemon
+stop_pid "$TARGET_PID"
+
+# The bound: --al-extents 8 (depth 4, so the requests in flight cover at most 8 extents).
+make_image "$L" 256M; make_image "$R" 256M; rm -f "$BM"
+start_target "$R"
+start_daemon "$L" --dev-id 6 --bitmap "$BM" --al-extents 8 --depth 4
+mirror_to b2
+fio --name=spread --filename="$DEV" --direct=1 --ioengine=io_uring --iodepth=4 --rw=randwrite \
+    --bs=4k --size=256M --io_size=32M > "$WORK/fio-spread.out" || fail "mirrored fio failed"
+hot=$(ctl_get stats mirror.activity_log_extents)
+log "after random writes over 64 extents with --al-extents 8: $hot extents logged, \
+$(ctl_get stats mirror.activity_log_retired) retired in $(ctl_get stats mirror.activity_log_writes) log writes"
+[ "$hot" -le 8 ] || fail "the activity log holds $hot extents, more than its bound of 8"
+[ "$hot" -ge 1 ] || fail "the activity log is empty while mirroring: the hot set kept nothing"
+stop_pid "$DAEMON_PID" KILL
+ublk-mirror delete --dev-id 6 || fail "delete of the orphaned device failed"
+rm -f /run/ublk-mirror/6.sock
+start_daemon "$L" --dev-id 6 --bitmap "$BM" --al-extents 8 --depth 4
+recovered=$(ctl_get dirty-map dirty_bytes)
+log "after a crash while mirroring: $recovered bytes out of sync (bound 8 x 4 MiB)"
+[ "$recovered" -gt 0 ] || fail "the crash while mirroring marked nothing out of sync"
+[ "$recovered" -le $((8 << 22)) ] || fail "$recovered bytes out of sync after the crash: more than the bound's 32 MiB"
 stop_daemon
 stop_pid "$TARGET_PID"

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use control::protocol::{code, Command, Reply, Request, VERSION};
 use serde_json::Value;
 
-use crate::ctl::handlers::{self, Outcome};
+use crate::ctl::handlers::{self, Answer};
 use crate::ctl::{report, DeviceInfo};
 use crate::daemon::Daemon;
 
@@ -57,7 +57,7 @@ pub(crate) fn handle_line(
     }
 }
 
-fn dispatch(cmd: Command, fd: Option<OwnedFd>, daemon: &Arc<Daemon>, info: &DeviceInfo) -> Outcome {
+fn dispatch(cmd: Command, fd: Option<OwnedFd>, daemon: &Arc<Daemon>, info: &DeviceInfo) -> Answer {
     match cmd {
         Command::Info => Ok(report::info_json(daemon, info)),
         Command::Stats => Ok(report::stats_json(daemon)),
@@ -69,6 +69,7 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, daemon: &Arc<Daemon>, info: &Devi
         Command::WaitIdle { timeout } => handlers::wait_idle(daemon, timeout),
         Command::MirrorStart {
             name,
+            names,
             export,
             timeout,
             copy,
@@ -76,7 +77,7 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, daemon: &Arc<Daemon>, info: &Devi
             speed,
         } => {
             let plan = handlers::copy_plan(copy, resync, speed)?;
-            handlers::mirror_start(daemon, info, name, export, timeout, plan)
+            handlers::mirror_start(daemon, info, (name, names), export, timeout, plan)
         }
         Command::MirrorStop => Ok(handlers::mirror_stop(daemon)),
         Command::MirrorWaitReady { timeout } => handlers::mirror_wait_ready(daemon, timeout),

@@ -19,7 +19,7 @@ use crate::mirror::mirroring::{CopyPlan, MirrorTarget};
 use crate::stop::StopReason;
 
 /// A reply's result, or its error code and message.
-pub(super) type Outcome = std::result::Result<Value, (&'static str, String)>;
+pub(super) type Answer = std::result::Result<Value, (&'static str, String)>;
 
 /// A command's `timeout` by the protocol's one rule: absent is `default`, 0 is no limit
 /// (`None`), otherwise seconds up to a day.
@@ -35,7 +35,7 @@ fn wait_limit(limit: Option<Duration>) -> Duration {
     limit.unwrap_or(Duration::MAX)
 }
 
-pub(super) fn pause(daemon: &Daemon, timeout: Option<f64>) -> Outcome {
+pub(super) fn pause(daemon: &Daemon, timeout: Option<f64>) -> Answer {
     let limit = timeout_of(timeout, defaults::PAUSE_TIMEOUT)?;
     let took = daemon
         .device
@@ -51,7 +51,7 @@ pub(super) fn unpause(
     info: &DeviceInfo,
     image: Option<String>,
     mirror: Option<String>,
-) -> Outcome {
+) -> Answer {
     if let Some(m) = &mirror {
         let known = m == "null" || daemon.fds.contains(m);
         if !known {
@@ -70,8 +70,9 @@ pub(super) fn unpause(
         }
         Some(name) => {
             let timeout = timeout_of(None, defaults::MIRROR_TIMEOUT)?;
+            let names = [name.to_owned()];
             let target = MirrorTarget {
-                fd_name: name,
+                fd_names: &names,
                 export_name: "",
                 timeout,
                 plan: CopyPlan::None,
@@ -93,7 +94,7 @@ pub(super) fn pass_fd(
     fd: Option<OwnedFd>,
     name: String,
     nbd: Option<NegotiatedNbd>,
-) -> Outcome {
+) -> Answer {
     let fd = fd.ok_or((code::BAD_FD, "pass-fd without an fd".to_string()))?;
     if name.is_empty() || name.len() > MAX_FD_NAME || name.chars().any(char::is_control) {
         return Err((
@@ -134,14 +135,14 @@ pub(super) fn list_fds(daemon: &Daemon) -> Value {
     json!({ "fds": list })
 }
 
-pub(super) fn close_fd(daemon: &Daemon, name: String) -> Outcome {
+pub(super) fn close_fd(daemon: &Daemon, name: String) -> Answer {
     match daemon.fds.take(&name) {
         Some(_) => Ok(json!({ "name": name })),
         None => Err((code::NO_SUCH_FD, format!("no fd named {name:?}"))),
     }
 }
 
-pub(super) fn wait_idle(daemon: &Daemon, timeout: Option<f64>) -> Outcome {
+pub(super) fn wait_idle(daemon: &Daemon, timeout: Option<f64>) -> Answer {
     let limit = timeout_of(timeout, defaults::WAIT_IDLE_TIMEOUT)?;
     daemon
         .wait_idle(wait_limit(limit))
@@ -173,15 +174,27 @@ pub(super) fn copy_plan(
 pub(super) fn mirror_start(
     daemon: &std::sync::Arc<Daemon>,
     info: &DeviceInfo,
-    name: String,
+    (name, names): (String, Vec<String>),
     export: Option<String>,
     timeout: Option<f64>,
     plan: CopyPlan,
-) -> Outcome {
+) -> Answer {
+    let names = match (name.is_empty(), names.is_empty()) {
+        (false, true) => vec![name],
+        (true, false) => names,
+        _ => {
+            return Err((
+                code::BAD_REQUEST,
+                "give the stored fd as \"name\" or the list of them as \"names\", not both \
+                 or neither"
+                    .into(),
+            ))
+        }
+    };
     // 0 is no limit, like tapdisk (a hung target then hangs the guest).
     let timeout = timeout_of(timeout, defaults::MIRROR_TIMEOUT)?;
     let target = MirrorTarget {
-        fd_name: &name,
+        fd_names: &names,
         export_name: export.as_deref().unwrap_or(""),
         timeout,
         plan,
@@ -189,7 +202,7 @@ pub(super) fn mirror_start(
     let m = daemon
         .start_mirror(target, info.max_io_bytes)
         .map_err(|e| (e.code(), e.to_string()))?;
-    *lock(&daemon.mirroring.request) = Some(name);
+    *lock(&daemon.mirroring.request) = Some(names.join(","));
     Ok(json!({ "state": m.state().name(), "export": m.export.name, "size": m.export.size }))
 }
 
@@ -198,7 +211,7 @@ pub(super) fn mirror_stop(daemon: &Daemon) -> Value {
 }
 
 /// Waits until the copy or resync is ready; fails at once if none runs or it ended otherwise.
-pub(super) fn mirror_wait_ready(daemon: &Daemon, timeout: Option<f64>) -> Outcome {
+pub(super) fn mirror_wait_ready(daemon: &Daemon, timeout: Option<f64>) -> Answer {
     let limit = timeout_of(timeout, defaults::MIRROR_WAIT_READY_TIMEOUT)?;
     let deadline = limit.map(|d| std::time::Instant::now() + d);
     loop {

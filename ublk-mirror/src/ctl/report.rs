@@ -79,6 +79,8 @@ fn mirror_json(daemon: &Daemon) -> Value {
         "state": m.state().name(),
         "requested": requested,
         "target": m.name,
+        "targets": m.names(),
+        "connections": m.connections().len(),
         "export": m.export.name,
         "export_size": m.export.size,
         "timeout": m.timeout.map(|t| t.as_secs_f64()),
@@ -90,6 +92,9 @@ fn mirror_json(daemon: &Daemon) -> Value {
         "dirty_bytes": daemon.io.dirty.dirty_bytes(),
         "bitmap_persistent": daemon.io.dirty.persistent(),
         "activity_log_extents": daemon.io.dirty.activity_extents(),
+        "activity_log_bound": daemon.io.dirty.al_bound(),
+        "activity_log_writes": daemon.io.dirty.al_writes.load(Ordering::Relaxed),
+        "activity_log_retired": daemon.io.dirty.al_retired.load(Ordering::Relaxed),
         "range_locks": daemon.io.ranges.len(),
         "copy": daemon.mirroring.copy.load_full().map(|j| copy_json(&j)),
     })
@@ -100,7 +105,7 @@ pub(super) fn copy_json(job: &CopyJob) -> Value {
     let rate = job.rate();
     let left = job.bytes_total.saturating_sub(done);
     json!({
-        "kind": job.kind,
+        "kind": job.kind.name(),
         "state": job.state().name(),
         "bytes_done": done,
         "bytes_total": job.bytes_total,

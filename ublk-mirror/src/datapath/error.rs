@@ -16,6 +16,8 @@ pub enum LegError {
     Flush { errno: i32 },
     #[error("zeroing the image at {offset} failed: errno {errno}")]
     ZeroImage { offset: u64, errno: i32 },
+    #[error("internal error: a read reached the write path")]
+    NotAWrite,
 }
 
 impl LegError {
@@ -30,7 +32,9 @@ impl LegError {
                 libc::ENOSPC => libc::ENOSPC,
                 _ => libc::EIO,
             },
-            LegError::ShortRead { .. } | LegError::ShortWrite { .. } => libc::EIO,
+            LegError::ShortRead { .. } | LegError::ShortWrite { .. } | LegError::NotAWrite => {
+                libc::EIO
+            }
         }
     }
 }

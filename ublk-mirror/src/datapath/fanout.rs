@@ -4,13 +4,15 @@
 //! both legs at once ([`mirrored`]). Either way the guest gets the local leg's result.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use crate::datapath::error::LegError;
 use crate::datapath::io_path::IoPath;
 use crate::datapath::local_leg::LocalLeg;
 use crate::datapath::request::Request;
-use crate::datapath::tag::{wait_until, TagContext};
-use crate::mirror::link::{Mirror, MirrorOp, Outcome};
+use crate::datapath::tag::TagContext;
+use crate::datapath::waiters::wait_until;
+use crate::mirror::link::{LegOp, Mirror, Outcome};
 
 /// Carries out one request; Ok is the value committed to the kernel (bytes for data
 /// requests). Write-like requests go to the mirror too while one takes I/O.
@@ -59,43 +61,38 @@ async fn unmirrored(
 }
 
 /// A write-like request to both legs: its place in the range lock (overlapping writes reach
-/// both legs in arrival order), the activity log, then the local leg on this ring and the
-/// mirror leg on the link concurrently; done when both are.
+/// both legs in arrival order), the activity log, then the local leg and the mirror leg at
+/// once, both from the tag's own buffer (`datapath/mirror_leg.rs`); done when both are.
 async fn mirrored(
     t: &TagContext<'_>,
     tag: u16,
     req: Request,
-    buf: &mut [u8],
-    m: &Mirror,
+    buf: &[u8],
+    m: &Arc<Mirror>,
 ) -> Result<i32, LegError> {
     let range = req.range().filter(|_| !t.io.range_lock_disabled);
     let ticket = range.map(|(off, len)| t.io.ranges.enqueue(off, len, t.qid));
     if let Some(ticket) = &ticket {
         wait_until(t.parked, || ticket.granted.load(Ordering::Acquire)).await;
     }
-    let Some(op) = mirror_op(req, buf) else {
-        return serve_local(t.leg, req, buf).await;
+    let Some(op) = leg_op(req, buf) else {
+        return serve_local_write(t.leg, req, buf).await;
     };
     // On disk before either leg sees the write: a crash between the legs is then covered.
     let logged = req.range();
     if let Some((off, len)) = logged {
         t.io.dirty.al_begin(off, len);
     }
-    t.parked.outcomes.borrow_mut()[usize::from(tag)] = None;
-    m.submit(t.qid, tag, op);
-    let remote = async {
-        let mut outcome = None;
-        wait_until(t.parked, || {
-            outcome = t.parked.outcomes.borrow_mut()[usize::from(tag)].take();
-            outcome.is_some()
-        })
-        .await;
-        outcome.unwrap_or(Outcome::Failed)
-    };
-    let (local, remote) = smol::future::zip(serve_local(t.leg, req, buf), remote).await;
+    let remote = t.mirror.run(m, t.parked, tag, op);
+    let (local, remote) = smol::future::zip(serve_local_write(t.leg, req, buf), remote).await;
     if let Some(ticket) = &ticket {
         for q in t.io.ranges.release(ticket) {
-            t.io.mail.ring(q);
+            if q == t.qid {
+                // A waiter on this queue: woken here, not through the eventfd.
+                t.parked.wake_all();
+            } else {
+                t.io.mail.ring(q);
+            }
         }
     }
     if remote == Outcome::Failed {
@@ -107,18 +104,18 @@ async fn mirrored(
     local
 }
 
-/// What the target must do for a write-like request (None for a read). The data is copied:
-/// the mirror link sends it from another thread.
-fn mirror_op(req: Request, buf: &[u8]) -> Option<MirrorOp> {
+/// What the target must do for a write-like request (None for a read), borrowing the data
+/// from the tag's buffer.
+fn leg_op(req: Request, buf: &[u8]) -> Option<LegOp<'_>> {
     Some(match req {
-        Request::Write { offset, len, fua } => MirrorOp::Write {
+        Request::Write { offset, len, fua } => LegOp::Write {
             offset,
-            data: buf[..len as usize].to_vec(),
+            data: &buf[..len as usize],
             fua,
         },
-        Request::Flush => MirrorOp::Flush,
+        Request::Flush => LegOp::Flush,
         Request::Discard { offset, len } | Request::WriteZeroes { offset, len } => {
-            MirrorOp::WriteZeroes { offset, len }
+            LegOp::WriteZeroes { offset, len }
         }
         Request::Read { .. } => return None,
     })
@@ -137,6 +134,13 @@ async fn serve_local(leg: &LocalLeg, req: Request, buf: &mut [u8]) -> Result<i32
             leg.read(&mut buf[..len as usize], offset).await?;
             Ok(len as i32)
         }
+        _ => serve_local_write(leg, req, buf).await,
+    }
+}
+
+/// The local leg of a request that only reads the tag's buffer (all but a read).
+async fn serve_local_write(leg: &LocalLeg, req: Request, buf: &[u8]) -> Result<i32, LegError> {
+    match req {
         Request::Write { offset, len, fua } => {
             leg.write(&buf[..len as usize], offset, fua).await?;
             Ok(len as i32)
@@ -144,5 +148,6 @@ async fn serve_local(leg: &LocalLeg, req: Request, buf: &mut [u8]) -> Result<i32
         Request::Flush => leg.flush().await.map(|()| 0),
         Request::Discard { offset, len } => leg.discard(offset, len).await.map(|()| 0),
         Request::WriteZeroes { offset, len } => leg.write_zeroes(offset, len).await.map(|()| 0),
+        Request::Read { .. } => Err(LegError::NotAWrite),
     }
 }

@@ -142,8 +142,13 @@ impl IoPath {
         self.doorbells.fd(qid)
     }
 
+    /// The device's queues.
+    pub fn queues(&self) -> u16 {
+        self.queues
+    }
+
     /// The mailbox (and counter block) of copy worker `w`.
-    pub fn copy_qid(&self, w: u16) -> u16 {
+    pub fn copy_slot(&self, w: u16) -> u16 {
         self.queues + w
     }
 

@@ -7,18 +7,23 @@
 //! One guest WRITE through the files:
 //! 1. `queue.rs`: the tag's task gets the request from FETCH; `request.rs` parses it into
 //!    `Request::Write` (refusing bad ones before any I/O); `queue.rs` `admit` counts it as
-//!    started (`stats.rs`) and passes the pause gate (`io_path.rs`), or parks it (`tag.rs`).
+//!    started (`stats.rs`) and passes the pause gate (`io_path.rs`), or parks it
+//!    (`waiters.rs`).
 //! 2. `fanout.rs`: no mirror takes writes -> `unmirrored` (the local leg, plus an out-of-sync
 //!    mark if a target must catch up later); a mirror takes writes -> `mirrored`: the range
 //!    lock (`mirror/range_lock.rs`), the activity log (`mirror/dirty.rs`), then the local leg
-//!    (`local_leg.rs`, on this ring) and the mirror leg (`mirror/link.rs`) at once.
+//!    (`local_leg.rs`) and the mirror leg (`mirror_leg.rs`: this queue's connection,
+//!    `mirror/ring_conn.rs`, or a hop to the queue that owns one) at once, both on this ring
+//!    and from the tag's own buffer.
 //! 3. `queue.rs`: the local result (or its `error.rs` errno) is committed with the next FETCH.
 
 pub mod error;
 pub mod fanout;
 pub mod io_path;
 pub mod local_leg;
+pub mod mirror_leg;
 pub mod queue;
 pub mod request;
 pub mod stats;
 mod tag;
+mod waiters;

@@ -28,9 +28,11 @@ use libublk::{BufDesc, UblkError, UblkUringData};
 use crate::datapath::fanout::fan_out;
 use crate::datapath::io_path::IoPath;
 use crate::datapath::local_leg::LocalLeg;
+use crate::datapath::mirror_leg::QueueMirror;
 use crate::datapath::request::Request;
 use crate::datapath::stats::InFlight;
-use crate::datapath::tag::{wait_until, Parked, TagContext};
+use crate::datapath::tag::TagContext;
+use crate::datapath::waiters::{wait_until, Waiters};
 use crate::stop::StopReason;
 
 /// What every queue thread needs from the daemon: the data path's handle and where to ask
@@ -58,20 +60,26 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
         }
     };
     let leg = Rc::new(LocalLeg::new(ctx.io.image_fd()));
-    let parked = Rc::new(Parked::default());
-    parked
-        .outcomes
-        .borrow_mut()
-        .resize(usize::from(dev.dev_info.queue_depth), None);
+    let parked = Rc::new(Waiters::new(dev.dev_info.queue_depth));
     let exe = Rc::new(smol::LocalExecutor::new());
+    // The mirror's connection tasks and the operations forwarded to this queue own all they
+    // use, so they run on an executor of their own ('static, unlike the tag tasks, which
+    // borrow the queue), ticked together with the first.
+    let mirror_exe: Rc<smol::LocalExecutor<'static>> = Rc::new(smol::LocalExecutor::new());
+    let mirror = Rc::new(QueueMirror::new(qid, mirror_exe.clone()));
     let dev_size = dev.tgt.dev_size;
     let max_io = dev.dev_info.max_io_buf_bytes;
 
     let tasks: Vec<_> = queue
         .tags()
         .map(|tag| {
-            let (queue, leg, ctx, parked) =
-                (queue.clone(), leg.clone(), ctx.clone(), parked.clone());
+            let (queue, leg, ctx, parked, mirror) = (
+                queue.clone(),
+                leg.clone(),
+                ctx.clone(),
+                parked.clone(),
+                mirror.clone(),
+            );
             exe.spawn(async move {
                 let tag_ctx = TagContext {
                     qid,
@@ -79,6 +87,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
                     counters: ctx.io.stats.queue(usize::from(qid)),
                     parked: &parked,
                     leg: &leg,
+                    mirror: &mirror,
                     dev_size,
                     max_io,
                 };
@@ -93,12 +102,22 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
         })
         .collect();
     // Not awaited: it lives as long as the executor and rings parked tasks awake.
-    exe.spawn(doorbell(ctx.io.clone(), qid, parked.clone()))
-        .detach();
+    exe.spawn(doorbell(
+        ctx.io.clone(),
+        qid,
+        parked.clone(),
+        mirror.clone(),
+    ))
+    .detach();
 
     let driver = exe.clone();
     smol::block_on(exe.run(async {
-        let run_ready_tasks = || while driver.try_tick() {};
+        let run_ready_tasks = || loop {
+            let ran_tag_task = driver.try_tick();
+            if !mirror_exe.try_tick() && !ran_tag_task {
+                break;
+            }
+        };
         let all_done = || tasks.iter().all(|t| t.is_finished());
         if let Err(e) =
             libublk::wait_and_handle_io_events(&queue, Some(20), run_ready_tasks, all_done).await
@@ -107,15 +126,18 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
             ctx.stop(StopReason::QueueFailed(qid));
         }
     }));
+    // Tasks still waiting end with the executor: answer what other threads wait for.
+    mirror.abandon();
     // Whoever stopped the device (us, or STOP_DEV from another process such as `ublk-mirror
     // delete --force`), the daemon must follow: it holds the char device until it exits.
     log::debug!("queue {qid}: stopped");
     ctx.stop(StopReason::QueueStopped(qid));
 }
 
-/// Reads the queue's eventfd on the queue's ring; each ring delivers the mirror outcomes
-/// waiting in the queue's mailbox and wakes every waiting task here.
-async fn doorbell(io: Arc<IoPath>, qid: u16, parked: Rc<Parked>) {
+/// Reads the queue's eventfd on the queue's ring. Each ring: delivers the forwarded mirror
+/// outcomes waiting in the queue's mailbox (each wakes its own tag), sends what was forwarded
+/// to this queue's connection, and wakes the tasks waiting for the gate or a range lock.
+async fn doorbell(io: Arc<IoPath>, qid: u16, parked: Rc<Waiters>, mirror: Rc<QueueMirror>) {
     let fd = io.doorbell(qid);
     // Leaked on purpose: the read may still be in flight when the thread's ring is torn down
     // at exit, and the kernel must never write into freed memory. 8 bytes per queue.
@@ -125,13 +147,11 @@ async fn doorbell(io: Arc<IoPath>, qid: u16, parked: Rc<Parked>) {
         let res = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
             .await
             .unwrap_or(-libc::EIO);
-        {
-            let mut slots = parked.outcomes.borrow_mut();
-            for (tag, outcome) in io.mail.take(qid) {
-                if let Some(slot) = slots.get_mut(usize::from(tag)) {
-                    *slot = Some(outcome);
-                }
-            }
+        for (tag, outcome) in io.mail.take(qid) {
+            parked.deliver(tag, outcome);
+        }
+        if let Some(m) = io.mirror.load_full() {
+            mirror.serve_forwarded(&m);
         }
         parked.wake_all();
         if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {

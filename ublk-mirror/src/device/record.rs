@@ -55,6 +55,7 @@ impl StateRecord {
 pub fn mirror_record(io: &IoPath) -> Option<MirrorRecord> {
     io.mirror.load().as_ref().map(|m| MirrorRecord {
         target: m.name.clone(),
+        targets: m.names(),
         export: m.export.name.clone(),
     })
 }

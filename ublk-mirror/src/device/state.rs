@@ -19,7 +19,11 @@ const VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MirrorRecord {
+    /// The first connection's fd name (what older daemons recorded).
     pub target: String,
+    /// Every connection's fd name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
     pub export: String,
 }
 
@@ -39,6 +43,9 @@ pub struct DaemonState {
     pub control: Option<PathBuf>,
     pub bitmap: Option<PathBuf>,
     pub granularity: u64,
+    /// The activity log's bound (`--al-extents`); absent in files of older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub al_extents: Option<usize>,
     /// The mirror attached when this was written: after a crash it must be treated as failed.
     pub mirror: Option<MirrorRecord>,
     /// Set by `shutdown --keep`: the daemon left on purpose, the image was flushed.

@@ -19,6 +19,7 @@ use crate::ctl::{ControlPath, DeviceInfo};
 use crate::daemon::Daemon;
 use crate::datapath::queue::{run_queue, QueueContext};
 use crate::datapath::stats::Snapshot;
+use crate::device::placement::{place_queue_threads, QueueCpus};
 use crate::device::readiness::Readiness;
 use crate::lock::lock;
 use crate::stop::StopReason;
@@ -36,6 +37,8 @@ pub struct DeviceConfig {
     /// Take over the existing, quiesced device `dev_id` (its daemon died or detached) instead
     /// of adding one.
     pub recover: bool,
+    /// Where the queue threads of a multi-queue device run.
+    pub queue_cpus: QueueCpus,
 }
 
 /// Fails with instructions when this kernel has no ublk driver loaded.
@@ -88,7 +91,11 @@ pub fn serve(
     // requested and then sends STOP_DEV, which ends the queues and so `run_target`.
     let stop_rx = Mutex::new(stop_rx);
     let on_live_daemon = daemon.clone();
-    let on_live = move |ctrl: &UblkCtrl| on_live(ctrl, &on_live_daemon, &readiness, &stop_rx);
+    let (queues, queue_cpus) = (cfg.queues, cfg.queue_cpus);
+    let on_live = move |ctrl: &UblkCtrl| {
+        place_queue_threads(ctrl, queues, queue_cpus);
+        on_live(ctrl, &on_live_daemon, &readiness, &stop_rx);
+    };
     let run = ctrl.run_target(init, queue_fn, on_live);
     drop(server);
     // The queues are done: nothing more goes to the target; disconnect it politely.
@@ -178,7 +185,7 @@ fn on_live(
     }
     log::info!("stopping {bdev}: {reason}");
     readiness.stopping();
-    // Parked requests must complete, or the kernel's teardown waits for them forever.
+    // Waiters requests must complete, or the kernel's teardown waits for them forever.
     daemon.release_for_stop();
     if let Err(e) = ctrl.kill_dev() {
         log::error!("STOP_DEV of {bdev} failed: {e}");
@@ -235,8 +242,15 @@ fn add_dev_error(e: UblkError, dev_id: i32) -> anyhow::Error {
 /// Describes the device to the kernel: size, block sizes, cache and FUA, discard limits.
 fn init_target(dev: &mut UblkDev, daemon: &Daemon) -> Result<(), UblkError> {
     let max_io_bytes = dev.dev_info.max_io_buf_bytes;
+    let depth = dev.dev_info.queue_depth;
     let tgt = &mut dev.tgt;
     tgt.dev_size = daemon.device.dev_size;
+    // Each tag has its ublk command and up to two target operations (local leg, and a FUA
+    // or zero-write continuation) in flight, plus per ring one doorbell read and, with a
+    // mirror, one send, one receive and one timeout: room for all, so nothing waits for an SQE.
+    let ring = depth.saturating_mul(3).saturating_add(8);
+    tgt.sq_depth = ring;
+    tgt.cq_depth = ring;
     let logical_block = daemon.device.logical_block;
 
     let lbs_shift = logical_block.trailing_zeros() as u8;

@@ -85,6 +85,38 @@ pub fn check_export(export: &Export, dev: DeviceNeeds) -> Result<(), String> {
     Ok(())
 }
 
+/// Refuses a further connection whose export differs from the first one's: every
+/// connection of a mirror must reach the same export.
+pub fn check_same(first: &Export, other: &Export) -> Result<(), String> {
+    let same = first.name == other.name
+        && first.size == other.size
+        && first.flags == other.flags
+        && first.block_size.to_array() == other.block_size.to_array();
+    if same {
+        return Ok(());
+    }
+    Err(format!(
+        "export {:?} ({} bytes, flags {:#x}, block sizes {:?}) differs from the first \
+         connection's {:?} ({} bytes, flags {:#x}, block sizes {:?})",
+        other.name,
+        other.size,
+        other.flags,
+        other.block_size.to_array(),
+        first.name,
+        first.size,
+        first.flags,
+        first.block_size.to_array()
+    ))
+}
+
+/// The socket under a stream, for the ring that drives it.
+pub fn into_fd(stream: Stream) -> OwnedFd {
+    match stream {
+        Stream::Tcp(s) => s.into(),
+        Stream::Unix(s) => s.into(),
+    }
+}
+
 /// The address family (AF_UNIX, AF_INET, ...) of a socket fd; -1 if it is not a socket.
 pub fn socket_family(fd: RawFd) -> i32 {
     // SAFETY: sockaddr_storage is plain old data; all-zero is valid.

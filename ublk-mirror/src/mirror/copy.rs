@@ -6,8 +6,8 @@
 //! chunks; for each chunk a worker counts itself as outstanding (so a pause waits for it), takes
 //! the chunk's place in the range lock (so it is ordered with guest writes to the same range:
 //! the target never ends stale), reads the chunk locally (a hole, found with SEEK_DATA, is sent
-//! as WRITE_ZEROES, never skipped: the target may not be zero), hands it to the mirror link and
-//! waits for the answer, and only then clears the chunk's granules. A chunk the target did not
+//! as WRITE_ZEROES, never skipped: the target may not be zero), forwards it to the queue that
+//! owns connection `worker slot % connections` (`link.rs`) and waits for the answer, and only then clears the chunk's granules. A chunk the target did not
 //! take leaves its bits set, so a later resync still copies it.
 
 use std::os::fd::RawFd;
@@ -44,8 +44,32 @@ impl CopyState {
     }
 }
 
+/// What a copy job brings over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyKind {
+    /// Everything (`--copy`).
+    Copy,
+    /// What the out-of-sync map holds (`--resync`).
+    Resync,
+}
+
+impl CopyKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CopyKind::Copy => "copy",
+            CopyKind::Resync => "resync",
+        }
+    }
+}
+
+impl std::fmt::Display for CopyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 pub struct CopyJob {
-    pub kind: &'static str,
+    pub kind: CopyKind,
     state: AtomicU8,
     pub bytes_total: u64,
     bytes_done: AtomicU64,
@@ -125,7 +149,7 @@ impl CopyJob {
 pub fn start(
     io: Arc<IoPath>,
     mirror: Arc<Mirror>,
-    kind: &'static str,
+    kind: CopyKind,
     speed: Option<u64>,
     chunk: u64,
 ) -> Arc<CopyJob> {
@@ -157,8 +181,8 @@ pub fn start(
     let chunks = Arc::new(chunks);
     let next = Arc::new(AtomicUsize::new(0));
     let running = Arc::new(AtomicUsize::new(usize::from(WORKERS)));
-    for w in 0..WORKERS {
-        let (sh, mi, jb, ch, nx, run) = (
+    for worker_no in 0..WORKERS {
+        let (io, mirror, job_of_worker, chunks, next, running) = (
             io.clone(),
             mirror.clone(),
             job.clone(),
@@ -167,11 +191,11 @@ pub fn start(
             running.clone(),
         );
         let spawned = std::thread::Builder::new()
-            .name(format!("copy-{w}"))
+            .name(format!("copy-{worker_no}"))
             .spawn(move || {
-                worker(&sh, &mi, &jb, &ch, &nx, w);
-                if run.fetch_sub(1, Ordering::SeqCst) == 1 {
-                    finish(&sh, &mi, &jb);
+                worker(&io, &mirror, &job_of_worker, &chunks, &next, worker_no);
+                if running.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    finish(&io, &mirror, &job_of_worker);
                 }
             });
         if let Err(e) = spawned {
@@ -217,18 +241,19 @@ fn worker(
     job: &CopyJob,
     chunks: &[(u64, u64)],
     next: &AtomicUsize,
-    w: u16,
+    worker_no: u16,
 ) {
-    let qid = io.copy_qid(w);
-    let counters = io.stats.queue(usize::from(qid));
+    // Its mailbox, doorbell and counter block come after every queue's.
+    let slot = io.copy_slot(worker_no);
+    let counters = io.stats.queue(usize::from(slot));
     // Page-aligned: the image may be open with O_DIRECT.
     let mut aligned = libublk::helpers::IoBuf::<u8>::new(
         chunks.iter().map(|c| c.1).max().unwrap_or(4096) as usize,
     );
     let buf = aligned.as_mut_slice();
     loop {
-        let i = next.fetch_add(1, Ordering::SeqCst);
-        let Some(&(off, len)) = chunks.get(i) else {
+        let index = next.fetch_add(1, Ordering::SeqCst);
+        let Some(&(off, len)) = chunks.get(index) else {
             return;
         };
         if job.cancel.load(Ordering::SeqCst) || !mirror.takes_io() {
@@ -243,9 +268,9 @@ fn worker(
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let ticket = io.ranges.enqueue(off, len, qid);
+        let ticket = io.ranges.enqueue(off, len, slot);
         while !ticket.granted.load(Ordering::Acquire) {
-            io.wait_doorbell(qid, Duration::from_millis(100));
+            io.wait_doorbell(slot, Duration::from_millis(100));
         }
         let op = match read_chunk(io.image_raw_fd(), off, &mut buf[..len as usize]) {
             Ok(true) => MirrorOp::Write {
@@ -264,12 +289,12 @@ fn worker(
                 return;
             }
         };
-        mirror.submit(qid, 0, op);
+        mirror.forward(mirror.forward_conn(slot), slot, 0, op);
         let outcome = loop {
-            if let Some((_, o)) = io.mail.take(qid).into_iter().next() {
+            if let Some((_, o)) = io.mail.take(slot).into_iter().next() {
                 break o;
             }
-            io.wait_doorbell(qid, Duration::from_millis(100));
+            io.wait_doorbell(slot, Duration::from_millis(100));
         };
         release(io, &ticket);
         drop(in_flight);

@@ -11,8 +11,13 @@
 //!
 //! With a file, an activity log follows the bitmap, as in DRBD: one bit per 4 MiB extent that
 //! may have a mirrored write in flight. A write's extents are set, and written through to the
-//! disk, *before* the write goes to either leg; they are cleared once idle: lazily while a
-//! mirror takes writes (`clean_activity_log`, about every second), at once while none does
+//! disk, *before* the write goes to either leg. While a mirror takes writes the log is a
+//! bounded hot set, as DRBD's `al-extents`: an extent stays logged after its writes end, so
+//! a later write to it pays nothing, and only when more than the bound are logged do the least
+//! recently used idle ones retire (`retire_cold`, about every second, down to 3/4 of the
+//! bound; and at once, in the write that would pass the bound). A crash therefore marks at most
+//! the bound (or, if every logged extent has a write in flight, the extents of the requests in
+//! flight) out of sync. While no mirror takes writes they are cleared at once
 //! (`set_mirroring(false)`: after a failure or a stop, every idle extent, and each busy one
 //! when its last write ends). An extent is cleared only after the bitmap was written back
 //! (`write_back_marks`), so the marks of the failed writes that ended in it are on disk first.
@@ -30,7 +35,7 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::lock::lock;
@@ -45,6 +50,9 @@ const PAGE: usize = 4096;
 pub const AL_EXTENT: u64 = 4 << 20;
 /// Set in an extent's in-flight count while the cleaner decides whether to clear its bit.
 const CLEARING: u32 = 1 << 31;
+/// Default bound of the activity log's hot set, in extents (4 GiB of the device; DRBD's
+/// default is 1237).
+pub const DEFAULT_AL_EXTENTS: usize = 1024;
 
 enum Storage {
     Memory(Vec<AtomicU64>),
@@ -64,6 +72,16 @@ pub struct DirtyMap {
     al_inflight: Vec<AtomicU32>,
     /// Serializes setting a cold extent's bit against the cleaner clearing it.
     al_lock: Mutex<()>,
+    /// Extents logged now, and the most the hot set keeps (`set_al_bound`).
+    al_hot: AtomicUsize,
+    al_bound: AtomicUsize,
+    /// The cleaner's clock (one tick a second) and each extent's tick at its last write: the
+    /// least recently used idle extents retire first.
+    al_clock: AtomicU32,
+    al_last_use: Vec<AtomicU32>,
+    /// Writes of the log to disk (a cold extent logged, retirements), and extents retired.
+    pub al_writes: AtomicU64,
+    pub al_retired: AtomicU64,
     /// No mirror takes writes (none attached, or it failed or is stopping), as the owner last
     /// said (`set_mirroring`; false until then): an extent leaves the log as soon as its last
     /// write ends, not at the next cleaning.
@@ -118,6 +136,12 @@ impl DirtyMap {
             storage: Storage::Memory((0..nwords).map(|_| AtomicU64::new(0)).collect()),
             al_inflight: Vec::new(),
             al_lock: Mutex::new(()),
+            al_hot: AtomicUsize::new(0),
+            al_bound: AtomicUsize::new(DEFAULT_AL_EXTENTS),
+            al_clock: AtomicU32::new(0),
+            al_last_use: Vec::new(),
+            al_writes: AtomicU64::new(0),
+            al_retired: AtomicU64::new(0),
             al_eager: AtomicBool::new(false),
             marks: AtomicU64::new(0),
             written_back: Mutex::new(0),
@@ -239,6 +263,12 @@ impl DirtyMap {
             storage: Storage::File { map, _lock: file },
             al_inflight: (0..extents).map(|_| AtomicU32::new(0)).collect(),
             al_lock: Mutex::new(()),
+            al_hot: AtomicUsize::new(0),
+            al_bound: AtomicUsize::new(DEFAULT_AL_EXTENTS),
+            al_clock: AtomicU32::new(0),
+            al_last_use: (0..extents).map(|_| AtomicU32::new(0)).collect(),
+            al_writes: AtomicU64::new(0),
+            al_retired: AtomicU64::new(0),
             al_eager: AtomicBool::new(false),
             marks: AtomicU64::new(0),
             written_back: Mutex::new(0),
@@ -295,33 +325,90 @@ impl DirtyMap {
     }
 
     /// Before a mirrored write to [offset, offset+len) is issued: its extents are in the log,
-    /// on disk. Cheap when the extents are already hot (one atomic add each).
+    /// on disk. Free when the extents are hot (one atomic add each, and a store of the clock
+    /// when it moved); a cold extent is logged and written through, after retiring the least
+    /// recently used idle extents if the hot set is full.
     pub fn al_begin(&self, offset: u64, len: u64) {
-        let mut cold = false;
+        let now = self.al_clock.load(Ordering::Relaxed);
+        let mut cold = 0usize;
         for e in self.extents_of(offset, len) {
             let prev = self.al_inflight[e].fetch_add(1, Ordering::SeqCst);
             if prev & CLEARING != 0 || !self.al_bit(e) {
-                cold = true;
+                cold += 1;
+            }
+            if self.al_last_use[e].load(Ordering::Relaxed) != now {
+                self.al_last_use[e].store(now, Ordering::Relaxed);
             }
         }
-        if !cold {
+        if cold == 0 {
             return;
         }
         let _g = lock(&self.al_lock);
+        let over = (self.al_hot.load(Ordering::SeqCst) + cold)
+            .saturating_sub(self.al_bound.load(Ordering::Relaxed));
+        if over > 0 {
+            self.retire_lru_locked(over);
+        }
         let mut changed = false;
         for e in self.extents_of(offset, len) {
             if !self.al_bit(e) {
                 self.al_words()[e / 64].fetch_or(1 << (e % 64), Ordering::SeqCst);
+                self.al_hot.fetch_add(1, Ordering::SeqCst);
                 changed = true;
             }
         }
         if changed {
+            self.al_writes.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = self.al_sync() {
                 // The write goes on: a host crash could lose this extent, a daemon crash not
                 // (the mapping is shared).
                 log::error!("activity log: writing it to disk failed: {e}");
             }
         }
+    }
+
+    /// The most extents the hot set keeps while a mirror takes writes (at least 1).
+    pub fn set_al_bound(&self, extents: usize) {
+        self.al_bound.store(extents.max(1), Ordering::Relaxed);
+    }
+
+    pub fn al_bound(&self) -> usize {
+        self.al_bound.load(Ordering::Relaxed)
+    }
+
+    /// About once a second while a mirror takes writes: moves the clock and, when the hot set
+    /// is nearly full (over 7/8 of the bound), retires the least recently used idle extents
+    /// down to 3/4 of it, so that a cold write rarely has to. Returns how many retired.
+    pub fn retire_cold(&self) -> usize {
+        self.al_clock.fetch_add(1, Ordering::Relaxed);
+        let bound = self.al_bound();
+        let hot = self.al_hot.load(Ordering::SeqCst);
+        if hot * 8 <= bound * 7 {
+            return 0;
+        }
+        let _g = lock(&self.al_lock);
+        let hot = self.al_hot.load(Ordering::SeqCst);
+        let n = self.retire_lru_locked(hot.saturating_sub(bound * 3 / 4));
+        if n > 0 {
+            if let Err(e) = self.al_sync() {
+                log::warn!("activity log: writing it to disk failed: {e}");
+            }
+        }
+        n
+    }
+
+    /// With `al_lock` held: clears up to `n` idle logged extents, least recently used first
+    /// (after writing the bitmap back, as `clear_idle_locked`); the caller writes the log.
+    fn retire_lru_locked(&self, n: usize) -> usize {
+        let mut idle: Vec<(u32, usize)> = (0..self.al_inflight.len())
+            .filter(|&e| self.al_bit(e) && self.al_inflight[e].load(Ordering::SeqCst) == 0)
+            .map(|e| (self.al_last_use[e].load(Ordering::Relaxed), e))
+            .collect();
+        idle.sort_unstable();
+        let chosen: Vec<usize> = idle.into_iter().take(n).map(|(_, e)| e).collect();
+        let cleared = self.clear_idle_locked(chosen.into_iter());
+        self.al_retired.fetch_add(cleared as u64, Ordering::Relaxed);
+        cleared
     }
 
     /// After both legs of the write that `al_begin` announced have completed and, if the
@@ -354,7 +441,8 @@ impl DirtyMap {
         }
     }
 
-    /// Clears the bits of extents with no write in flight; returns how many were cleared.
+    /// Clears the bits of every extent with no write in flight (the log while no mirror
+    /// takes writes); returns how many were cleared.
     pub fn clean_activity_log(&self) -> usize {
         self.clear_idle(0..self.al_inflight.len())
     }
@@ -377,6 +465,17 @@ impl DirtyMap {
             return 0;
         }
         let _g = lock(&self.al_lock);
+        let n = self.clear_idle_locked(extents);
+        if n > 0 {
+            if let Err(e) = self.al_sync() {
+                log::warn!("activity log: writing it to disk failed: {e}");
+            }
+        }
+        n
+    }
+
+    /// `clear_idle` with `al_lock` held, without writing the log (the caller does).
+    fn clear_idle_locked(&self, extents: impl Iterator<Item = usize>) -> usize {
         let mut claimed = Vec::new();
         for e in extents {
             if !self.al_bit(e) {
@@ -404,14 +503,12 @@ impl DirtyMap {
         for &e in &claimed {
             if durable.is_ok() {
                 self.al_words()[e / 64].fetch_and(!(1 << (e % 64)), Ordering::SeqCst);
+                self.al_hot.fetch_sub(1, Ordering::SeqCst);
             }
             self.al_inflight[e].fetch_and(!CLEARING, Ordering::SeqCst);
         }
         if durable.is_err() {
             return 0;
-        }
-        if let Err(e) = self.al_sync() {
-            log::warn!("activity log: writing it to disk failed: {e}");
         }
         claimed.len()
     }

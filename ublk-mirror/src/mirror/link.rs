@@ -1,34 +1,36 @@
-//! The mirror leg: one NBD connection to the migration target, shared by every queue.
+//! The mirror leg's shared half: one mirror to an NBD target over one or more connections,
+//! and what every thread sees of it (state, failure, counters, the forwarding inboxes).
 //!
-//! Design (multi-queue, one connection): the socket is owned by two threads, a sender and a
-//! receiver. A queue hands an operation to the sender through a lock-free channel and later
-//! finds the outcome in its own lock-free mailbox, woken by its doorbell eventfd, so a queue's
-//! I/O path takes no lock to use the mirror. The sender writes requests in the order queues
-//! hand them over; the receiver matches replies by cookie, in any order.
+//! Design (issue 13): there are no mirror threads. Connection `c` is driven on the io_uring of
+//! queue `c` (`ring_conn.rs`): that queue sends its own requests straight from the tags'
+//! buffers and receives the replies on its ring, each reply waking exactly the task it
+//! answers. With as many connections as queues, every queue owns one and the common path
+//! crosses no thread. Anyone without a connection of its own (a queue numbered at or above the
+//! number of connections, as with tapdisk's and xapi's single socket on a 2-queue device, and
+//! the copy workers) *forwards*: it copies the operation into the owner's inbox and rings the
+//! owner's doorbell (one hop); the owner sends it on its ring and the outcome comes back in the
+//! forwarder's mailbox, waking only the tag it belongs to. Submitter `s` forwards to connection
+//! `s % connections`.
 //!
 //! Failure (an NBD error reply, EOF, a socket error, or a request older than the mirror
-//! timeout) is final for this connection: `nbd_mirror_failed` is set, the socket is shut down,
-//! every operation waiting on the target completes as `Failed` (the guest gets the local
-//! result and the range is marked out of sync), later writes go local-only, and the owner's
-//! `on_failure` runs once (the daemon then empties the activity log as those writes end).
+//! timeout, on any connection) is final for the whole mirror: `nbd_mirror_failed` is set, every
+//! connection is shut down (which completes every receive and send in flight on the rings),
+//! every waiting operation completes as `Failed` (the guest gets the local result and the range
+//! is marked out of sync), later writes go local-only, and the owner's `on_failure` runs once.
 
-use std::collections::HashMap;
-use std::io::{IoSlice, Read, Write};
-use std::net::Shutdown;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_queue::SegQueue;
+use nbd_proxy::client::Export;
+use nbd_proxy::proto::{Command, RequestHeader};
 
 use crate::lock::lock;
-use crossbeam_queue::SegQueue;
-use nbd_proxy::address::Stream;
-use nbd_proxy::client::Export;
-use nbd_proxy::proto::{cmd_flags, tx_flags, Command, RequestHeader, SimpleReply};
 
-/// What a queue asks of the target.
+/// What a submitter asks of the target, owning its data: the form a forwarded operation
+/// travels in (the owner's ring sends from it).
 #[derive(Debug)]
 pub enum MirrorOp {
     Write {
@@ -45,12 +47,58 @@ pub enum MirrorOp {
 }
 
 impl MirrorOp {
+    /// The same operation, borrowed, as the ring connection takes it.
+    pub fn as_leg_op(&self) -> LegOp<'_> {
+        match self {
+            MirrorOp::Write { offset, data, fua } => LegOp::Write {
+                offset: *offset,
+                data,
+                fua: *fua,
+            },
+            MirrorOp::Flush => LegOp::Flush,
+            MirrorOp::WriteZeroes { offset, len } => LegOp::WriteZeroes {
+                offset: *offset,
+                len: *len,
+            },
+        }
+    }
+}
+
+/// What the target must do for one request, borrowing the data from the tag's own buffer.
+#[derive(Debug, Clone, Copy)]
+pub enum LegOp<'a> {
+    Write {
+        offset: u64,
+        data: &'a [u8],
+        fua: bool,
+    },
+    Flush,
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+    },
+}
+
+impl LegOp<'_> {
     /// Bytes of the device the operation covers (0 for a flush).
     pub fn len(&self) -> u64 {
         match self {
-            MirrorOp::Write { data, .. } => data.len() as u64,
-            MirrorOp::Flush => 0,
-            MirrorOp::WriteZeroes { len, .. } => u64::from(*len),
+            LegOp::Write { data, .. } => data.len() as u64,
+            LegOp::Flush => 0,
+            LegOp::WriteZeroes { len, .. } => u64::from(*len),
+        }
+    }
+
+    /// The owned form, for forwarding to another thread (copies the data).
+    pub fn to_owned_op(self) -> MirrorOp {
+        match self {
+            LegOp::Write { offset, data, fua } => MirrorOp::Write {
+                offset,
+                data: data.to_vec(),
+                fua,
+            },
+            LegOp::Flush => MirrorOp::Flush,
+            LegOp::WriteZeroes { offset, len } => MirrorOp::WriteZeroes { offset, len },
         }
     }
 }
@@ -63,7 +111,9 @@ pub enum Outcome {
     Failed,
 }
 
-/// Per-queue doorbells and completion mailboxes.
+/// Per-submitter doorbells and mailboxes for forwarded operations' outcomes (and, for every
+/// queue, the doorbell that wakes its parked requests and tells an owner that its inbox
+/// holds work).
 pub struct Mailboxes {
     doorbells: Vec<RawFd>,
     boxes: Vec<SegQueue<(u16, Outcome)>>,
@@ -88,22 +138,13 @@ impl Mailboxes {
     }
 
     fn deliver(&self, qid: u16, tag: u16, outcome: Outcome) {
-        self.post(qid, tag, outcome);
-        self.ring(qid);
-    }
-
-    /// Delivers without ringing: the caller rings the queue once for a batch.
-    fn post(&self, qid: u16, tag: u16, outcome: Outcome) {
         if let Some(b) = self.boxes.get(usize::from(qid)) {
             b.push((tag, outcome));
         }
+        self.ring(qid);
     }
 
-    pub fn queues(&self) -> usize {
-        self.doorbells.len()
-    }
-
-    /// The outcomes delivered to queue `qid` since the last call.
+    /// The outcomes delivered to `qid` since the last call.
     pub fn take(&self, qid: u16) -> Vec<(u16, Outcome)> {
         let mut v = Vec::new();
         if let Some(b) = self.boxes.get(usize::from(qid)) {
@@ -136,66 +177,85 @@ impl MirrorState {
     }
 }
 
-/// A job's qid that tells the sender to disconnect.
-const STOP_MARKER: u16 = u16::MAX;
-/// The qid of NBD requests that are an internal part of a job (FUA emulation, zero writes).
-const INTERNAL: u16 = u16::MAX - 1;
-
-struct Job {
-    qid: u16,
-    tag: u16,
-    op: MirrorOp,
+/// An operation forwarded to a connection's owner, and where its outcome goes.
+pub struct Forwarded {
+    pub reply_to: u16,
+    pub tag: u16,
+    pub op: MirrorOp,
 }
 
-struct Pending {
-    qid: u16,
-    tag: u16,
-    sent: Instant,
+/// Which connection a submitter uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The submitter is queue `c` and drives connection `c` on its own ring.
+    Own(usize),
+    /// Forward to connection `c`, driven by queue `c`.
+    Forward(usize),
 }
+
+/// One connection to the target: its socket and the inbox of operations forwarded to it.
+pub struct Connection {
+    pub name: String,
+    fd: OwnedFd,
+    inbox: SegQueue<Forwarded>,
+}
+
+impl Connection {
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Distinguishes mirrors, so a queue can tell that the one in the slot is a new one.
+static GENERATION: AtomicU64 = AtomicU64::new(1);
 
 pub struct Mirror {
+    /// The name of the first connection's stored fd (what `stats` calls `target`).
     pub name: String,
     pub export: Export,
     /// None: wait forever (like tapdisk).
     pub timeout: Option<Duration>,
+    pub generation: u64,
+    conns: Vec<Connection>,
     state: AtomicU8,
-    tx: Sender<Job>,
-    wire: Stream,
-    pending: Mutex<HashMap<u64, Pending>>,
-    /// Jobs handed over and not yet answered (includes queued ones).
+    /// Operations handed to the target and not yet answered (forwarded ones included).
     jobs: AtomicU64,
     failure: Mutex<Option<(String, SystemTime)>>,
     pub ops: AtomicU64,
     pub bytes: AtomicU64,
     mail: Arc<Mailboxes>,
+    /// Set by a clean stop before it closes the connections: their EOF is no failure.
     stopped: AtomicBool,
-    /// Run once, on the thread that failed the mirror, after every waiting operation was
-    /// failed back; not on a clean stop.
+    /// Run once, on the thread that failed the mirror; not on a clean stop.
     on_failure: Box<dyn Fn() + Send + Sync>,
 }
 
 impl Mirror {
-    /// Starts the sender and receiver on a socket already in the transmission phase;
-    /// `on_failure` runs once if the mirror fails.
-    pub fn start(
-        name: String,
-        wire: Stream,
+    /// A mirror over `conns` (name, socket in the transmission phase), all to `export`. The
+    /// connections are driven by the queues' rings from their first use.
+    pub fn new(
+        conns: Vec<(String, OwnedFd)>,
         export: Export,
         timeout: Option<Duration>,
         mail: Arc<Mailboxes>,
         on_failure: Box<dyn Fn() + Send + Sync>,
-    ) -> std::io::Result<Arc<Mirror>> {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let reader = wire.try_clone()?;
-        let writer = wire.try_clone()?;
-        let m = Arc::new(Mirror {
+    ) -> Arc<Mirror> {
+        let name = conns.first().map(|c| c.0.clone()).unwrap_or_default();
+        let conns = conns
+            .into_iter()
+            .map(|(name, fd)| Connection {
+                name,
+                fd,
+                inbox: SegQueue::new(),
+            })
+            .collect();
+        Arc::new(Mirror {
             name,
             export,
             timeout,
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+            conns,
             state: AtomicU8::new(MirrorState::Connecting as u8),
-            tx,
-            wire,
-            pending: Mutex::new(HashMap::new()),
             jobs: AtomicU64::new(0),
             failure: Mutex::new(None),
             ops: AtomicU64::new(0),
@@ -203,15 +263,34 @@ impl Mirror {
             mail,
             stopped: AtomicBool::new(false),
             on_failure,
-        });
-        let (ms, mr) = (m.clone(), m.clone());
-        std::thread::Builder::new()
-            .name("mirror-send".into())
-            .spawn(move || ms.send_loop(rx, writer))?;
-        std::thread::Builder::new()
-            .name("mirror-recv".into())
-            .spawn(move || mr.recv_loop(reader))?;
-        Ok(m)
+        })
+    }
+
+    pub fn connections(&self) -> &[Connection] {
+        &self.conns
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.conns.iter().map(|c| c.name.clone()).collect()
+    }
+
+    /// The connection submitter `who` (a queue, or a copy worker's slot after the queues)
+    /// uses.
+    pub fn route(&self, who: u16) -> Route {
+        let n = self.conns.len().max(1);
+        let who = usize::from(who);
+        if who < self.conns.len() {
+            Route::Own(who)
+        } else {
+            Route::Forward(who % n)
+        }
+        // Copy workers, whose slots come after every queue's, always forward: a guest write
+        // waits on the wire behind at most their chunks in flight (copy::WORKERS of them).
+    }
+
+    /// The connection a forwarder `who` (no connection of its own) sends through.
+    pub fn forward_conn(&self, who: u16) -> usize {
+        usize::from(who) % self.conns.len().max(1)
     }
 
     pub fn state(&self) -> MirrorState {
@@ -241,6 +320,11 @@ impl Mirror {
         self.state() == MirrorState::Failed
     }
 
+    /// Set once a clean stop closes the connections.
+    pub fn stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
     pub fn failure(&self) -> Option<(String, SystemTime)> {
         lock(&self.failure).clone()
     }
@@ -249,33 +333,77 @@ impl Mirror {
         self.jobs.load(Ordering::SeqCst)
     }
 
-    /// Hands an operation to the target for queue `qid`'s tag `tag`; its outcome arrives in the
-    /// queue's mailbox. Never blocks.
-    pub fn submit(&self, qid: u16, tag: u16, op: MirrorOp) {
+    /// Counts an operation as handed to the target; false (not counted) if the mirror no
+    /// longer takes requests. Counting first, then looking, pairs with `stop`: it sets
+    /// Stopping, then waits for the count to drain.
+    pub fn begin_job(&self) -> bool {
         self.jobs.fetch_add(1, Ordering::SeqCst);
-        if !self.takes_io() {
-            self.finish(qid, tag, Outcome::Failed);
+        if self.takes_io() {
+            return true;
+        }
+        self.jobs.fetch_sub(1, Ordering::SeqCst);
+        false
+    }
+
+    pub fn end_job(&self) {
+        self.jobs.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Counts what the target has taken.
+    pub fn count_done(&self, bytes: u64) {
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Forwards `op` for submitter `reply_to` (its tag `tag`) to the owner of connection
+    /// `conn`; the outcome arrives in `reply_to`'s mailbox. Never blocks.
+    pub fn forward(&self, conn: usize, reply_to: u16, tag: u16, op: MirrorOp) {
+        if !self.begin_job() {
+            self.mail.deliver(reply_to, tag, Outcome::Failed);
             return;
         }
-        if let Err(e) = self.tx.send(Job { qid, tag, op }) {
-            let j = e.into_inner();
-            self.finish(j.qid, j.tag, Outcome::Failed);
+        let Some(c) = self.conns.get(conn) else {
+            self.finish_forwarded(reply_to, tag, Outcome::Failed);
+            return;
+        };
+        c.inbox.push(Forwarded { reply_to, tag, op });
+        self.mail.ring(conn as u16);
+        // A failure or stop that drained the inbox just before the push must not strand it.
+        if !self.takes_io() {
+            self.drain_inboxes();
         }
     }
 
-    fn finish(&self, qid: u16, tag: u16, outcome: Outcome) {
-        self.jobs.fetch_sub(1, Ordering::SeqCst);
-        self.mail.deliver(qid, tag, outcome);
+    /// The next operation forwarded to connection `conn` (called by its owner).
+    pub fn take_forwarded(&self, conn: usize) -> Option<Forwarded> {
+        self.conns.get(conn).and_then(|c| c.inbox.pop())
     }
 
-    /// Fails the mirror for good; every waiting operation completes as Failed.
+    /// Delivers a forwarded operation's outcome (called by the owner when it is answered).
+    pub fn finish_forwarded(&self, reply_to: u16, tag: u16, outcome: Outcome) {
+        self.end_job();
+        self.mail.deliver(reply_to, tag, outcome);
+    }
+
+    /// Fails back every forwarded operation no owner has taken yet.
+    fn drain_inboxes(&self) {
+        for c in &self.conns {
+            while let Some(f) = c.inbox.pop() {
+                self.finish_forwarded(f.reply_to, f.tag, Outcome::Failed);
+            }
+        }
+    }
+
+    /// Fails the mirror for good: every connection is shut down, so every ring driving one
+    /// sees its receive end and fails back what waits on it; forwarded operations not yet
+    /// taken come back Failed.
     pub fn fail(&self, reason: String) {
         let prev = self.state.swap(MirrorState::Failed as u8, Ordering::SeqCst);
         if prev == MirrorState::Failed as u8 {
             return;
         }
-        if prev == MirrorState::Stopping as u8 && self.stopped.load(Ordering::SeqCst) {
-            // A clean stop closing the socket is not a failure.
+        if prev == MirrorState::Stopping as u8 && self.stopped() {
+            // A clean stop closing the connections is not a failure.
             self.state.store(prev, Ordering::SeqCst);
             return;
         }
@@ -284,19 +412,23 @@ impl Mirror {
             self.name
         );
         *lock(&self.failure) = Some((reason, SystemTime::now()));
-        let _ = self.wire.shutdown(Shutdown::Both);
-        self.fail_pending();
+        self.shutdown_all();
+        self.drain_inboxes();
+        // Owners parked with nothing to send must notice (their rings see EOF anyway).
+        self.mail.ring_all();
         (self.on_failure)();
     }
 
-    fn fail_pending(&self) {
-        let drained: Vec<Pending> = lock(&self.pending).drain().map(|(_, p)| p).collect();
-        for p in drained.into_iter().filter(|p| p.qid != INTERNAL) {
-            self.finish(p.qid, p.tag, Outcome::Failed);
+    fn shutdown_all(&self) {
+        for c in &self.conns {
+            // SAFETY: shutdown on a socket fd we own; it only changes the socket's state.
+            unsafe { libc::shutdown(c.raw_fd(), libc::SHUT_RDWR) };
         }
     }
 
-    /// Clean end: stop taking requests, wait for those in flight (up to `timeout`), disconnect.
+    /// Clean end: stop taking requests, wait for those in flight (up to `timeout`), say
+    /// NBD_CMD_DISC on every connection, and close them. What is still in flight then comes
+    /// back Failed.
     pub fn stop(&self, timeout: Duration) {
         if self.state() != MirrorState::Failed {
             self.state
@@ -307,261 +439,32 @@ impl Mirror {
             std::thread::sleep(Duration::from_millis(1));
         }
         self.stopped.store(true, Ordering::SeqCst);
-        if !self.failed() {
-            // After everything already handed over: the sender says NBD_CMD_DISC and ends.
-            let _ = self.tx.send(Job {
-                qid: STOP_MARKER,
-                tag: 0,
-                op: MirrorOp::Flush,
-            });
-        }
-        std::thread::sleep(Duration::from_millis(20));
-        let _ = self.wire.shutdown(Shutdown::Both);
-        self.fail_pending();
-    }
-
-    fn send_loop(self: Arc<Self>, rx: Receiver<Job>, mut w: Stream) {
-        let mut cookie: u64 = 1;
-        let zeros = vec![0u8; 1 << 20];
-        // Everything queued when the sender wakes goes out in one writev: under load one
-        // syscall carries many requests instead of two syscalls each.
-        let mut batch: Vec<Job> = Vec::with_capacity(SEND_BATCH);
-        while let Ok(first) = rx.recv() {
-            batch.push(first);
-            let mut payload = 0usize;
-            while batch.len() < SEND_BATCH && payload < SEND_BATCH_BYTES {
-                let Ok(job) = rx.try_recv() else { break };
-                if let MirrorOp::Write { data, .. } = &job.op {
-                    payload += data.len();
-                }
-                batch.push(job);
+        if !self.failed() && self.in_flight() == 0 {
+            // Nothing in flight: no ring is sending, so this write cannot interleave.
+            let disc = RequestHeader {
+                flags: 0,
+                command: Command::Disc,
+                cookie: 0,
+                offset: 0,
+                length: 0,
             }
-            let stop = batch.iter().any(|j| j.qid == STOP_MARKER);
-            let mut headers: Vec<[u8; 28]> = Vec::with_capacity(batch.len() + 1);
-            let mut datas: Vec<Option<&[u8]>> = Vec::with_capacity(batch.len() + 1);
-            let (mut ops, mut bytes) = (0u64, 0u64);
-            for job in batch.iter().filter(|j| j.qid != STOP_MARKER) {
-                if !self.takes_io() {
-                    self.finish(job.qid, job.tag, Outcome::Failed);
-                    continue;
-                }
-                let frames = self.frames(&job.op, &zeros);
-                // One job may need several NBD requests (FUA emulation, zeroes written out);
-                // it completes when the last one is answered, so only the last carries it.
-                let last = frames.len() - 1;
-                let mut pending = lock(&self.pending);
-                for (i, (mut h, data)) in frames.into_iter().enumerate() {
-                    h.cookie = cookie;
-                    cookie = cookie.wrapping_add(1).max(1);
-                    let (qid, tag) = if i == last {
-                        (job.qid, job.tag)
-                    } else {
-                        (INTERNAL, 0)
-                    };
-                    let sent = Instant::now();
-                    pending.insert(h.cookie, Pending { qid, tag, sent });
-                    headers.push(h.encode());
-                    datas.push(data);
-                }
-                ops += 1;
-                bytes += job.op.len();
-            }
-            if stop {
-                let disc = RequestHeader {
-                    flags: 0,
-                    command: Command::Disc,
-                    cookie: 0,
-                    offset: 0,
-                    length: 0,
+            .encode();
+            for c in &self.conns {
+                // SAFETY: sends 28 bytes from a live buffer on a socket we own.
+                let _ = unsafe {
+                    libc::send(
+                        c.raw_fd(),
+                        disc.as_ptr().cast(),
+                        disc.len(),
+                        libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                    )
                 };
-                headers.push(disc.encode());
-                datas.push(None);
-            }
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(headers.len() * 2);
-            for (h, d) in headers.iter().zip(&datas) {
-                slices.push(IoSlice::new(h));
-                if let Some(d) = d {
-                    slices.push(IoSlice::new(d));
-                }
-            }
-            if let Err(err) = write_all_vectored(&mut w, &mut slices) {
-                if !stop {
-                    self.fail(format!("sending to the target: {err}"));
-                }
-            } else {
-                self.ops.fetch_add(ops, Ordering::Relaxed);
-                self.bytes.fetch_add(bytes, Ordering::Relaxed);
-            }
-            drop(slices);
-            batch.clear();
-            if stop {
-                return;
             }
         }
+        self.shutdown_all();
+        self.drain_inboxes();
+        self.mail.ring_all();
     }
-
-    /// The NBD requests (cookie still 0) that carry out one operation on this export.
-    fn frames<'a>(
-        &self,
-        op: &'a MirrorOp,
-        zeros: &'a [u8],
-    ) -> Vec<(RequestHeader, Option<&'a [u8]>)> {
-        let e = &self.export;
-        let hdr = |command, flags, offset, length| RequestHeader {
-            flags,
-            command,
-            cookie: 0,
-            offset,
-            length,
-        };
-        let mut frames = Vec::with_capacity(2);
-        match op {
-            MirrorOp::Write { offset, data, fua } => {
-                let native_fua = *fua && e.has(tx_flags::SEND_FUA);
-                let flags = if native_fua { cmd_flags::FUA } else { 0 };
-                frames.push((
-                    hdr(Command::Write, flags, *offset, data.len() as u32),
-                    Some(&data[..]),
-                ));
-                if *fua && !native_fua {
-                    frames.push((hdr(Command::Flush, 0, 0, 0), None));
-                }
-            }
-            MirrorOp::Flush => frames.push((hdr(Command::Flush, 0, 0, 0), None)),
-            MirrorOp::WriteZeroes { offset, len } => {
-                if e.has(tx_flags::SEND_WRITE_ZEROES) {
-                    frames.push((hdr(Command::WriteZeroes, 0, *offset, *len), None));
-                } else {
-                    let mut done = 0u64;
-                    while done < u64::from(*len) {
-                        let n = (u64::from(*len) - done).min(zeros.len() as u64) as u32;
-                        frames.push((
-                            hdr(Command::Write, 0, offset + done, n),
-                            Some(&zeros[..n as usize]),
-                        ));
-                        done += u64::from(n);
-                    }
-                }
-            }
-        }
-        frames
-    }
-
-    fn recv_loop(self: Arc<Self>, mut r: Stream) {
-        let tick = Duration::from_millis(100);
-        let _ = r.set_read_timeout(Some(tick));
-        // Replies are 16 bytes: one read takes every reply that has arrived, and each queue's
-        // doorbell rings once per read rather than once per reply.
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut have = 0usize;
-        let mut rung = vec![false; self.mail.queues()];
-        let mut last_check = Instant::now();
-        loop {
-            match r.read(&mut buf[have..]) {
-                Ok(0) => {
-                    if !self.stopped.load(Ordering::SeqCst) {
-                        self.fail("the target closed the connection".into());
-                    }
-                    return;
-                }
-                Ok(n) => have += n,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut
-                        || e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    if !self.stopped.load(Ordering::SeqCst) {
-                        self.fail(format!("reading from the target: {e}"));
-                    }
-                    return;
-                }
-            }
-            if self.failed() {
-                return;
-            }
-            let mut used = 0usize;
-            let mut bad = None;
-            while have - used >= 16 {
-                match self.complete_reply(&buf[used..used + 16], &mut rung) {
-                    Ok(()) => used += 16,
-                    Err(why) => {
-                        bad = Some(why);
-                        break;
-                    }
-                }
-            }
-            buf.copy_within(used..have, 0);
-            have -= used;
-            for (q, r) in rung.iter_mut().enumerate() {
-                if std::mem::take(r) {
-                    self.mail.ring(q as u16);
-                }
-            }
-            if let Some(why) = bad {
-                self.fail(why);
-                return;
-            }
-            if let Some(t) = self.timeout {
-                if last_check.elapsed() >= tick {
-                    last_check = Instant::now();
-                    let oldest = lock(&self.pending).values().map(|p| p.sent).min();
-                    if let Some(sent) = oldest {
-                        if sent.elapsed() > t {
-                            self.fail(format!(
-                                "a request waited {:.1} s for the target (mirror timeout {} s)",
-                                sent.elapsed().as_secs_f64(),
-                                t.as_secs_f64()
-                            ));
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Completes the request one 16-byte simple reply answers; marks its queue's doorbell to
-    /// ring. Err: the reply breaks the protocol or reports an error, and the mirror must fail.
-    fn complete_reply(&self, bytes: &[u8], rung: &mut [bool]) -> Result<(), String> {
-        let mut raw = [0u8; 16];
-        raw.copy_from_slice(bytes);
-        let reply =
-            SimpleReply::decode(&raw).map_err(|e| format!("target sent a bad reply: {e}"))?;
-        let p = lock(&self.pending)
-            .remove(&reply.cookie)
-            .ok_or_else(|| format!("target replied to unknown cookie {:#x}", reply.cookie))?;
-        if reply.error != 0 {
-            if p.qid != INTERNAL {
-                self.finish(p.qid, p.tag, Outcome::Failed);
-            }
-            return Err(format!("target answered NBD error {}", reply.error));
-        }
-        if p.qid != INTERNAL {
-            self.jobs.fetch_sub(1, Ordering::SeqCst);
-            self.mail.post(p.qid, p.tag, Outcome::Done);
-            if let Some(r) = rung.get_mut(usize::from(p.qid)) {
-                *r = true;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Largest batch of jobs the sender writes in one syscall, and its payload bound.
-const SEND_BATCH: usize = 64;
-const SEND_BATCH_BYTES: usize = 4 << 20;
-
-/// write_all for a vector of slices (std's write_all_vectored is unstable).
-fn write_all_vectored(w: &mut Stream, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
-    while !slices.is_empty() {
-        match w.write_vectored(slices) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut slices, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// A hostile or broken target: whatever it sends, the mirror fails with a reason, every

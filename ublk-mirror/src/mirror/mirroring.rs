@@ -6,8 +6,12 @@
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use std::os::fd::OwnedFd;
+
 use arc_swap::ArcSwapOption;
 use control::protocol::code;
+use nbd_proxy::client::Export;
+use nbd_proxy::proto::tx_flags;
 
 use crate::datapath::io_path::IoPath;
 use crate::fd_store::FdStore;
@@ -52,8 +56,8 @@ impl MirrorError {
 /// Where and how to mirror (`mirror-start`, or `unpause --mirror`).
 #[derive(Debug, Clone, Copy)]
 pub struct MirrorTarget<'a> {
-    /// The stored fd to the target.
-    pub fd_name: &'a str,
+    /// The stored fds to the target: one connection each.
+    pub fd_names: &'a [String],
     /// The export to ask for, unless the fd came negotiated.
     pub export_name: &'a str,
     /// How long a request may wait for the target (None: forever).
@@ -98,11 +102,12 @@ impl Mirroring {
         }
     }
 
-    /// Attaches a mirror on the stored fd `target.fd_name`: runs the NBD handshake unless the
-    /// fd came negotiated, checks the export can take this device, starts the link, and
-    /// returns once the mirror is active (every write that started local-only has completed
-    /// and marked itself out of sync, or 30 s have passed). On error the fd is closed and
-    /// nothing else changes.
+    /// Attaches a mirror over the stored fds `target.fd_names`: runs the NBD handshake on
+    /// each unless it came negotiated, checks that they agree and that the export can take
+    /// this device, and returns once the mirror is active (every write that started
+    /// local-only has completed and marked itself out of sync, or 30 s have passed). The
+    /// connections are driven by the queues' rings from their first request. On error the
+    /// fds are closed and nothing else changes.
     pub fn start(
         &self,
         fds: &FdStore,
@@ -114,30 +119,24 @@ impl Mirroring {
                 return Err(MirrorError::Busy(m.state().name()));
             }
         }
-        let stored = fds
-            .take(target.fd_name)
-            .ok_or_else(|| MirrorError::NoSuchFd(target.fd_name.to_owned()))?;
-        let (stream, export) = attach::connect(stored.fd, stored.nbd, target.export_name)
-            .map_err(MirrorError::Refused)?;
-        attach::check_export(&export, needs).map_err(MirrorError::Refused)?;
+        let (conns, export) = attach_all(fds, target, needs, self.io.queues())?;
         let (io, al_mode) = (Arc::downgrade(&self.io), self.al_mode.clone());
         let on_failure = Box::new(move || on_mirror_failure(&io, &al_mode));
-        let mirror = Mirror::start(
-            target.fd_name.to_owned(),
-            stream,
+        let mirror = Mirror::new(
+            conns,
             export,
             target.timeout,
             self.io.mail.clone(),
             on_failure,
-        )
-        .map_err(|e| MirrorError::Refused(format!("starting the mirror threads: {e}")))?;
+        );
         self.publish(&mirror);
         self.start_copy(&mirror, target.plan);
         log::info!(
-            "mirroring to {:?} (export {:?}, {} bytes, timeout {})",
-            target.fd_name,
+            "mirroring to {:?} (export {:?}, {} bytes, {} connection(s), timeout {})",
+            mirror.names(),
             mirror.export.name,
             mirror.export.size,
+            mirror.connections().len(),
             target
                 .timeout
                 .map_or("none".to_string(), |t| format!("{} s", t.as_secs_f64()))
@@ -170,12 +169,14 @@ impl Mirroring {
             CopyPlan::Copy { speed } => {
                 // A full copy is a resync of everything.
                 self.io.dirty.mark_all();
-                Some(("copy", speed))
+                Some((copy::CopyKind::Copy, speed))
             }
-            CopyPlan::Resync { speed } => Some(("resync", speed)),
+            CopyPlan::Resync { speed } => Some((copy::CopyKind::Resync, speed)),
         };
         if let Some((kind, speed)) = job {
-            let chunk = copy::DEFAULT_CHUNK;
+            // Each chunk is one NBD WRITE: no larger than the export takes.
+            let max = u64::from(mirror.export.block_size.maximum);
+            let chunk = copy::DEFAULT_CHUNK.min(if max == 0 { u64::MAX } else { max });
             let job = copy::start(self.io.clone(), mirror.clone(), kind, speed, chunk);
             self.copy.store(Some(job));
         }
@@ -227,6 +228,55 @@ impl Mirroring {
     pub fn inherited_failure(&self) -> Option<String> {
         lock(&self.inherited_failure).clone()
     }
+}
+
+/// Takes the stored fds `target.fd_names` and brings each into the transmission phase; Err
+/// unless there is at least one and at most one per queue, all fds exist, every handshake
+/// succeeds, all agree on the export, the export can take the device, and (with more than
+/// one) the export allows several connections.
+fn attach_all(
+    fds: &FdStore,
+    target: MirrorTarget<'_>,
+    needs: DeviceNeeds,
+    queues: u16,
+) -> Result<(Vec<(String, OwnedFd)>, Export), MirrorError> {
+    let names = target.fd_names;
+    if names.is_empty() || names.len() > usize::from(queues) {
+        return Err(MirrorError::Refused(format!(
+            "{} connection(s) for a device with {queues} queue(s): give 1 to {queues}",
+            names.len()
+        )));
+    }
+    if let Some(missing) = names.iter().find(|n| !fds.contains(n)) {
+        return Err(MirrorError::NoSuchFd(missing.clone()));
+    }
+    let mut conns = Vec::with_capacity(names.len());
+    let mut first: Option<Export> = None;
+    for name in names {
+        let stored = fds
+            .take(name)
+            .ok_or_else(|| MirrorError::NoSuchFd(name.clone()))?;
+        let (stream, export) = attach::connect(stored.fd, stored.nbd, target.export_name)
+            .map_err(|why| MirrorError::Refused(format!("connection {name:?}: {why}")))?;
+        match &first {
+            None => {
+                attach::check_export(&export, needs).map_err(MirrorError::Refused)?;
+                first = Some(export);
+            }
+            Some(f) => attach::check_same(f, &export)
+                .map_err(|why| MirrorError::Refused(format!("connection {name:?}: {why}")))?,
+        }
+        conns.push((name.clone(), attach::into_fd(stream)));
+    }
+    let export = first.ok_or_else(|| MirrorError::Refused("no connection".into()))?;
+    if conns.len() > 1 && !export.has(tx_flags::CAN_MULTI_CONN) {
+        return Err(MirrorError::Refused(format!(
+            "export {:?} does not allow several connections (no CAN_MULTI_CONN: a FLUSH on \
+             one would not cover writes on the others); mirror over one",
+            export.name
+        )));
+    }
+    Ok((conns, export))
 }
 
 /// The link's `on_failure`: weak, so a link outliving the daemon's data path does nothing.

@@ -148,7 +148,7 @@ fn copy_ready() -> CopyReport {
 }
 
 fn attached(copy: Option<CopyReport>, failure: Option<(&str, f64)>) -> MirrorReport {
-    MirrorReport::Attached(MirrorAttached {
+    MirrorReport::Attached(Box::new(MirrorAttached {
         state: if failure.is_some() {
             "failed"
         } else {
@@ -157,6 +157,8 @@ fn attached(copy: Option<CopyReport>, failure: Option<(&str, f64)>) -> MirrorRep
         .into(),
         requested: Some("dest".into()),
         target: "dest".into(),
+        targets: vec!["dest".into()],
+        connections: 1,
         export: "golden".into(),
         export_size: 1 << 20,
         timeout: Some(10.0),
@@ -168,9 +170,12 @@ fn attached(copy: Option<CopyReport>, failure: Option<(&str, f64)>) -> MirrorRep
         dirty_bytes: 0,
         bitmap_persistent: false,
         activity_log_extents: 0,
+        activity_log_bound: 1024,
+        activity_log_writes: 0,
+        activity_log_retired: 0,
         range_locks: 0,
         copy,
-    })
+    }))
 }
 
 type Sample = (&'static str, Command, Response);
@@ -384,6 +389,7 @@ fn mirror_samples() -> Vec<Sample> {
 fn mirror_start(name: &str, copy: bool) -> Command {
     Command::MirrorStart {
         name: name.into(),
+        names: Vec::new(),
         export: None,
         timeout: Some(10.0),
         copy,
@@ -463,12 +469,13 @@ fn replies_round_trip_through_the_types() {
 /// floats stay floats and the nulls stay keys.
 #[test]
 fn a_daemon_stats_line_parses_and_prints_back_the_same() {
-    let line = r#"{"mirror":{"activity_log_extents":0,"bitmap_persistent":false,
+    let line = r#"{"mirror":{"activity_log_bound":1024,"activity_log_extents":0,
+        "activity_log_retired":0,"activity_log_writes":0,"bitmap_persistent":false,
         "bytes_mirrored":4096,"copy":{"bytes_done":4096,"bytes_total":8192,"elapsed":1.5,
         "eta":2.0,"kind":"resync","rate":2731.0,"speed_limit":null,"state":"copying"},
-        "dirty_bytes":4096,"export":"","export_size":8192,"failed_at":null,"in_flight":1,
-        "last_error":null,"ops":1,"range_locks":1,"requested":"m","state":"active",
-        "target":"m","timeout":null},"name":"l","nbd_mirror_failed":0,"ops":{"discard":
+        "connections":1,"dirty_bytes":4096,"export":"","export_size":8192,"failed_at":null,
+        "in_flight":1,"last_error":null,"ops":1,"range_locks":1,"requested":"m",
+        "state":"active","target":"m","targets":["m"],"timeout":null},"name":"l","nbd_mirror_failed":0,"ops":{"discard":
         {"bytes":0,"count":0},"errors":0,"flush":{"count":0},"read":{"bytes":0,"count":0},
         "write":{"bytes":4096,"count":1,"fua":0},"write_zeroes":{"bytes":0,"count":0}},
         "reqs_outstanding":1,"reqs_parked":0,"state":"running"}"#;

@@ -14,8 +14,10 @@ fn sample() -> DaemonState {
         control: Some("/run/ublk-mirror/3.sock".into()),
         bitmap: None,
         granularity: 65536,
+        al_extents: None,
         mirror: Some(MirrorRecord {
             target: "dest".into(),
+            targets: Vec::new(),
             export: "disk".into(),
         }),
         detached: false,

@@ -269,3 +269,65 @@ fn last_granule_is_cut_at_the_size() {
     m.mark(99_000, 1000);
     assert_eq!(m.extents(), vec![(65536, 100_000 - 65536)]);
 }
+
+#[test]
+fn the_hot_set_keeps_its_bound_and_retires_the_least_recently_used_idle_extents() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, [0u8; 4096]).expect("image");
+    let bm = dir.path().join("disk.bitmap");
+    let m = DirtyMap::open_file(&bm, &img, 64 * AL_EXTENT, 64 << 10).expect("create");
+    m.set_al_bound(4);
+    let write = |e: u64| {
+        m.al_begin(e * AL_EXTENT, 4096);
+        m.al_end(e * AL_EXTENT, 4096);
+    };
+    for e in 0..4 {
+        write(e);
+        m.al_clock.fetch_add(1, Ordering::Relaxed); // extent e was used at tick e
+    }
+    assert_eq!(m.activity_extents(), 4, "within the bound nothing retires");
+    let writes = m.al_writes.load(Ordering::SeqCst);
+    write(2);
+    assert_eq!(
+        m.al_writes.load(Ordering::SeqCst),
+        writes,
+        "a hot extent costs no log write"
+    );
+    // A fifth extent: the least recently used idle one (extent 0) retires first.
+    write(10);
+    assert_eq!(m.activity_extents(), 4);
+    assert!(!m.al_bit(0) && m.al_bit(1) && m.al_bit(2) && m.al_bit(10));
+    // An extent with a write in flight never retires, even when it is the oldest.
+    m.al_begin(AL_EXTENT, 4096); // extent 1, in flight
+    for e in 20..30 {
+        write(e);
+        assert!(m.activity_extents() <= 4, "the log passed its bound");
+    }
+    assert!(m.al_bit(1), "a busy extent was retired");
+    m.al_end(AL_EXTENT, 4096);
+    // A crash now (no flush) marks at most the bound out of sync.
+    drop(m);
+    let m = DirtyMap::open_file(&bm, &img, 64 * AL_EXTENT, 64 << 10).expect("reopen");
+    assert!(m.al_recovered <= 4, "{} extents recovered", m.al_recovered);
+    assert!(m.dirty_bytes() <= 4 * AL_EXTENT);
+}
+
+#[test]
+fn the_periodic_cleaner_retires_only_when_the_hot_set_is_nearly_full() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, [0u8; 4096]).expect("image");
+    let bm = dir.path().join("disk.bitmap");
+    let m = DirtyMap::open_file(&bm, &img, 64 * AL_EXTENT, 64 << 10).expect("create");
+    m.set_al_bound(8);
+    for e in 0..7 {
+        m.al_begin(e * AL_EXTENT, 4096);
+        m.al_end(e * AL_EXTENT, 4096);
+    }
+    assert_eq!(m.retire_cold(), 0, "7 of 8: nothing to do");
+    m.al_begin(7 * AL_EXTENT, 4096);
+    m.al_end(7 * AL_EXTENT, 4096);
+    assert_eq!(m.retire_cold(), 2, "8 of 8: down to 3/4 of the bound");
+    assert_eq!(m.activity_extents(), 6);
+}

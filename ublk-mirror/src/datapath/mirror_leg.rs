@@ -1,0 +1,130 @@
+//! A queue's side of the mirror leg: the connection it drives on its own ring (created when
+//! the queue first meets a new mirror), or the forwarding hop to the queue that owns one
+//! (`mirror/link.rs` says who owns what).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::datapath::waiters::Waiters;
+use crate::mirror::link::{LegOp, Mirror, MirrorOp, Outcome, Route};
+use crate::mirror::ring_conn::RingConn;
+
+pub struct QueueMirror {
+    qid: u16,
+    exe: Rc<smol::LocalExecutor<'static>>,
+    /// The connection this queue drives, for the mirror it was made for.
+    conn: RefCell<Option<Rc<RingConn>>>,
+    /// Forwarded operations this queue took and has not answered yet, by a local id: if the
+    /// queue stops first, [`QueueMirror::abandon`] answers them.
+    forwarded: RefCell<HashMap<u64, Taken>>,
+    next_id: Cell<u64>,
+}
+
+/// A forwarded operation being sent by this queue.
+struct Taken {
+    mirror: Arc<Mirror>,
+    reply_to: u16,
+    tag: u16,
+    op: Rc<MirrorOp>,
+}
+
+impl QueueMirror {
+    pub fn new(qid: u16, exe: Rc<smol::LocalExecutor<'static>>) -> QueueMirror {
+        QueueMirror {
+            qid,
+            exe,
+            conn: RefCell::new(None),
+            forwarded: RefCell::new(HashMap::new()),
+            next_id: Cell::new(0),
+        }
+    }
+
+    /// This queue's connection `conn` of `m`, started on this ring at first use.
+    fn own(&self, m: &Arc<Mirror>, conn: usize) -> Rc<RingConn> {
+        let mut cur = self.conn.borrow_mut();
+        if let Some(c) = cur.as_ref().filter(|c| c.generation() == m.generation) {
+            return c.clone();
+        }
+        let c = RingConn::start(m.clone(), conn, &self.exe);
+        *cur = Some(c.clone());
+        c
+    }
+
+    /// The target's part of `op` for this queue's `tag`: on this queue's own connection
+    /// (sent from the tag's buffer), or forwarded (copied) to the owner of one.
+    pub(super) async fn run(
+        &self,
+        m: &Arc<Mirror>,
+        parked: &Waiters,
+        tag: u16,
+        op: LegOp<'_>,
+    ) -> Outcome {
+        match m.route(self.qid) {
+            Route::Own(c) => {
+                let conn = self.own(m, c);
+                if !m.begin_job() {
+                    return Outcome::Failed;
+                }
+                let outcome = conn.run(op).await;
+                m.end_job();
+                outcome
+            }
+            Route::Forward(c) => {
+                parked.clear(tag);
+                m.forward(c, self.qid, tag, op.to_owned_op());
+                parked.outcome(tag).await
+            }
+        }
+    }
+
+    /// On the doorbell: sends what other queues and the copy workers forwarded to this
+    /// queue's connection, each as its own task; its outcome goes back to the forwarder.
+    pub(super) fn serve_forwarded(self: &Rc<Self>, m: &Arc<Mirror>) {
+        let Route::Own(c) = m.route(self.qid) else {
+            return;
+        };
+        while let Some(f) = m.take_forwarded(c) {
+            let conn = self.own(m, c);
+            let id = self.next_id.get();
+            self.next_id.set(id + 1);
+            let op = Rc::new(f.op);
+            let taken = Taken {
+                mirror: m.clone(),
+                reply_to: f.reply_to,
+                tag: f.tag,
+                op: op.clone(),
+            };
+            self.forwarded.borrow_mut().insert(id, taken);
+            let me = self.clone();
+            self.exe
+                .spawn(async move {
+                    let outcome = conn.run(op.as_leg_op()).await;
+                    if let Some(t) = me.forwarded.borrow_mut().remove(&id) {
+                        t.mirror.finish_forwarded(t.reply_to, t.tag, outcome);
+                    }
+                })
+                .detach();
+        }
+    }
+
+    /// The queue is stopping and its tasks end unfinished: every forwarded operation it took
+    /// comes back Failed (its data is leaked, as a send may still read it), and so does what
+    /// still waits in its inbox, so no forwarder (a copy worker) waits for ever.
+    pub fn abandon(&self) {
+        for (_, t) in self.forwarded.borrow_mut().drain() {
+            t.mirror
+                .finish_forwarded(t.reply_to, t.tag, Outcome::Failed);
+            std::mem::forget(t.op);
+        }
+        if let Some(conn) = self.conn.borrow_mut().take() {
+            let m = conn.mirror();
+            if let Route::Own(c) = m.route(self.qid) {
+                while let Some(f) = m.take_forwarded(c) {
+                    m.finish_forwarded(f.reply_to, f.tag, Outcome::Failed);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! Where queue threads run. blk-mq maps every CPU to one queue, and the kernel's mask for a
+//! queue is the CPUs that submit to it: with 2 queues on 2 CPUs, queue 0 is fed by CPU 0 only.
+//! A queue thread pinned inside its own mask then shares that CPU with the very task that
+//! feeds it, and a single submitter on a 2-queue device ran at half the speed of 1 queue
+//! (issue 13). With more than one queue the threads are therefore moved after start:
+//! `away` (the default) puts queue q on every CPU outside its own mask (all CPUs if that
+//! leaves none), so a submitter and the thread serving it run in parallel; `any` lets every
+//! queue thread use every CPU; `own` keeps one CPU of the queue's mask, as with one queue.
+
+use libublk::ctrl::{UblkCtrl, UblkQueueAffinity};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum QueueCpus {
+    /// Every CPU outside the queue's own mask (all CPUs if none is left).
+    #[default]
+    Away,
+    /// Every CPU the daemon may run on.
+    Any,
+    /// One CPU of the queue's own mask (what a 1-queue device always does).
+    Own,
+}
+
+/// Moves the threads of a device with more than one queue as `policy` says; logs where each
+/// went. A failure is logged, never fatal: placement only costs speed.
+pub fn place_queue_threads(ctrl: &UblkCtrl, queues: u16, policy: QueueCpus) {
+    if queues < 2 || policy == QueueCpus::Own {
+        return;
+    }
+    let allowed = allowed_cpus();
+    for q in 0..queues {
+        let Ok(tid) = ctrl.get_queue_tid(u32::from(q)) else {
+            log::warn!("queue {q}: thread id unknown; left where it is");
+            continue;
+        };
+        let mut own = UblkQueueAffinity::new();
+        let own: Vec<usize> = match ctrl.get_queue_affinity(u32::from(q), &mut own) {
+            Ok(_) => own.to_bits_vec(),
+            Err(_) => Vec::new(),
+        };
+        let cpus = match policy {
+            QueueCpus::Away => {
+                let away: Vec<usize> = allowed
+                    .iter()
+                    .copied()
+                    .filter(|c| !own.contains(c))
+                    .collect();
+                if away.is_empty() {
+                    allowed.clone()
+                } else {
+                    away
+                }
+            }
+            _ => allowed.clone(),
+        };
+        match set_affinity(tid, &cpus) {
+            Ok(()) => {
+                log::info!("queue {q}: fed by CPUs {own:?}, served on CPUs {cpus:?} ({policy:?})")
+            }
+            Err(e) => log::warn!("queue {q}: cannot move its thread to CPUs {cpus:?}: {e}"),
+        }
+    }
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain old data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: queries this process's mask into a live cpu_set_t of the size given.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Vec::new();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: CPU_ISSET reads a bit of a live set, cpu < CPU_SETSIZE.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+fn set_affinity(tid: i32, cpus: &[usize]) -> std::io::Result<()> {
+    if cpus.is_empty() {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: as above.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: sets a bit of a live set; c comes from CPU_ISSET's range.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: sets thread `tid`'s mask from a live cpu_set_t of the size given.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
