@@ -3,7 +3,8 @@
 use std::fmt::Write as _;
 
 use crate::matrix::{Matrix, Stat};
-use crate::{DEVICES, DIRECT, JOBS};
+use crate::targets::{self, Goal, Target};
+use crate::{DEVICES, DIRECT, JOBS, MET_RULE, MIRROR_PAIRS, SUBMITTER_RULE};
 
 fn si(v: f64) -> String {
     match v {
@@ -25,10 +26,15 @@ fn machine_line(m: &Matrix, host: &str) -> String {
             .unwrap_or_default()
     };
     let mem_gib = m.machine["mem_kb"].as_f64().unwrap_or(0.0) / 1048576.0;
+    let nullb_us = m.machine["nullb_completion_nsec"]
+        .as_f64()
+        .unwrap_or(f64::NAN)
+        / 1e3;
     format!(
         "Guest: Linux {}, {} vCPUs ({}), {mem_gib:.1} GiB; host: {host}. {} reps of {} s \
          (after 1 s ramp) per device and job, devices interleaved; {} MiB images on the guest's \
-         tmpfs; {}, {}, {}.",
+         tmpfs; `mirrored-bitmap` keeps its bitmap on ext4 on a memory-backed null_blk device \
+         with a write cache and {nullb_us:.0} µs per I/O; {}, {}, {}.",
         g("kernel"),
         g("cpus"),
         g("cpu_model"),
@@ -51,8 +57,41 @@ pub fn markdown(m: &Matrix, stamp: &str, host: &str) -> String {
          one VM run. `loop2` is a second kernel loop device: its ratio to `loop` is the noise \
          floor. Reproduce with `bench/run`.\n"
     );
-    device_table(
+    let _ = writeln!(o, "{SUBMITTER_RULE}\n\n{MET_RULE}");
+    device_tables(&mut o, m);
+    let d = m.cell(DIRECT.1, DIRECT.0);
+    let _ = writeln!(
+        o,
+        "\nThe NBD target on its own (fio's nbd engine straight to `nbd-proxy serve`, {}): \
+         {} IOPS, mean {} µs, p99 {} µs.",
+        DIRECT.1,
+        si(d.iops.median),
+        si(d.lat_mean_us.median),
+        si(d.p99_us.median)
+    );
+    for &pair in MIRROR_PAIRS {
+        pair_section(&mut o, m, pair);
+    }
+    scale_section(&mut o, m);
+    noise_section(&mut o, m);
+    copy_section(&mut o, m);
+    targets_section(&mut o, "Targets (issue 13)", &targets::issue13(m));
+    targets_section(
         &mut o,
+        "Earlier targets (issue 7, those issue 13 does not restate)",
+        &targets::issue7(m),
+    );
+    let _ = writeln!(
+        o,
+        "\n![IOPS and p99 latency per device and job]({stamp}.svg)"
+    );
+    o
+}
+
+/// IOPS (with the ratio to loop and the spread), throughput and latency, per job and device.
+fn device_tables(o: &mut String, m: &Matrix) {
+    device_table(
+        o,
         "IOPS: median (ratio to kernel loop) [min–max]",
         |job, d| {
             let c = m.cell(job, d);
@@ -64,60 +103,116 @@ pub fn markdown(m: &Matrix, stamp: &str, host: &str) -> String {
             )
         },
     );
-    device_table(&mut o, "Throughput, MB/s (median)", |job, d| {
+    device_table(o, "Throughput, MB/s (median)", |job, d| {
         si(m.cell(job, d).mb_s.median)
     });
     device_table(
-        &mut o,
+        o,
         "Latency, µs: mean / p99 (median over reps)",
         |job, d| {
             let c = m.cell(job, d);
             format!("{} / {}", si(c.lat_mean_us.median), si(c.p99_us.median))
         },
     );
-    let d = m.cell(DIRECT.1, DIRECT.0);
-    let _ = writeln!(
-        o,
-        "\nThe NBD target on its own (fio's nbd engine straight to `nbd-proxy serve`, {}): \
-         {} IOPS, mean {} µs, p99 {} µs.",
-        DIRECT.1,
-        si(d.iops.median),
-        si(d.lat_mean_us.median),
-        si(d.p99_us.median)
-    );
-    mirrored_section(&mut o, m);
-    noise_section(&mut o, m);
-    copy_and_targets(&mut o, m);
-    let _ = writeln!(
-        o,
-        "\n![IOPS and p99 latency per device and job]({stamp}.svg)"
-    );
-    o
 }
 
-/// ublk-mirror mirrored vs dm-raid1 over the same target, per job.
-fn mirrored_section(o: &mut String, m: &Matrix) {
+/// A ublk-mirror mirror vs the dm-raid1 with as many connections to the same target, per job.
+fn pair_section(o: &mut String, m: &Matrix, (a, b): (&str, &str)) {
+    let _ = writeln!(o, "\n## Mirrored: {a} vs {b} over the same target\n");
     let _ = writeln!(
         o,
-        "\n## Mirrored: ublk-mirror vs dm-raid1 over the same target\n"
-    );
-    let _ = writeln!(
-        o,
-        "| job | mirrored IOPS | dm-raid1 IOPS | ratio | mirrored p99 µs | dm-raid1 p99 µs |"
+        "| job | {a} IOPS | {b} IOPS | ratio | {a} p99 µs | {b} p99 µs |"
     );
     let _ = writeln!(o, "|---|---|---|---|---|---|");
     for job in JOBS {
-        let (a, b) = (m.cell(job, "mirrored"), m.cell(job, "dm-raid1"));
+        let (ca, cb) = (m.cell(job, a), m.cell(job, b));
         let _ = writeln!(
             o,
             "| {job} | {} | {} | {:.2}x | {} | {} |",
-            si(a.iops.median),
-            si(b.iops.median),
-            m.iops_ratio(job, "mirrored", "dm-raid1"),
-            si(a.p99_us.median),
-            si(b.p99_us.median)
+            si(ca.iops.median),
+            si(cb.iops.median),
+            m.iops_ratio(job, a, b),
+            si(ca.p99_us.median),
+            si(cb.p99_us.median)
         );
     }
+}
+
+fn mib(kb: f64) -> String {
+    format!("{:.1}", kb / 1024.0)
+}
+
+/// N daemons at once against one alone, and their RSS with its bound.
+fn scale_section(o: &mut String, m: &Matrix) {
+    let s = &m.scale;
+    let (one, all) = (&s.one.iops, &s.all.iops);
+    let per_rep: Vec<String> = all
+        .reps
+        .iter()
+        .zip(&one.reps)
+        .map(|(a, b)| format!("{:.2}", a / b))
+        .collect();
+    let _ = writeln!(
+        o,
+        "\n## Scale: {} daemons at once, 4k randread QD32\n",
+        s.devices
+    );
+    let _ = writeln!(
+        o,
+        "{n} ublk-mirror daemons ({} queue, unmirrored, {} MiB images), one fio job per device \
+         (QD32 each) split over CPUs 0-1, against the first device alone (1 job on CPU 0); the \
+         two alternate in every rep.\n",
+        s.queues,
+        s.image_mib,
+        n = s.devices
+    );
+    let _ = writeln!(o, "| run | IOPS median [min–max] |\n|---|---|");
+    let _ = writeln!(
+        o,
+        "| 1 device alone | {} [{}] |",
+        si(one.median),
+        range(one)
+    );
+    let _ = writeln!(
+        o,
+        "| {} devices at once (sum) | {} [{}] |",
+        s.devices,
+        si(all.median),
+        range(all)
+    );
+    let _ = writeln!(
+        o,
+        "\nAggregate / 1 device: {:.2} (per rep: {}).",
+        all.median / one.median,
+        per_rep.join(" ")
+    );
+    let (idle, after) = (Stat::of(s.idle_kb.clone()), Stat::of(s.after_kb.clone()));
+    let growth = s
+        .after_kb
+        .iter()
+        .zip(&s.idle_kb)
+        .map(|(a, i)| a - i)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let _ = writeln!(
+        o,
+        "\nRSS (VmRSS) per daemon: right after start median {} MiB [{}–{}]; after the workload \
+         median {} MiB, max {} MiB; largest growth {} MiB. Bound: the tag buffers a daemon has \
+         touched stay resident, at most queues × depth × max I/O = {} × {} × {} KiB = {:.0} MiB \
+         above the idle RSS; 4k requests touch one 4 KiB page of each tag they use, at most \
+         {} × 4 KiB = {} MiB here.",
+        mib(idle.median),
+        mib(idle.min),
+        mib(idle.max),
+        mib(after.median),
+        mib(after.max),
+        mib(growth),
+        s.queues,
+        s.depth,
+        s.max_io / 1024,
+        s.bound_mib(),
+        s.queues * s.depth,
+        mib((s.queues * s.depth * 4) as f64)
+    );
 }
 
 /// loop2 / loop per job, and loop's own spread: how far apart two identical devices land.
@@ -136,8 +231,8 @@ fn noise_section(o: &mut String, m: &Matrix) {
     }
 }
 
-/// The background copy against nbdcopy, then the issue's targets, met or not.
-fn copy_and_targets(o: &mut String, m: &Matrix) {
+/// The background copy against nbdcopy.
+fn copy_section(o: &mut String, m: &Matrix) {
     let _ = writeln!(
         o,
         "\n## Background copy vs nbdcopy (same image, same server)\n\n\
@@ -148,18 +243,70 @@ fn copy_and_targets(o: &mut String, m: &Matrix) {
         range(&m.copy_nbdcopy),
         m.copy_ours.median / m.copy_nbdcopy.median
     );
-    let _ = writeln!(o, "\n## Targets (issue 7)\n");
-    let _ = writeln!(o, "| target | measured | goal | met |");
-    let _ = writeln!(o, "|---|---|---|---|");
-    for t in m.targets() {
+}
+
+fn bound(t: &Target, b: f64) -> String {
+    let op = match t.goal {
+        Goal::AtLeast => "≥",
+        Goal::AtMost => "≤",
+    };
+    format!("{op} {b:.2}{}", t.unit)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "**not met**"
+    }
+}
+
+/// The samples of a target: every one while they are few, else their range.
+fn samples(t: &Target) -> String {
+    if t.samples.len() <= 8 {
+        let v: Vec<String> = t.samples.iter().map(|v| format!("{v:.2}")).collect();
+        return v.join(" ");
+    }
+    let s = Stat::of(t.samples.clone());
+    format!("{:.2}–{:.2} ({} daemons)", s.min, s.max, t.samples.len())
+}
+
+/// One row per target: figure, samples, how many meet, goal and stretch with met / not met.
+fn targets_section(o: &mut String, title: &str, list: &[Target]) {
+    let _ = writeln!(o, "\n## {title}\n");
+    let met = list.iter().filter(|t| t.met()).count();
+    let stretch = list
+        .iter()
+        .filter(|t| t.stretch_met() == Some(true))
+        .count();
+    let _ = writeln!(
+        o,
+        "{met} of {} met ({stretch} at the stretch goal). A target is met only when its figure \
+         meets it and at least ceil(0.8 × R) of its R per-rep figures do.\n",
+        list.len()
+    );
+    let _ = writeln!(
+        o,
+        "| figure | measured | per rep | reps meeting (needed) | target | met | stretch | stretch met |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+    for t in list {
+        let (stretch, stretch_met) = match (t.stretch, t.stretch_met()) {
+            (Some(s), Some(ok)) => (bound(t, s), if ok { "met" } else { "not met" }),
+            _ => ("–".to_string(), "–"),
+        };
         let _ = writeln!(
             o,
-            "| {} | {:.2} | {} {:.2} | {} |",
+            "| {} | {:.2}{} | {} | {} of {} ({}) | {} | {} | {stretch} | {stretch_met} |",
             t.what,
-            t.measured,
-            if t.at_least { "≥" } else { "≤" },
-            t.goal,
-            if t.met() { "yes" } else { "**no**" }
+            t.figure,
+            t.unit,
+            samples(t),
+            t.meeting(t.bound),
+            t.samples.len(),
+            targets::needed(t.samples.len()),
+            bound(t, t.bound),
+            verdict(t.met()),
         );
     }
 }
@@ -176,7 +323,8 @@ fn device_table(o: &mut String, title: &str, cell: impl Fn(&str, &str) -> String
 }
 
 const COLORS: &[&str] = &[
-    "#4e79a7", "#a0cbe8", "#f28e2b", "#ffbe7d", "#59a14f", "#e15759", "#b07aa1",
+    "#4e79a7", "#a0cbe8", "#f28e2b", "#ffbe7d", "#59a14f", "#e15759", "#b07aa1", "#ff9da7",
+    "#9c755f", "#bab0ac",
 ];
 
 /// Two rows of panels (IOPS, p99 latency), one column per job, one bar per device with its
@@ -277,5 +425,40 @@ fn panel(
             y0 + ph - h(s.max),
             y0 + ph - h(s.min)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdata;
+
+    #[test]
+    fn the_report_has_every_device_and_every_target_row() {
+        let dir = testdata::complete("render");
+        let m = Matrix::load(&dir).expect("load");
+        let md = markdown(&m, "STAMP", "host");
+        for dev in DEVICES {
+            assert!(md.contains(&format!(" {dev} |")), "no column {dev}");
+        }
+        assert!(md.contains("## Targets (issue 13)"));
+        for t in targets::issue13(&m).iter().chain(&targets::issue7(&m)) {
+            let row = md
+                .lines()
+                .find(|l| l.starts_with(&format!("| {} |", t.what)));
+            let row = row.unwrap_or_else(|| panic!("no row for {}", t.what));
+            assert!(row.contains("met"), "{row}");
+        }
+        assert!(md.contains("ceil(0.8 × R)"), "the rule is stated");
+        assert!(
+            md.contains("--cpus_allowed_policy=split"),
+            "the submitter rule is stated"
+        );
+        assert!(md.contains("## Scale: 16 daemons at once"));
+        assert!(md.contains("= 64 MiB"), "the RSS bound is stated");
+        assert!(md.contains("mirrored-q2 vs dm-raid1-c2"));
+        let svg = svg(&m, "STAMP");
+        assert!(svg.contains("mirrored-bitmap"));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

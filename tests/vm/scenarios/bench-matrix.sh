@@ -1,29 +1,61 @@
 #!/bin/bash
-# Benchmark (run by bench/run, not by the test command): the fio matrix of issue 7.
+# Benchmark (run by bench/run, not by the test command): the fio matrix of issues 7 and 13.
 #
 # Devices, each on its own identical image on the guest's tmpfs (the same backing storage):
-#   loop      kernel loop, --direct-io=on (the reference)
-#   loop2     a second kernel loop device: loop against itself is the noise floor
-#   ublk      ublk-mirror, 1 queue, unmirrored
-#   ublk-q2   ublk-mirror, 2 queues, unmirrored
-#   rublk     rublk's loop target (default options: 1 queue, depth 128, direct I/O) (needs /usr/local/bin/rublk: bench/run puts it there)
-#   mirrored  ublk-mirror mirroring to nbd-proxy serve in this VM
-#   dm-raid1  device-mapper mirror of a direct-io loop device and a kernel nbd device attached
-#             with nbd-client straight to the same nbd-proxy serve
-#   nbd-direct  fio's nbd engine (libnbd) against that server: the target's own QD1 latency
-# Jobs: see JOBS below. Every job runs BENCH_REPS times with the devices interleaved
-# (loop ublk ... loop ublk ...) after one warm-up per device. The raw fio JSON of every run is
-# packed into the console between @@ARCHIVE markers for bench/run to unpack.
-# Any device that cannot be set up fails the scenario: no partial matrix.
+#   loop        kernel loop, --direct-io=on (the reference)
+#   loop2       a second kernel loop device: loop against itself is the noise floor
+#   ublk        ublk-mirror, 1 queue, unmirrored
+#   ublk-q2     ublk-mirror, 2 queues, unmirrored
+#   rublk       rublk's loop target (default options: 1 queue, depth 128, direct I/O) (needs
+#               /usr/local/bin/rublk: bench/run puts it there)
+#   mirrored    ublk-mirror, 1 queue, mirroring over 1 connection to nbd-proxy serve in this VM
+#               (export "disk")
+#   dm-raid1    device-mapper mirror of a direct-io loop device and /dev/nbd0, attached with
+#               nbd-client (1 connection) straight to the same nbd-proxy serve (export "dmr")
+#   mirrored-q2 ublk-mirror, 2 queues, mirroring over 2 connections (nbd-proxy connect
+#               --connections 2, queue i drives connection i) to its own export "mq2"
+#   dm-raid1-c2 a second dm mirror, its own loop device and /dev/nbd1 attached with
+#               nbd-client -C 2 (2 connections) to its own export "dmr2"
+#   mirrored-bitmap  ublk-mirror, 1 queue, mirrored over 1 connection to its own export "bm",
+#               with --bitmap on ext4 on a memory-backed null_blk device whose every I/O
+#               (flushes included: it has a volatile write cache) completes after
+#               BENCH_NULLB_NSEC ns (200 us), so the activity log's writes cost something
+#   nbd-direct  fio's nbd engine (libnbd) against that server (export "tgt"): the target's own
+#               QD1 latency
+# Pairs: mirrored with dm-raid1 (1 connection each), mirrored-q2 with dm-raid1-c2 (2 each).
+#
+# Submitters (the same rule for every device): a job of total queue depth QD runs as numjobs =
+# the device's queues, each job pinned to its own CPU with iodepth QD/queues:
+#   2-queue devices (ublk-q2, mirrored-q2): --numjobs=2 --iodepth=QD/2 --cpus_allowed=0-1
+#       --cpus_allowed_policy=split, each job on its own half of the device (--size=SIZE/2
+#       --offset_increment=SIZE/2, so the sequential job's two streams never overlap);
+#   every other device counts as 1 queue, one submitter (kernel loop and nbd are multi-queue
+#       inside, dm-raid1 and rublk have one submitter here): --numjobs=1 --cpus_allowed=0;
+#   the QD1 job: --numjobs=1 --cpus_allowed=0 on every device.
+# --group_reporting sums the jobs. Jobs: see JOBS below. Every job runs BENCH_REPS times with the
+# devices interleaved (loop ublk ... loop ublk ...) after one warm-up per device, so rep i of
+# one device pairs with rep i of another.
+#
+# Scale row (after the matrix, its devices gone): 16 ublk-mirror daemons (1 queue, unmirrored,
+# 64 MiB images); per rep, 4k randread QD32 on the first alone (1 job, CPU 0), then on all 16 at
+# once (one fio, 16 jobs, one per device, split over CPUs 0-1); VmRSS of every daemon right
+# after it is ready (idle) and after the last rep.
+#
+# The raw fio JSON of every run is packed into the console between @@ARCHIVE markers for
+# bench/run to unpack. Any device that cannot be set up fails the scenario: no partial matrix.
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
 REPS=${BENCH_REPS:-5} SECS=${BENCH_SECS:-4} SIZE=${BENCH_SIZE_MIB:-512}
+NULLB_NSEC=${BENCH_NULLB_NSEC:-200000} SCALE_N=16 SCALE_MIB=64
 OUT=$WORK/results RAW=$WORK/results/raw
 mkdir -p "$RAW"
 LOSETUP=$(command -v losetup)
 "$LOSETUP" --help | grep -q -- --direct-io || fail "$LOSETUP is not util-linux losetup (no --direct-io)"
 command -v rublk > /dev/null || fail "rublk is not in the guest: run the matrix through bench/run"
+command -v mkfs.ext4 > /dev/null || fail "mkfs.ext4 is not in the guest (tests/vm/guest-tools.txt)"
+[ "$(nproc)" -ge 2 ] || fail "the matrix pins jobs to CPUs 0-1: the guest has $(nproc) CPU(s)"
 
 declare -A DEVS   # name -> block device (or nbd URI for nbd-direct)
+MIRROR_CTLS=()    # control sockets of the mirrored devices, checked after every rep
 CLEANUP=()
 cleanup() {
     local i
@@ -32,17 +64,85 @@ cleanup() {
 trap cleanup EXIT
 
 img() { make_image "$WORK/$1.img" "${SIZE}M"; echo "$WORK/$1.img"; }
-loop_dev() { # IMAGE -> /dev/loopN with direct I/O, or fails
-    local d
-    d=$("$LOSETUP" --direct-io=on --show -f "$1") || fail "losetup --direct-io=on $1 failed"
-    [ "$(cat "/sys/block/${d#/dev/}/loop/dio")" = 1 ] || fail "$d does not use direct I/O"
-    CLEANUP+=("$LOSETUP -d $d")
-    echo "$d"
+# loop_dev IMAGE: sets LOOP to a new /dev/loopN with direct I/O on IMAGE, or fails. (No command
+# substitution: the CLEANUP entry must reach this shell.)
+loop_dev() {
+    LOOP=$("$LOSETUP" --direct-io=on --show -f "$1") || fail "losetup --direct-io=on $1 failed"
+    CLEANUP+=("$LOSETUP -d $LOOP")
+    [ "$(cat "/sys/block/${LOOP#/dev/}/loop/dio")" = 1 ] || fail "$LOOP does not use direct I/O"
+}
+
+# mirror_export NAME EXPORT CONNECTIONS: CONNECTIONS sockets to EXPORT of the target, handed to
+# the current daemon ($CTL) as NAME (1) or NAME.0 ... (more), and a mirror over all of them.
+mirror_export() {
+    local name=$1 export=$2 n=$3 names=$1
+    nbd-proxy connect --to tcp:127.0.0.1:10809 --export "$export" --handoff "$CTL" --name "$name" \
+        --connections "$n" > "$WORK/connect.$name.out" 2>&1 \
+        || { cat "$WORK/connect.$name.out"; fail "nbd-proxy connect --export $export --connections $n failed"; }
+    if [ "$n" -gt 1 ]; then names=$(seq -f "$name.%g" 0 $((n - 1)) | tr '\n' ' '); fi
+    # shellcheck disable=SC2086
+    ctl mirror-start $names --export "$export" --timeout 30 > "$WORK/mirror-start.$name.out" 2>&1 \
+        || { cat "$WORK/mirror-start.$name.out"; fail "mirror-start $names --export $export failed"; }
+    [ "$(ctl_get stats mirror.state)" = active ] || fail "$name: mirror is not active"
+    [ "$(ctl_get stats mirror.connections)" = "$n" ] \
+        || fail "$name: stats shows $(ctl_get stats mirror.connections) connections, not $n"
+    MIRROR_CTLS+=("$CTL")
+}
+
+# dm_mirror NAME LOCAL NBD: sets DM to the block device of a new dm mirror NAME over LOCAL and
+# NBD. Core log in memory, 512 KiB regions, nosync: both legs start identical (zeroed images).
+dm_mirror() {
+    local name=$1 sectors=$((SIZE * 2048)) s
+    dmsetup create "$name" --noudevsync \
+        --table "0 $sectors mirror core 2 1024 nosync 2 $2 0 $3 0 1 handle_errors" \
+        || fail "dmsetup create $name (over $2 and $3) failed"
+    CLEANUP+=("dmsetup remove --noudevsync $name")
+    for s in /sys/block/dm-*; do
+        if [ "$(cat "$s/dm/name" 2>/dev/null)" = "$name" ]; then DM=/dev/${s##*/}; return; fi
+    done
+    fail "no dm block device named $name after dmsetup create"
+}
+
+# nbd_attach DEV EXPORT CONNECTIONS: the kernel nbd client on DEV, straight to the target.
+nbd_attach() {
+    nbd-client 127.0.0.1 10809 "$1" -N "$2" -b 4096 -C "$3" > "$WORK/nbd-client.$2.out" 2>&1 \
+        || { cat "$WORK/nbd-client.$2.out"; fail "nbd-client could not attach $1 to $2 ($3 connections)"; }
+    CLEANUP+=("nbd-client -d $1")
+}
+
+# nullb_ext4 NAME MIB MOUNTPOINT: a memory-backed null_blk device (configfs) of MIB MiB with a
+# volatile write cache (so flushes reach it) and every I/O completing after NULLB_NSEC ns on a
+# timer, ext4 on it, mounted at MOUNTPOINT.
+nullb_ext4() {
+    local name=$1 mib=$2 mnt=$3 cfg=/sys/kernel/config kv i dev=""
+    [ -d "$cfg/nullb" ] || mount -t configfs configfs "$cfg" || fail "cannot mount configfs"
+    [ -d "$cfg/nullb" ] || fail "no $cfg/nullb: null_blk is not loaded (tests/vm/guest-modules.txt)"
+    mkdir "$cfg/nullb/$name" || fail "cannot create the null_blk device $name"
+    CLEANUP+=("rmdir $cfg/nullb/$name")
+    for kv in memory_backed=1 size="$mib" blocksize=4096 cache_size=16 irqmode=2 \
+              completion_nsec="$NULLB_NSEC"; do
+        echo "${kv#*=}" > "$cfg/nullb/$name/${kv%%=*}" || fail "null_blk $name refused ${kv}"
+    done
+    echo 1 > "$cfg/nullb/$name/power" || fail "null_blk $name did not power on"
+    CLEANUP+=("echo 0 > $cfg/nullb/$name/power")
+    for _ in $(seq 50); do
+        [ -b "/dev/$name" ] && { dev=/dev/$name; break; }   # named after its configfs directory
+        i=$(cat "$cfg/nullb/$name/index" 2>/dev/null || true)   # or after its index (older kernels)
+        [ -n "$i" ] && [ -b "/dev/nullb$i" ] && { dev=/dev/nullb$i; break; }
+        sleep 0.1
+    done
+    [ -n "$dev" ] || fail "null_blk $name powered on but no block device appeared"
+    mkfs.ext4 -F -q -t ext4 -E lazy_itable_init=0,lazy_journal_init=0 "$dev" > "$WORK/mkfs.out" 2>&1 \
+        || { cat "$WORK/mkfs.out"; fail "mkfs.ext4 on $dev failed"; }
+    mkdir -p "$mnt"
+    mount -t ext4 "$dev" "$mnt" || { dmesg | tail -n 5; fail "mounting ext4 on $dev failed"; }
+    CLEANUP+=("umount $mnt")
+    log "  ext4 on $dev (null_blk, memory-backed, ${NULLB_NSEC} ns per I/O) at $mnt"
 }
 
 log "setting up devices (${SIZE} MiB images on tmpfs)"
-DEVS[loop]=$(loop_dev "$(img loop)")
-DEVS[loop2]=$(loop_dev "$(img loop2)")
+loop_dev "$(img loop)"; DEVS[loop]=$LOOP
+loop_dev "$(img loop2)"; DEVS[loop2]=$LOOP
 
 start_daemon "$(img ublk)" --queues 1 --label bench-ublk
 DEVS[ublk]=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
@@ -57,58 +157,86 @@ for _ in $(seq 100); do [ -b /dev/ublkb40 ] && break; kill -0 $RUBLK_PID 2>/dev/
 [ -b /dev/ublkb40 ] || { cat "$WORK/rublk.out"; fail "rublk did not create /dev/ublkb40"; }
 DEVS[rublk]=/dev/ublkb40
 
-# One nbd-proxy serve with three exports on identical images: the mirrored device's target
-# ("disk"), dm-raid1's nbd leg, and the direct-latency export.
-start_target "$(img mir-remote)" --export "dmr=$(img dmr-remote)" --export "tgt=$(img tgt)"
+# One nbd-proxy serve (it advertises CAN_MULTI_CONN) with an export per mirror on identical
+# images: "disk" (mirrored), "dmr" (dm-raid1), "mq2" (mirrored-q2), "dmr2" (dm-raid1-c2), "bm"
+# (mirrored-bitmap), and "tgt" for the direct latency.
+start_target "$(img mir-remote)" --export "dmr=$(img dmr-remote)" --export "tgt=$(img tgt)" \
+    --export "mq2=$(img mq2-remote)" --export "dmr2=$(img dmr2-remote)" --export "bm=$(img bm-remote)"
 CLEANUP+=("kill $TARGET_PID; wait $TARGET_PID")
 
 start_daemon "$(img mir-local)" --queues 1 --label bench-mirrored
 DEVS[mirrored]=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
-mirror_to bench --timeout 30 2> /dev/null
-MIRRORED_CTL=$CTL
+mirror_export bench disk 1
 
-dmr_loop=$(loop_dev "$(img dmr-local)")
-nbd-client 127.0.0.1 10809 /dev/nbd0 -N dmr -b 4096 > "$WORK/nbd-client.out" 2>&1 \
-    || { cat "$WORK/nbd-client.out"; fail "nbd-client could not attach /dev/nbd0"; }
-CLEANUP+=("nbd-client -d /dev/nbd0")
-sectors=$((SIZE * 2048))
-# core log in memory, 512 KiB regions, nosync: both legs start identical (zeroed images).
-dmsetup create bench-raid1 --noudevsync \
-    --table "0 $sectors mirror core 2 1024 nosync 2 $dmr_loop 0 /dev/nbd0 0 1 handle_errors" \
-    || fail "dmsetup create (dm-raid1 over $dmr_loop and /dev/nbd0) failed"
-CLEANUP+=("dmsetup remove --noudevsync bench-raid1")
-dm=/dev/$(ls /sys/block | grep '^dm-' | head -n 1)
-[ -b "$dm" ] || fail "no dm block device after dmsetup create"
-[ "$(cat "/sys/block/${dm#/dev/}/dm/name")" = bench-raid1 ] || fail "$dm is not bench-raid1"
-DEVS[dm-raid1]=$dm
+nbd_attach /dev/nbd0 dmr 1
+loop_dev "$(img dmr-local)"; dm_mirror bench-raid1 "$LOOP" /dev/nbd0; DEVS[dm-raid1]=$DM
+
+start_daemon "$(img mq2-local)" --queues 2 --label bench-mirrored-q2
+DEVS[mirrored-q2]=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
+mirror_export mq2 mq2 2
+
+nbd_attach /dev/nbd1 dmr2 2
+loop_dev "$(img dmr2-local)"; dm_mirror bench-raid1-c2 "$LOOP" /dev/nbd1; DEVS[dm-raid1-c2]=$DM
+
+nullb_ext4 benchbm 256 "$WORK/bm-fs"
+start_daemon "$(img bm-local)" --queues 1 --bitmap "$WORK/bm-fs/bench.bitmap" --label bench-mirrored-bitmap
+DEVS[mirrored-bitmap]=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
+mirror_export bm bm 1
+[ "$(ctl_get stats mirror.bitmap_persistent)" = true ] || fail "mirrored-bitmap: the bitmap is not persistent"
+[ -s "$WORK/bm-fs/bench.bitmap" ] || fail "mirrored-bitmap: no bitmap file on the ext4 filesystem"
 DEVS[nbd-direct]=nbd://127.0.0.1:10809/tgt
 
-ORDER=(loop ublk ublk-q2 rublk mirrored dm-raid1 loop2)
+ORDER=(loop ublk ublk-q2 rublk mirrored dm-raid1 mirrored-q2 dm-raid1-c2 mirrored-bitmap loop2)
 for d in "${ORDER[@]}"; do
     size=$(blockdev --getsize64 "${DEVS[$d]}" 2>/dev/null || echo 0)
     [ "$size" = $((SIZE << 20)) ] || fail "$d (${DEVS[$d]}) is $size bytes, expected $((SIZE << 20))"
     log "  $d: ${DEVS[$d]}"
 done
 
-# name -> fio arguments
+# name -> "rw block-size total-queue-depth"
 declare -A JOBS=(
-    [randread-4k-qd32]="--rw=randread --bs=4k --iodepth=32"
-    [randwrite-4k-qd32]="--rw=randwrite --bs=4k --iodepth=32"
-    [randwrite-4k-qd1]="--rw=randwrite --bs=4k --iodepth=1"
-    [randrw-64k-qd16]="--rw=randrw --bs=64k --iodepth=16"
-    [write-1m-qd8]="--rw=write --bs=1M --iodepth=8"
+    [randread-4k-qd32]="randread 4k 32"
+    [randwrite-4k-qd32]="randwrite 4k 32"
+    [randwrite-4k-qd1]="randwrite 4k 1"
+    [randrw-64k-qd16]="randrw 64k 16"
+    [write-1m-qd8]="write 1M 8"
 )
 JOB_ORDER=(randread-4k-qd32 randwrite-4k-qd32 randwrite-4k-qd1 randrw-64k-qd16 write-1m-qd8)
+# Queues of each device for the submitter rule (header); every device not named has 1.
+declare -A QUEUES=([ublk-q2]=2 [mirrored-q2]=2)
+
+# job_args DEVICE JOB: the fio arguments of JOB on DEVICE under the submitter rule.
+job_args() {
+    local rw bs qd q
+    read -r rw bs qd <<< "${JOBS[$2]}"
+    q=${QUEUES[$1]:-1}
+    [ "$qd" = 1 ] && q=1
+    if [ "$q" = 1 ]; then
+        echo "--rw=$rw --bs=$bs --iodepth=$qd --numjobs=1 --cpus_allowed=0 --size=${SIZE}M"
+        return
+    fi
+    [ $((qd % q)) = 0 ] || fail "job $2: queue depth $qd does not split over $q queues"
+    echo "--rw=$rw --bs=$bs --iodepth=$((qd / q)) --numjobs=$q --cpus_allowed=0-$((q - 1))" \
+        "--cpus_allowed_policy=split --size=$((SIZE / q))M --offset_increment=$((SIZE / q))M"
+}
+
+# fio_json OUTPUT WHAT fio-args...: one fio run into OUTPUT (JSON); fails on any error.
+fio_json() {
+    local out=$1 what=$2; shift 2
+    fio --direct=1 --time_based --runtime="$SECS" --ramp_time=1 --group_reporting \
+        --output-format=json "$@" > "$out" 2> "$out.err" \
+        || { cat "$out.err" "$out"; fail "fio $what failed"; }
+    grep -q '"error" : 0' "$out" || { cat "$out"; fail "fio $what reported an error"; }
+    if grep -q '"error" : [1-9]' "$out"; then cat "$out"; fail "fio $what: a job reported an error"; fi
+}
 
 run_fio() { # DEVICE-NAME JOB-NAME OUTPUT [extra fio args]
-    local d=$1 j=$2 out=$3; shift 3
+    local d=$1 j=$2 out=$3 args; shift 3
     local target=(--filename="${DEVS[$d]}" --ioengine=io_uring)
     [ "$d" = nbd-direct ] && target=(--ioengine=nbd --uri="${DEVS[$d]}")
+    args=$(job_args "$d" "$j") || exit 1
     # shellcheck disable=SC2086
-    fio --name="$d" "${target[@]}" --direct=1 ${JOBS[$j]} --size="${SIZE}M" --time_based \
-        --runtime="$SECS" --ramp_time=1 --group_reporting --output-format=json "$@" > "$out" 2> "$out.err" \
-        || { cat "$out.err" "$out"; fail "fio $j on $d failed"; }
-    grep -q '"error" : 0' "$out" || { cat "$out"; fail "fio $j on $d reported an error"; }
+    fio_json "$out" "$j on $d" --name="$d" "${target[@]}" $args "$@"
 }
 
 log "warm-up: 4k randwrite QD32 on every device"
@@ -124,14 +252,57 @@ for rep in $(seq "$REPS"); do
             run_fio nbd-direct "$j" "$RAW/nbd-direct.$j.$rep.json"
         fi
     done
-    [ "$(ublk-mirror-ctl --socket "$MIRRORED_CTL" stats | sed -n 's/^nbd_mirror_failed: //p')" = 0 ] \
-        || fail "the mirrored device's mirror failed during the run"
+    for c in "${MIRROR_CTLS[@]}"; do
+        [ "$(ublk-mirror-ctl --socket "$c" stats | sed -n 's/^nbd_mirror_failed: //p')" = 0 ] \
+            || fail "the mirror of $c failed during the run"
+    done
     log "rep $rep of $REPS done ($(( $(date +%s) - start )) s)"
 done
+cleanup; CLEANUP=()
+rm -f "$WORK"/*.img
+
+# vm_rss PID: sets RSS_KB to the VmRSS of PID, or fails.
+vm_rss() {
+    RSS_KB=$(awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null || true)
+    [ -n "$RSS_KB" ] || fail "no VmRSS for daemon $1: did it exit?"
+}
+
+# The scale row (header): idle RSS, 1 device alone vs all at once, RSS after.
+scale_row() {
+    local i devs=() pids=() idle=() after=() all=() p
+    log "scale: $SCALE_N daemons, ${SCALE_MIB} MiB images, 1 queue each, unmirrored"
+    mkdir -p "$OUT/scale"
+    for i in $(seq "$SCALE_N"); do
+        make_image "$WORK/scale$i.img" "${SCALE_MIB}M"
+        start_daemon "$WORK/scale$i.img" --queues 1 --label "bench-scale-$i" > /dev/null
+        CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
+        vm_rss "$DAEMON_PID"
+        devs+=("$DEV"); pids+=("$DAEMON_PID"); idle+=("$RSS_KB")
+        all+=(--name="scale$i" --filename="$DEV")
+    done
+    local one=(--ioengine=io_uring --rw=randread --bs=4k --iodepth=32)
+    fio_json "$WORK/warmup.json" "scale warm-up" "${one[@]}" --cpus_allowed=0-1 \
+        --cpus_allowed_policy=split --runtime=2 "${all[@]}"
+    for rep in $(seq "$REPS"); do
+        fio_json "$OUT/scale/one.$rep.json" "scale: 1 device" "${one[@]}" --cpus_allowed=0 \
+            --name=scale1 --filename="${devs[0]}"
+        fio_json "$OUT/scale/all.$rep.json" "scale: $SCALE_N devices" "${one[@]}" \
+            --cpus_allowed=0-1 --cpus_allowed_policy=split "${all[@]}"
+        log "scale rep $rep of $REPS done"
+    done
+    for p in "${pids[@]}"; do vm_rss "$p"; after+=("$RSS_KB"); done
+    cat > "$OUT/scale/rss.json" <<EOF
+{"devices": $SCALE_N, "image_mib": $SCALE_MIB, "queues": 1, "depth": 128, "max_io": 524288,
+ "idle_kb": [$(IFS=,; echo "${idle[*]}")], "after_kb": [$(IFS=,; echo "${after[*]}")]}
+EOF
+    log "scale: idle VmRSS kB ${idle[*]}; after ${after[*]}"
+    cleanup; CLEANUP=()
+    rm -f "$WORK"/scale*.img
+}
+scale_row
 
 # Background copy vs nbdcopy of the same image to the same server, interleaved; the matrix's
 # devices and target are gone by now.
-cleanup; CLEANUP=()
 log "background copy vs nbdcopy, $REPS reps"
 fill_scattered "$WORK/copy-src.img" "$SIZE"
 mkdir -p "$OUT/copy"
@@ -159,6 +330,7 @@ cat > "$OUT/machine.json" <<EOF
 {"kernel": "$(uname -r)", "cpus": $(nproc), "mem_kb": $(awk '/MemTotal/{print $2}' /proc/meminfo),
  "cpu_model": "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)",
  "reps": $REPS, "secs": $SECS, "size_mib": $SIZE, "fio": "$(fio --version)",
+ "nullb_completion_nsec": $NULLB_NSEC, "scale_devices": $SCALE_N,
  "rublk": "$(rublk --version 2>/dev/null | head -n 1)", "ublk_mirror": "$(ublk-mirror --version)"}
 EOF
 sum=$(tar czf - -C "$OUT" . | tee "$WORK/results.tgz" | sha256sum | cut -d' ' -f1)
