@@ -235,14 +235,28 @@ pub(super) fn mirror_wait_ready(daemon: &Daemon, timeout: Option<f64>) -> Answer
     }
 }
 
-pub(super) fn shutdown(daemon: &Daemon, keep: bool) -> Value {
+std::thread_local! {
+    /// A stop that `shutdown` asked for, sent only once its reply is written: a detaching
+    /// daemon exits within milliseconds of the stop, and the client must still get its answer.
+    static STOP_AFTER_REPLY: std::cell::Cell<Option<StopReason>> =
+        const { std::cell::Cell::new(None) };
+}
+
+pub(super) fn shutdown(_daemon: &Daemon, keep: bool) -> Value {
     let why = if keep {
         StopReason::Detach
     } else {
         StopReason::Control
     };
-    let _ = lock(&daemon.stop).send(why);
+    STOP_AFTER_REPLY.with(|s| s.set(Some(why)));
     json!({})
+}
+
+/// After a reply is written (or failed to be): sends the stop its command asked for, if any.
+pub(super) fn send_stop_after_reply(daemon: &Daemon) {
+    if let Some(why) = STOP_AFTER_REPLY.with(std::cell::Cell::take) {
+        let _ = lock(&daemon.stop).send(why);
+    }
 }
 
 /// Mirror targets are stream sockets (TCP, or a Unix socketpair from a TLS relay).

@@ -196,7 +196,9 @@ pub(crate) fn serve_client(mut conn: UnixStream, daemon: &Arc<Daemon>, info: &De
                 daemon,
                 info,
             );
-            if send(&mut conn, &reply).is_err() {
+            let sent = send(&mut conn, &reply);
+            super::handlers::send_stop_after_reply(daemon);
+            if sent.is_err() {
                 return;
             }
         }

@@ -110,20 +110,20 @@ impl QueueMirror {
     }
 
     /// The queue is stopping and its tasks end unfinished: every forwarded operation it took
-    /// comes back Failed (its data is leaked, as a send may still read it), and so does what
-    /// still waits in its inbox, so no forwarder (a copy worker) waits for ever.
-    pub fn abandon(&self) {
+    /// comes back Failed (its data is leaked, as a send may still read it), and the
+    /// connection it owns in `current` (the mirror attached now) is orphaned, so what waits
+    /// in its inbox or is forwarded later comes back Failed too and no forwarder (a copy
+    /// worker) waits for ever.
+    pub fn abandon(&self, current: Option<Arc<Mirror>>) {
         for (_, t) in self.forwarded.borrow_mut().drain() {
             t.mirror
                 .finish_forwarded(t.reply_to, t.tag, Outcome::Failed);
             std::mem::forget(t.op);
         }
-        if let Some(conn) = self.conn.borrow_mut().take() {
-            let m = conn.mirror();
+        let older = self.conn.borrow_mut().take().map(|c| c.mirror().clone());
+        for m in current.iter().chain(older.iter()) {
             if let Route::Own(c) = m.route(self.qid) {
-                while let Some(f) = m.take_forwarded(c) {
-                    m.finish_forwarded(f.reply_to, f.tag, Outcome::Failed);
-                }
+                m.orphan(c);
             }
         }
     }

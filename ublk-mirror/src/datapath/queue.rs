@@ -127,7 +127,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
         }
     }));
     // Tasks still waiting end with the executor: answer what other threads wait for.
-    mirror.abandon();
+    mirror.abandon(ctx.io.mirror.load_full());
     // Whoever stopped the device (us, or STOP_DEV from another process such as `ublk-mirror
     // delete --force`), the daemon must follow: it holds the char device until it exits.
     log::debug!("queue {qid}: stopped");

@@ -198,6 +198,8 @@ pub struct Connection {
     pub name: String,
     fd: OwnedFd,
     inbox: SegQueue<Forwarded>,
+    /// Its owner's queue has stopped: nothing will send what is forwarded to it any more.
+    orphaned: AtomicBool,
 }
 
 impl Connection {
@@ -247,6 +249,7 @@ impl Mirror {
                 name,
                 fd,
                 inbox: SegQueue::new(),
+                orphaned: AtomicBool::new(false),
             })
             .collect();
         Arc::new(Mirror {
@@ -368,9 +371,22 @@ impl Mirror {
         };
         c.inbox.push(Forwarded { reply_to, tag, op });
         self.mail.ring(conn as u16);
-        // A failure or stop that drained the inbox just before the push must not strand it.
-        if !self.takes_io() {
+        // A failure, a stop or the owner's end that drained the inbox just before the push
+        // must not strand it (each sets its flag, then drains: SeqCst both sides).
+        if !self.takes_io() || c.orphaned.load(Ordering::SeqCst) {
             self.drain_inboxes();
+        }
+    }
+
+    /// The owner of connection `conn` has stopped (the device is going away): what is
+    /// forwarded to it from now on, and what waits in its inbox, comes back Failed at once,
+    /// so a copy worker does not wait for a queue that is gone.
+    pub fn orphan(&self, conn: usize) {
+        if let Some(c) = self.conns.get(conn) {
+            c.orphaned.store(true, Ordering::SeqCst);
+            while let Some(f) = c.inbox.pop() {
+                self.finish_forwarded(f.reply_to, f.tag, Outcome::Failed);
+            }
         }
     }
 

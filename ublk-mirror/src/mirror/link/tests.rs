@@ -275,3 +275,38 @@ fn a_flood_of_bytes_is_refused_without_buffering_it() {
     let why = wait_failed(&r, Duration::from_secs(2));
     assert!(why.contains("bad reply"), "{why}");
 }
+
+#[test]
+fn an_orphaned_connection_fails_what_is_forwarded_to_it_at_once() {
+    // No owner thread here: queue 0 has stopped.
+    let (ours, _server) = UnixStream::pair().expect("pair");
+    let bells: Vec<UnixStream> = (0..2)
+        .map(|_| UnixStream::pair().expect("pair").0)
+        .collect();
+    let mail = Arc::new(Mailboxes::new(
+        bells.iter().map(|b| b.as_raw_fd()).collect(),
+    ));
+    let mirror = Mirror::new(
+        vec![("t".into(), OwnedFd::from(ours))],
+        export(tx_flags::SEND_FUA),
+        None,
+        mail.clone(),
+        Box::new(|| {}),
+    );
+    mirror.set_active();
+    mirror.forward(0, 1, 3, write_op());
+    assert!(mail.take(1).is_empty(), "waits in the inbox for its owner");
+    mirror.orphan(0);
+    assert_eq!(
+        mail.take(1),
+        vec![(3, Outcome::Failed)],
+        "drained when orphaned"
+    );
+    mirror.forward(0, 1, 4, write_op());
+    assert_eq!(
+        mail.take(1),
+        vec![(4, Outcome::Failed)],
+        "failed at once afterwards"
+    );
+    assert_eq!(mirror.in_flight(), 0);
+}
