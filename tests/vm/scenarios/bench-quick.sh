@@ -1,0 +1,95 @@
+#!/bin/bash
+# Benchmark (not run by the test command): the mirror's key figures in a few minutes, for an A/B
+# between commits when the full matrix (bench/run, ~40 min) is too long. Devices interleaved,
+# BENCH_REPS (5) reps of BENCH_SECS (3) s after a 1 s ramp, medians:
+#   ublk (1 queue), mirrored (1 queue, 1 connection), mirrored-q2 (2 queues, 2 connections, one
+#   fio job per queue on its own CPU), dm-raid1 (loop + kernel nbd, 1 connection), and the
+#   target alone through fio's nbd engine (QD1 only);
+# jobs: 4k randwrite QD1 and QD32, 4k randread QD32. Prints one QUICK line per job and device
+# (IOPS, mean latency) and the ratios issue 13 sets targets for.
+. /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
+REPS=${BENCH_REPS:-5} SECS=${BENCH_SECS:-3} SIZE=256
+declare -A DEVS R L
+CLEANUP=()
+trap 'for ((i = ${#CLEANUP[@]} - 1; i >= 0; i--)); do eval "${CLEANUP[i]}" > /dev/null 2>&1 || true; done' EXIT
+img() { make_image "$WORK/$1.img" "${SIZE}M"; echo "$WORK/$1.img"; }
+
+start_target "$(img remote)" --export "mq2=$(img mq2)" --export "dmr=$(img dmr)" --export "tgt=$(img tgt)"
+CLEANUP+=("kill $TARGET_PID")
+start_daemon "$(img ublk)" --queues 1
+DEVS[ublk]=$DEV; CLEANUP+=("kill $DAEMON_PID")
+start_daemon "$(img mir)" --queues 1
+DEVS[mirrored]=$DEV; CLEANUP+=("kill $DAEMON_PID")
+mirror_to q --timeout 30
+start_daemon "$(img mir2)" --queues 2
+DEVS[mirrored-q2]=$DEV; CLEANUP+=("kill $DAEMON_PID")
+nbd-proxy connect --to tcp:127.0.0.1:10809 --export mq2 --handoff "$CTL" --name q2 --connections 2 > /dev/null \
+    || fail "connect --connections 2 failed"
+ctl mirror-start q2.0 q2.1 --export mq2 --timeout 30 > /dev/null || fail "mirror-start over 2 failed"
+loop=$(losetup --direct-io=on --show -f "$(img dmr-local)") || fail "losetup failed"
+CLEANUP+=("losetup -d $loop")
+nbd-client 127.0.0.1 10809 /dev/nbd0 -N dmr -b 4096 > /dev/null 2>&1 || fail "nbd-client failed"
+CLEANUP+=("nbd-client -d /dev/nbd0")
+dmsetup create quick-raid1 --noudevsync \
+    --table "0 $((SIZE * 2048)) mirror core 2 1024 nosync 2 $loop 0 /dev/nbd0 0 1 handle_errors" \
+    || fail "dmsetup create failed"
+CLEANUP+=("dmsetup remove --noudevsync quick-raid1")
+for s in /sys/block/dm-*; do [ "$(cat "$s/dm/name")" = quick-raid1 ] && DEVS[dm-raid1]=/dev/${s##*/}; done
+[ -n "${DEVS[dm-raid1]:-}" ] || fail "no dm device"
+
+run() { # DEVICE JOB -> "IOPS LAT_US"
+    local d=$1 args target=(--filename="${DEVS[$1]:-}" --ioengine=io_uring)
+    [ "$d" = nbd-direct ] && target=(--ioengine=nbd --uri=nbd://127.0.0.1:10809/tgt)
+    case $2 in
+        w1) args="--rw=randwrite --iodepth=1 --numjobs=1 --cpus_allowed=0" ;;
+        w32) args="--rw=randwrite --iodepth=32 --numjobs=1 --cpus_allowed=0" ;;
+        r32) args="--rw=randread --iodepth=32 --numjobs=1 --cpus_allowed=0" ;;
+    esac
+    if [ "$d" = mirrored-q2 ] && [ "$2" != w1 ]; then
+        args="${args/--iodepth=32 --numjobs=1 --cpus_allowed=0/--iodepth=16 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split}"
+    fi
+    # shellcheck disable=SC2086
+    fio --name=q "${target[@]}" --direct=1 --bs=4k --size="${SIZE}M" --time_based --runtime="$SECS" \
+        --ramp_time=1 --group_reporting $args --output-format=terse --terse-version=3 2> "$WORK/fio.$d.err" \
+        | awk -F';' '{r = $8 + $49; lat = ($8 > 0) ? $40 : $81; print r, lat}'
+    # A run that failed shows why (once per device).
+    if [ -s "$WORK/fio.$d.err" ] && [ ! -e "$WORK/fio.$d.shown" ]; then
+        sed "s/^/  fio on $d: /" "$WORK/fio.$d.err" >&2; touch "$WORK/fio.$d.shown"
+    fi
+}
+JOBS=(w1 w32 r32)
+for rep in $(seq "$REPS"); do
+    for j in "${JOBS[@]}"; do
+        devs=(ublk mirrored mirrored-q2 dm-raid1)
+        [ "$j" = w1 ] && devs+=(nbd-direct)
+        for d in "${devs[@]}"; do
+            read -r iops lat < <(run "$d" "$j")
+            R[$d.$j]="${R[$d.$j]:-} $iops"; L[$d.$j]="${L[$d.$j]:-} $lat"
+        done
+    done
+    log "rep $rep of $REPS"
+done
+for j in "${JOBS[@]}"; do
+    for d in ublk mirrored mirrored-q2 dm-raid1 nbd-direct; do
+        [ -n "${R[$d.$j]:-}" ] || continue
+        # shellcheck disable=SC2086
+        echo "QUICK $j $d: IOPS $(median ${R[$d.$j]}) [${R[$d.$j]# }], mean lat $(median ${L[$d.$j]}) us"
+    done
+done
+# shellcheck disable=SC2086
+{
+    m1=$(median ${R[mirrored.w1]}); d1=$(median ${R[dm-raid1.w1]}); m32=$(median ${R[mirrored.w32]})
+    d32=$(median ${R[dm-raid1.w32]}); lm=$(median ${L[mirrored.w1]}); lu=$(median ${L[ublk.w1]})
+    lt=$(median ${L[nbd-direct.w1]}); q2=$(median ${R[mirrored-q2.w32]}); mr=$(median ${R[mirrored.r32]})
+    ur=$(median ${R[ublk.r32]})
+}
+awk -v m1="$m1" -v d1="$d1" -v m32="$m32" -v d32="$d32" -v lm="$lm" -v lu="$lu" -v lt="$lt" \
+    -v q2="$q2" -v mr="$mr" -v ur="$ur" 'BEGIN {
+    mx = (lu > lt) ? lu : lt
+    printf "QUICK mirrored/dm-raid1 4k randwrite QD1 %.2f (target >= 1.2)\n", m1 / d1
+    printf "QUICK mirrored/dm-raid1 4k randwrite QD32 %.2f (target >= 1.2)\n", m32 / d32
+    if (lt > 0) printf "QUICK mirrored QD1 mean latency / max(ublk, target alone) %.2f (target <= 1.3)\n", lm / mx
+    else printf "QUICK mirrored QD1 mean latency / max(ublk, target alone): target alone not measured (see the fio error above)\n"
+    printf "QUICK mirrored-q2/mirrored 4k randwrite QD32 %.2f (target >= 1.0)\n", q2 / m32
+    printf "QUICK mirrored/ublk 4k randread QD32 %.2f (guard >= 0.95)\n", mr / ur
+}'
