@@ -31,7 +31,7 @@ run() { # DEV JOB -> IOPS
     # shellcheck disable=SC2086
     fio --name=p --filename="$1" --direct=1 --ioengine=io_uring --bs=4k --size=256M --time_based \
         --runtime="$SECS" --ramp_time=1 --group_reporting $args --output-format=terse --terse-version=3 \
-        2> /dev/null | awk -F';' '{print $8 + $49}'
+        2> /dev/null | awk -F';' '$1 == 3 {print $8 + $49}'
 }
 JOBS=(read-1job write-1job read-2jobs write-2jobs write-qd1)
 for rep in $(seq "$REPS"); do

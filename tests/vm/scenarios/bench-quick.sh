@@ -51,7 +51,7 @@ run() { # DEVICE JOB -> "IOPS LAT_US"
     # shellcheck disable=SC2086
     fio --name=q "${target[@]}" --direct=1 --bs=4k --size="${SIZE}M" --time_based --runtime="$SECS" \
         --ramp_time=1 --group_reporting $args --output-format=terse --terse-version=3 2> "$WORK/fio.$d.err" \
-        | awk -F';' '{r = $8 + $49; lat = ($8 > 0) ? $40 : $81; print r, lat}'
+        | awk -F';' '$1 == 3 {r = $8 + $49; lat = ($8 > 0) ? $40 : $81; print r, lat}'
     # A run that failed shows why (once per device).
     if [ -s "$WORK/fio.$d.err" ] && [ ! -e "$WORK/fio.$d.shown" ]; then
         sed "s/^/  fio on $d: /" "$WORK/fio.$d.err" >&2; touch "$WORK/fio.$d.shown"
