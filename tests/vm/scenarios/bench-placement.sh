@@ -4,7 +4,7 @@
 # BENCH_SECS (4) s: 4k randread and randwrite at total QD32, one fio job (pinned to CPU 0) and
 # two (one per CPU, QD16 each); 4k randwrite QD1 on one job. Prints one line per device and job
 # and the ratios to 1 queue.
-#   tests/vm/run bench-placement      (VM_ENV="BENCH_REPS BENCH_SECS" to change the reps)
+#   SCENARIO_TIMEOUT=1200 tests/vm/run bench-placement   (about 11 min; VM_ENV="BENCH_REPS BENCH_SECS" to change the reps)
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
 REPS=${BENCH_REPS:-5} SECS=${BENCH_SECS:-4}
 declare -A DEVS PIDS
