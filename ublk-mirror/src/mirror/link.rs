@@ -280,12 +280,10 @@ impl Mirror {
     /// The connection submitter `who` (a queue, or a copy worker's slot after the queues)
     /// uses.
     pub fn route(&self, who: u16) -> Route {
-        let n = self.conns.len().max(1);
-        let who = usize::from(who);
-        if who < self.conns.len() {
-            Route::Own(who)
+        if usize::from(who) < self.conns.len() {
+            Route::Own(usize::from(who))
         } else {
-            Route::Forward(who % n)
+            Route::Forward(self.forward_conn(who))
         }
         // Copy workers, whose slots come after every queue's, always forward: a guest write
         // waits on the wire behind at most their chunks in flight (copy::WORKERS of them).

@@ -77,6 +77,31 @@ fn wake(slot: &RefCell<Option<Waker>>) {
     }
 }
 
+/// Waits until `ready()`; whoever makes it true wakes the waker left in `slot`.
+async fn park(slot: &RefCell<Option<Waker>>, ready: impl Fn() -> bool) {
+    poll_fn(|cx| {
+        if ready() {
+            Poll::Ready(())
+        } else {
+            *slot.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+impl Slot {
+    /// Wakes the request's task once both halves are in: the reply and the sender's release
+    /// of the frame (the buffer rule).
+    fn wake_if_done(&mut self) {
+        if self.sent && self.outcome.is_some() {
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
 impl RingConn {
     /// Drives connection `conn` of `mirror` on this thread's ring: its sender, receiver and
     /// ticker become tasks of `exe` (which must be the executor of this thread's ring).
@@ -171,9 +196,7 @@ impl RingConn {
 
     async fn write_zeroes(&self, offset: u64, len: u32) -> Outcome {
         if self.mirror.export.has(tx_flags::SEND_WRITE_ZEROES) {
-            return self
-                .request_len(Command::WriteZeroes, offset, &[], len)
-                .await;
+            return self.submit(Command::WriteZeroes, 0, offset, &[], len).await;
         }
         let step = ZEROS.len().min(self.max_payload()) as u64;
         let mut done = 0u64;
@@ -188,10 +211,6 @@ impl RingConn {
             done += n as u64;
         }
         Outcome::Done
-    }
-
-    async fn request_len(&self, command: Command, offset: u64, data: &[u8], len: u32) -> Outcome {
-        self.submit(command, 0, offset, data, len).await
     }
 
     async fn request(&self, command: Command, flags: u16, offset: u64, data: &[u8]) -> Outcome {
@@ -270,11 +289,7 @@ impl RingConn {
     fn mark_sent(&self, cookie: u64) {
         if let Some(slot) = self.slots.borrow_mut().get_mut(&cookie) {
             slot.sent = true;
-            if slot.outcome.is_some() {
-                if let Some(w) = slot.waker.take() {
-                    w.wake();
-                }
-            }
+            slot.wake_if_done();
         }
     }
 
@@ -284,11 +299,7 @@ impl RingConn {
         match slots.get_mut(&cookie) {
             Some(slot) if slot.outcome.is_none() => {
                 slot.outcome = Some(outcome);
-                if slot.sent {
-                    if let Some(w) = slot.waker.take() {
-                        w.wake();
-                    }
-                }
+                slot.wake_if_done();
                 true
             }
             _ => false,
@@ -299,14 +310,8 @@ impl RingConn {
     fn fail_all(&self) {
         self.dead.set(true);
         for slot in self.slots.borrow_mut().values_mut() {
-            if slot.outcome.is_none() {
-                slot.outcome = Some(Outcome::Failed);
-            }
-            if slot.sent {
-                if let Some(w) = slot.waker.take() {
-                    w.wake();
-                }
-            }
+            slot.outcome.get_or_insert(Outcome::Failed);
+            slot.wake_if_done();
         }
         wake(&self.sender);
         wake(&self.ticker);
@@ -316,13 +321,8 @@ impl RingConn {
         let mut batch: Vec<Frame> = Vec::with_capacity(SEND_BATCH);
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(2 * SEND_BATCH);
         loop {
-            poll_fn(|cx| {
-                if self.dead.get() || !self.backlog.borrow().is_empty() {
-                    Poll::Ready(())
-                } else {
-                    *self.sender.borrow_mut() = Some(cx.waker().clone());
-                    Poll::Pending
-                }
+            park(&self.sender, || {
+                self.dead.get() || !self.backlog.borrow().is_empty()
             })
             .await;
             self.take_batch(&mut batch);
@@ -478,13 +478,8 @@ impl RingConn {
         };
         let tick = types::Timespec::from(TICK);
         loop {
-            poll_fn(|cx| {
-                if self.dead.get() || !self.slots.borrow().is_empty() {
-                    Poll::Ready(())
-                } else {
-                    *self.ticker.borrow_mut() = Some(cx.waker().clone());
-                    Poll::Pending
-                }
+            park(&self.ticker, || {
+                self.dead.get() || !self.slots.borrow().is_empty()
             })
             .await;
             if self.dead.get() {

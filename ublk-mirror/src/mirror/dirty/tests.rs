@@ -116,16 +116,25 @@ fn a_write_racing_the_cleaner_keeps_its_extent_logged() {
 
 /// A 64 MiB device (16 extents) with a bitmap file; the directory holds both.
 fn bitmap_file() -> (tempfile::TempDir, DirtyMap) {
+    bitmap_file_of(64 << 20)
+}
+
+/// A device of `size` bytes with a bitmap file; the directory holds both.
+fn bitmap_file_of(size: u64) -> (tempfile::TempDir, DirtyMap) {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("disk.img"), [0u8; 4096]).expect("image");
-    let m = reopen(&dir);
+    let m = reopen_of(&dir, size);
     (dir, m)
 }
 
 /// Opens the bitmap of `bitmap_file` again (after a drop, which is a crash: no flush).
 fn reopen(dir: &tempfile::TempDir) -> DirtyMap {
+    reopen_of(dir, 64 << 20)
+}
+
+fn reopen_of(dir: &tempfile::TempDir, size: u64) -> DirtyMap {
     let (bm, img) = (dir.path().join("disk.bitmap"), dir.path().join("disk.img"));
-    DirtyMap::open_file(&bm, &img, 64 << 20, 64 << 10).expect("open")
+    DirtyMap::open_file(&bm, &img, size, 64 << 10).expect("open")
 }
 
 fn covers(m: &DirtyMap, offset: u64, len: u64) -> bool {
@@ -272,11 +281,7 @@ fn last_granule_is_cut_at_the_size() {
 
 #[test]
 fn the_hot_set_keeps_its_bound_and_retires_the_least_recently_used_idle_extents() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, [0u8; 4096]).expect("image");
-    let bm = dir.path().join("disk.bitmap");
-    let m = DirtyMap::open_file(&bm, &img, 64 * AL_EXTENT, 64 << 10).expect("create");
+    let (dir, m) = bitmap_file_of(64 * AL_EXTENT);
     m.set_al_bound(4);
     let write = |e: u64| {
         m.al_begin(e * AL_EXTENT, 4096);
@@ -308,18 +313,14 @@ fn the_hot_set_keeps_its_bound_and_retires_the_least_recently_used_idle_extents(
     m.al_end(AL_EXTENT, 4096);
     // A crash now (no flush) marks at most the bound out of sync.
     drop(m);
-    let m = DirtyMap::open_file(&bm, &img, 64 * AL_EXTENT, 64 << 10).expect("reopen");
+    let m = reopen_of(&dir, 64 * AL_EXTENT);
     assert!(m.al_recovered <= 4, "{} extents recovered", m.al_recovered);
     assert!(m.dirty_bytes() <= 4 * AL_EXTENT);
 }
 
 #[test]
 fn the_periodic_cleaner_retires_only_when_the_hot_set_is_nearly_full() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let img = dir.path().join("disk.img");
-    std::fs::write(&img, [0u8; 4096]).expect("image");
-    let bm = dir.path().join("disk.bitmap");
-    let m = DirtyMap::open_file(&bm, &img, 64 * AL_EXTENT, 64 << 10).expect("create");
+    let (_dir, m) = bitmap_file_of(64 * AL_EXTENT);
     m.set_al_bound(8);
     for e in 0..7 {
         m.al_begin(e * AL_EXTENT, 4096);
