@@ -3,7 +3,6 @@
 //! target will lack out of sync). While a mirror takes writes, a write-like request goes to
 //! both legs at once ([`mirrored`]). Either way the guest gets the local leg's result.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::datapath::error::LegError;
@@ -73,7 +72,7 @@ async fn mirrored(
     let range = req.range().filter(|_| !t.io.range_lock_disabled);
     let ticket = range.map(|(off, len)| t.io.ranges.enqueue(off, len, t.qid));
     if let Some(ticket) = &ticket {
-        wait_until(t.parked, || ticket.granted.load(Ordering::Acquire)).await;
+        wait_until(t.parked, || ticket.granted()).await;
     }
     let Some(op) = leg_op(req, buf) else {
         return serve_local_write(t.leg, req, buf).await;

@@ -5,7 +5,7 @@
 //!
 //! The common path of a request touches only atomics: its queue's own counters, one load of
 //! the gate and one of the mirror slot. While a mirror is attached a write-like request also
-//! takes the range lock's mutex (a few instructions), and the activity log's lock when its
+//! takes one shard of the range lock (a few instructions under a mutex few others touch), and the activity log's lock when its
 //! extent is not logged yet (or, with no mirror taking writes, when it leaves an extent idle).
 //! The pause handshake that makes the gate safe is described in `device/lifecycle.rs`.
 
@@ -91,7 +91,13 @@ impl IoPath {
         gate: Gate,
         dirty: DirtyMap,
     ) -> std::io::Result<IoPath> {
-        // One doorbell per queue and per copy worker.
+        // One doorbell per queue and per copy worker; the range lock reports them in a u64.
+        if queues + workers > crate::mirror::range_lock::MAX_WAITERS {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{queues} queues and {workers} copy workers: at most 64 in all"),
+            ));
+        }
         let doorbells = Doorbells::new(queues + workers)?;
         let mail = Arc::new(Mailboxes::new(doorbells.raw_fds()));
         Ok(IoPath {

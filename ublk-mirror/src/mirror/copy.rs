@@ -269,7 +269,7 @@ fn worker(
             std::thread::sleep(Duration::from_millis(10));
         };
         let ticket = io.ranges.enqueue(off, len, slot);
-        while !ticket.granted.load(Ordering::Acquire) {
+        while !ticket.granted() {
             io.wait_doorbell(slot, Duration::from_millis(100));
         }
         let op = match read_chunk(io.image_raw_fd(), off, &mut buf[..len as usize]) {
