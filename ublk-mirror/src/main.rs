@@ -130,10 +130,10 @@ struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = control::units::parse_size_u32,
           default_value_t = 512 * 1024)]
     max_io: u32,
-    /// Where the threads of a device with 2 or more queues run: away (every CPU but those
-    /// that submit to the queue, so a submitter and its queue thread run in parallel), any
-    /// (every CPU), or own (one CPU of the queue's submitters). A 1-queue device always
-    /// keeps one CPU.
+    /// Where the queue threads run: away (every CPU but those that submit to the queue, so a
+    /// submitter and its queue thread run in parallel; with 1 queue, which every CPU feeds,
+    /// any CPU), any (every CPU), or own (one CPU of the queue's submitters, picked at
+    /// random).
     #[arg(long, value_enum, value_name = "POLICY", default_value_t = QueueCpus::Away)]
     queue_cpus: QueueCpus,
     /// O_DIRECT on the image: on, off, or auto (on if the filesystem allows it).

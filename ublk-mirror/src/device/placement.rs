@@ -2,10 +2,14 @@
 //! queue is the CPUs that submit to it: with 2 queues on 2 CPUs, queue 0 is fed by CPU 0 only.
 //! A queue thread pinned inside its own mask then shares that CPU with the very task that
 //! feeds it, and a single submitter on a 2-queue device ran at half the speed of 1 queue
-//! (issue 13). With more than one queue the threads are therefore moved after start:
-//! `away` (the default) puts queue q on every CPU outside its own mask (all CPUs if that
-//! leaves none), so a submitter and the thread serving it run in parallel; `any` lets every
-//! queue thread use every CPU; `own` keeps one CPU of the queue's mask, as with one queue.
+//! (issue 13). The threads are therefore moved after start: `away` (the default) puts queue q
+//! on every CPU outside its own mask (all CPUs if that leaves none), so a submitter and the
+//! thread serving it run in parallel; `any` lets every queue thread use every CPU; `own` keeps
+//! the one CPU libublk picked at random from the queue's mask.
+//!
+//! One queue is fed by every CPU, so `away` leaves it free to run on any: pinned to the random
+//! CPU libublk picks, it shared that CPU with a pinned submitter in some runs and not in others
+//! (a 1-queue read bench swung by 2x between daemons started the same way).
 
 use libublk::ctrl::{UblkCtrl, UblkQueueAffinity};
 
@@ -20,10 +24,10 @@ pub enum QueueCpus {
     Own,
 }
 
-/// Moves the threads of a device with more than one queue as `policy` says; logs where each
-/// went. A failure is logged, never fatal: placement only costs speed.
+/// Moves the queue threads as `policy` says; logs where each went. A failure is logged, never
+/// fatal: placement only costs speed.
 pub fn place_queue_threads(ctrl: &UblkCtrl, queues: u16, policy: QueueCpus) {
-    if queues < 2 || policy == QueueCpus::Own {
+    if policy == QueueCpus::Own {
         return;
     }
     let allowed = allowed_cpus();
