@@ -764,7 +764,7 @@ mod tests {
     #[test]
     fn stats_text_is_the_untyped_text() {
         let line = r#"{"mirror":{"activity_log_bound":1024,"activity_log_extents":2,
-            "activity_log_retired":0,"activity_log_writes":3,"bitmap_persistent":false,
+            "activity_log_retired":0,"activity_log_waits":4,"activity_log_writes":3,"bitmap_persistent":false,
             "bytes_mirrored":4096,"copy":{"bytes_done":4096,"bytes_total":8192,"elapsed":1.5,
             "eta":2.0,"kind":"copy","rate":2731.0,"speed_limit":null,"state":"copying"},
             "connections":2,"dirty_bytes":4096,"export":"e","export_size":8192,

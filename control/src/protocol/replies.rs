@@ -195,9 +195,13 @@ pub struct MirrorAttached {
     /// The most extents the activity log keeps hot while mirroring (`--al-extents`).
     #[serde(default)]
     pub activity_log_bound: u64,
-    /// Writes of the activity log to disk (cold extents logged) since start.
+    /// Writes of the activity log to disk (cold extents logged, retirements) since start.
     #[serde(default)]
     pub activity_log_writes: u64,
+    /// Mirrored writes that waited for the activity log to reach the disk since start (more
+    /// than the writes when several share one).
+    #[serde(default)]
+    pub activity_log_waits: u64,
     /// Extents retired from the hot set (least recently used first) since start.
     #[serde(default)]
     pub activity_log_retired: u64,

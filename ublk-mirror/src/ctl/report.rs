@@ -75,6 +75,7 @@ fn mirror_json(daemon: &Daemon) -> Value {
                        "activity_log_extents": daemon.io.dirty.activity_extents() });
     };
     let failure = m.failure();
+    let (log_waits, log_writes) = daemon.io.stats.log_waits_and_writes();
     json!({
         "state": m.state().name(),
         "requested": requested,
@@ -93,7 +94,8 @@ fn mirror_json(daemon: &Daemon) -> Value {
         "bitmap_persistent": daemon.io.dirty.persistent(),
         "activity_log_extents": daemon.io.dirty.activity_extents(),
         "activity_log_bound": daemon.io.dirty.al_bound(),
-        "activity_log_writes": daemon.io.dirty.al_writes.load(Ordering::Relaxed),
+        "activity_log_writes": daemon.io.dirty.al_writes.load(Ordering::Relaxed) + log_writes,
+        "activity_log_waits": log_waits,
         "activity_log_retired": daemon.io.dirty.al_retired.load(Ordering::Relaxed),
         "range_locks": daemon.io.ranges.len(),
         "copy": daemon.mirroring.copy.load_full().map(|j| copy_json(&j)),

@@ -78,9 +78,13 @@ async fn mirrored(
         return serve_local_write(t.leg, req, buf).await;
     };
     // On disk before either leg sees the write: a crash between the legs is then covered.
+    // A cold extent's log write runs on this ring (`log_sync.rs`), shared by the tags that
+    // wait for it together; the queue's other tags go on meanwhile.
     let logged = req.range();
     if let Some((off, len)) = logged {
-        t.io.dirty.al_begin(off, len);
+        if let Some(seq) = t.io.dirty.al_log(off, len) {
+            t.log.durable(&t.io.dirty, seq, t.counters).await;
+        }
     }
     let remote = t.mirror.run(m, t.parked, tag, op);
     let (local, remote) = smol::future::zip(serve_local_write(t.leg, req, buf), remote).await;

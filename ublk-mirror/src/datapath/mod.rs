@@ -21,6 +21,7 @@ pub mod error;
 pub mod fanout;
 pub mod io_path;
 pub mod local_leg;
+pub mod log_sync;
 pub mod mirror_leg;
 pub mod queue;
 pub mod request;

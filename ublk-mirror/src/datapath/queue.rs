@@ -28,6 +28,7 @@ use libublk::{BufDesc, UblkError, UblkUringData};
 use crate::datapath::fanout::fan_out;
 use crate::datapath::io_path::IoPath;
 use crate::datapath::local_leg::LocalLeg;
+use crate::datapath::log_sync::LogSync;
 use crate::datapath::mirror_leg::QueueMirror;
 use crate::datapath::request::Request;
 use crate::datapath::stats::InFlight;
@@ -67,18 +68,20 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
     // borrow the queue), ticked together with the first.
     let mirror_exe: Rc<smol::LocalExecutor<'static>> = Rc::new(smol::LocalExecutor::new());
     let mirror = Rc::new(QueueMirror::new(qid, mirror_exe.clone()));
+    let log = Rc::new(LogSync::default());
     let dev_size = dev.tgt.dev_size;
     let max_io = dev.dev_info.max_io_buf_bytes;
 
     let tasks: Vec<_> = queue
         .tags()
         .map(|tag| {
-            let (queue, leg, ctx, parked, mirror) = (
+            let (queue, leg, ctx, parked, mirror, log) = (
                 queue.clone(),
                 leg.clone(),
                 ctx.clone(),
                 parked.clone(),
                 mirror.clone(),
+                log.clone(),
             );
             exe.spawn(async move {
                 let tag_ctx = TagContext {
@@ -88,6 +91,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
                     parked: &parked,
                     leg: &leg,
                     mirror: &mirror,
+                    log: &log,
                     dev_size,
                     max_io,
                 };

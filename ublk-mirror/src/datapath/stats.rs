@@ -29,6 +29,10 @@ pub struct QueueCounters {
     /// Write-like requests being served local-only (a gauge): a mirror starting waits for
     /// these to finish (they mark themselves out of sync).
     local_only: AtomicU64,
+    /// Mirrored writes that waited for the activity log to reach the disk, and the writes of
+    /// the log this queue issued for them (fewer: tags waiting together share one).
+    log_waits: AtomicU64,
+    log_writes: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -69,6 +73,14 @@ impl QueueCounters {
 
     pub fn record_error(&self) {
         bump(&self.errors, 1);
+    }
+
+    pub fn count_log_wait(&self) {
+        bump(&self.log_waits, 1);
+    }
+
+    pub fn count_log_write(&self) {
+        bump(&self.log_writes, 1);
     }
 
     /// Counts a request as started unless `blocked` (looked at after the count) says it must
@@ -183,6 +195,17 @@ impl Stats {
 
     pub fn queue(&self, qid: usize) -> &QueueCounters {
         &self.queues[qid % self.queues.len()]
+    }
+
+    /// Over all queues: mirrored writes that waited for the activity log, and the queues'
+    /// writes of it.
+    pub fn log_waits_and_writes(&self) -> (u64, u64) {
+        self.queues.iter().fold((0, 0), |(w, n), q| {
+            (
+                w + q.log_waits.load(Ordering::Relaxed),
+                n + q.log_writes.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Write-like requests being served local-only, over all queues.

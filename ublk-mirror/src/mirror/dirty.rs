@@ -56,10 +56,11 @@ pub const DEFAULT_AL_EXTENTS: usize = 1024;
 
 enum Storage {
     Memory(Vec<AtomicU64>),
-    /// The file stays open: it carries the exclusive lock.
+    /// The file stays open: it carries the exclusive lock, and the queues write the log
+    /// through it (`al_sync_range`).
     File {
         map: memmap2::MmapMut,
-        _lock: std::fs::File,
+        file: std::fs::File,
     },
 }
 
@@ -79,8 +80,14 @@ pub struct DirtyMap {
     /// least recently used idle extents retire first.
     al_clock: AtomicU32,
     al_last_use: Vec<AtomicU32>,
-    /// Writes of the log to disk (a cold extent logged, retirements), and extents retired.
+    /// Writes of the log to disk outside the queues (retirements, blocking `al_begin`), and
+    /// extents retired. The queues count their own (`datapath/log_sync.rs`).
     pub al_writes: AtomicU64,
+    /// The number of the last change that set log bits (taken under `al_lock` before the
+    /// bits are set), and the highest such number known to be on disk: a write may be issued
+    /// only once every bit set before it is durable, whoever set it.
+    al_set_seq: AtomicU64,
+    al_durable_seq: AtomicU64,
     pub al_retired: AtomicU64,
     /// No mirror takes writes (none attached, or it failed or is stopping), as the owner last
     /// said (`set_mirroring`; false until then): an extent leaves the log as soon as its last
@@ -141,6 +148,8 @@ impl DirtyMap {
             al_clock: AtomicU32::new(0),
             al_last_use: Vec::new(),
             al_writes: AtomicU64::new(0),
+            al_set_seq: AtomicU64::new(0),
+            al_durable_seq: AtomicU64::new(0),
             al_retired: AtomicU64::new(0),
             al_eager: AtomicBool::new(false),
             marks: AtomicU64::new(0),
@@ -260,7 +269,7 @@ impl DirtyMap {
             granule,
             size,
             nwords,
-            storage: Storage::File { map, _lock: file },
+            storage: Storage::File { map, file },
             al_inflight: (0..extents).map(|_| AtomicU32::new(0)).collect(),
             al_lock: Mutex::new(()),
             al_hot: AtomicUsize::new(0),
@@ -268,6 +277,8 @@ impl DirtyMap {
             al_clock: AtomicU32::new(0),
             al_last_use: (0..extents).map(|_| AtomicU32::new(0)).collect(),
             al_writes: AtomicU64::new(0),
+            al_set_seq: AtomicU64::new(0),
+            al_durable_seq: AtomicU64::new(0),
             al_retired: AtomicU64::new(0),
             al_eager: AtomicBool::new(false),
             marks: AtomicU64::new(0),
@@ -324,11 +335,28 @@ impl DirtyMap {
         (offset / AL_EXTENT) as usize..end.div_ceil(AL_EXTENT) as usize
     }
 
-    /// Before a mirrored write to [offset, offset+len) is issued: its extents are in the log,
-    /// on disk. Free when the extents are hot (one atomic add each, and a store of the clock
-    /// when it moved); a cold extent is logged and written through, after retiring the least
-    /// recently used idle extents if the hot set is full.
+    /// Tests: `al_log` and a blocking write of the log (the queues write it on their ring,
+    /// `datapath/log_sync.rs`).
+    #[cfg(test)]
     pub fn al_begin(&self, offset: u64, len: u64) {
+        if let Some(seq) = self.al_log(offset, len) {
+            let upto = self.al_sync_point();
+            self.al_writes.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.al_sync() {
+                log::error!("activity log: writing it to disk failed: {e}");
+            }
+            self.al_synced(upto.max(seq));
+        }
+    }
+
+    /// Before a mirrored write to [offset, offset+len) is issued: puts its extents in the log.
+    /// None: they are on disk already, the write may go (free when the extents are hot: one
+    /// atomic add each, a store of the clock when it moved, two loads). Some(seq): the write
+    /// must wait until the log is on disk up to `seq` ([`DirtyMap::al_is_durable`]); the caller
+    /// writes it ([`DirtyMap::al_sync_range`], then [`DirtyMap::al_synced`]) or waits for
+    /// another's write. A cold extent is logged after retiring the least recently used idle
+    /// extents if the hot set is full.
+    pub fn al_log(&self, offset: u64, len: u64) -> Option<u64> {
         let now = self.al_clock.load(Ordering::Relaxed);
         let mut cold = 0usize;
         for e in self.extents_of(offset, len) {
@@ -341,7 +369,10 @@ impl DirtyMap {
             }
         }
         if cold == 0 {
-            return;
+            // Hot, but maybe set by another queue whose write of the log is still in flight:
+            // then wait for it too (the bits on disk are what covers a crash).
+            let set = self.al_set_seq();
+            return (!self.al_is_durable(set)).then_some(set);
         }
         let _g = lock(&self.al_lock);
         let over = (self.al_hot.load(Ordering::SeqCst) + cold)
@@ -349,21 +380,55 @@ impl DirtyMap {
         if over > 0 {
             self.retire_lru_locked(over);
         }
-        let mut changed = false;
+        // Numbered before the bits are set: whoever sees one of them set (the hot path above)
+        // then reads this number or a later one. Whether this call sets a bit or another set
+        // it meanwhile, the write waits for all set so far.
+        let seq = self.al_set_seq.fetch_add(1, Ordering::SeqCst) + 1;
         for e in self.extents_of(offset, len) {
             if !self.al_bit(e) {
                 self.al_words()[e / 64].fetch_or(1 << (e % 64), Ordering::SeqCst);
                 self.al_hot.fetch_add(1, Ordering::SeqCst);
-                changed = true;
             }
         }
-        if changed {
-            self.al_writes.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.al_sync() {
-                // The write goes on: a host crash could lose this extent, a daemon crash not
-                // (the mapping is shared).
-                log::error!("activity log: writing it to disk failed: {e}");
-            }
+        Some(seq)
+    }
+
+    /// The number of the last change that set log bits (maybe still setting them).
+    fn al_set_seq(&self) -> u64 {
+        self.al_set_seq.load(Ordering::SeqCst)
+    }
+
+    /// Before a write of the log: the last change whose bits are all set (under `al_lock`,
+    /// which every change holds from its number to its last bit), so a write that begins now
+    /// covers it.
+    pub fn al_sync_point(&self) -> u64 {
+        let _g = lock(&self.al_lock);
+        self.al_set_seq()
+    }
+
+    /// Whether every log bit set up to change `seq` is on disk.
+    pub fn al_is_durable(&self, seq: u64) -> bool {
+        self.al_durable_seq.load(Ordering::SeqCst) >= seq
+    }
+
+    /// A write of the log that began after change `upto` completed (successfully or not: a
+    /// failed write is logged and the writes go on, as a daemon crash still cannot lose the
+    /// bits; only a host crash could).
+    pub fn al_synced(&self, upto: u64) {
+        self.al_durable_seq.fetch_max(upto, Ordering::SeqCst);
+    }
+
+    /// Where the log lives, for a ranged fdatasync on a ring: (fd, offset, length); None in
+    /// memory. Equivalent to `al_sync` (msync(MS_SYNC) is a ranged fdatasync of the file).
+    pub fn al_sync_range(&self) -> Option<(std::os::fd::RawFd, u64, u32)> {
+        use std::os::fd::AsRawFd;
+        match &self.storage {
+            Storage::File { file, .. } => Some((
+                file.as_raw_fd(),
+                Self::al_offset(self.nwords) as u64,
+                u32::try_from(Self::al_words_for(self.size) * 8).unwrap_or(u32::MAX),
+            )),
+            Storage::Memory(_) => None,
         }
     }
 

@@ -172,6 +172,7 @@ fn attached(copy: Option<CopyReport>, failure: Option<(&str, f64)>) -> MirrorRep
         activity_log_extents: 0,
         activity_log_bound: 1024,
         activity_log_writes: 0,
+        activity_log_waits: 0,
         activity_log_retired: 0,
         range_locks: 0,
         copy,
@@ -470,7 +471,7 @@ fn replies_round_trip_through_the_types() {
 #[test]
 fn a_daemon_stats_line_parses_and_prints_back_the_same() {
     let line = r#"{"mirror":{"activity_log_bound":1024,"activity_log_extents":0,
-        "activity_log_retired":0,"activity_log_writes":0,"bitmap_persistent":false,
+        "activity_log_retired":0,"activity_log_waits":0,"activity_log_writes":0,"bitmap_persistent":false,
         "bytes_mirrored":4096,"copy":{"bytes_done":4096,"bytes_total":8192,"elapsed":1.5,
         "eta":2.0,"kind":"resync","rate":2731.0,"speed_limit":null,"state":"copying"},
         "connections":1,"dirty_bytes":4096,"export":"","export_size":8192,"failed_at":null,

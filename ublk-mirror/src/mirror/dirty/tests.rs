@@ -332,3 +332,28 @@ fn the_periodic_cleaner_retires_only_when_the_hot_set_is_nearly_full() {
     assert_eq!(m.retire_cold(), 2, "8 of 8: down to 3/4 of the bound");
     assert_eq!(m.activity_extents(), 6);
 }
+
+#[test]
+fn a_write_to_an_extent_another_just_logged_waits_until_the_log_is_on_disk() {
+    let (_dir, m) = bitmap_file();
+    let seq = m.al_log(0, 4096).expect("a cold extent must wait for the log");
+    assert!(!m.al_is_durable(seq));
+    // Another queue's write to the same (now set) extent: hot in memory, not yet on disk.
+    let other = m.al_log(8192, 4096).expect("set but not on disk: wait too");
+    assert!(other >= seq);
+    let upto = m.al_sync_point();
+    m.al_synced(upto);
+    assert!(m.al_is_durable(seq) && m.al_is_durable(other));
+    assert_eq!(m.al_log(16384, 4096), None, "hot and on disk: free");
+    for off in [0, 8192, 16384] {
+        m.al_end(off, 4096);
+    }
+}
+
+#[test]
+fn the_log_lives_in_the_bitmap_file_after_the_bitmap() {
+    let (_dir, m) = bitmap_file();
+    let (fd, offset, len) = m.al_sync_range().expect("a file-backed map has a log");
+    assert!(fd >= 0 && offset % 4096 == 0 && len > 0);
+    assert!(DirtyMap::new(1 << 30, DEFAULT_GRANULE).al_sync_range().is_none());
+}
