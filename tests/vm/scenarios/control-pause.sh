@@ -2,12 +2,16 @@
 # Control plane: pause/unpause while fio QD32 verifies. fio sees no error; stats requests sent
 # during the pause calls are all answered (the drain takes milliseconds here; the unit tests in
 # shared.rs hold a drain open to check stats mid-drain); reqs_outstanding is 0 and writes wait
-# (reqs_parked) while paused, and complete after unpause; the image is closed while paused.
+# (reqs_parked) while paused, and complete after unpause; the image is closed (its OFD lock gone
+# from /proc/locks) while paused and locked again after unpause.
 # Prints the pause latency (client round trip and the daemon's drain), median of 5.
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
 img=$WORK/disk.img
 make_image "$img" 1G
 start_daemon "$img" --queues 2 --label pause-test
+# The daemon's OFD lock on the image (/proc/locks: "N: OFDLCK ADVISORY WRITE -1 MAJ:MIN:INODE ...").
+image_locked() { grep -q "OFDLCK.*:$(stat -c %i "$img") " /proc/locks; }
+image_locked || { cat /proc/locks; fail "the running daemon holds no lock on its image"; }
 [ -S "$CTL" ] || fail "no control socket at $CTL"
 [ "$(stat -c %a "$CTL")" = 600 ] || fail "control socket mode $(stat -c %a "$CTL")"
 [ "$(stat -c %a /run/ublk-mirror)" = 700 ] || fail "runtime dir mode $(stat -c %a /run/ublk-mirror)"
@@ -35,12 +39,15 @@ for i in 1 2 3 4 5; do
     [ "$(ctl_get stats state)" = paused ] || fail "state is not paused"
     [ "$(ctl_get stats reqs_outstanding)" = 0 ] || fail "requests outstanding while paused"
     [ "$(ctl_get info image_open)" = false ] || fail "image still open while paused"
+    # Closed means its lock is gone too: no queue ring may still hold the image as a fixed file.
+    image_locked && { cat /proc/locks; fail "the image's lock is still held while paused"; }
     sleep 1
     parked=$(ctl_get stats reqs_parked)
     [ "$parked" -gt 0 ] || fail "no request parked while fio runs (got $parked)"
     ctl pause > /dev/null || fail "pausing a paused device must be a no-op"
     before=$(ctl_get stats ops.write.count)
     ctl unpause > /dev/null || fail "unpause $i failed"
+    image_locked || { cat /proc/locks; fail "the image is not locked again after unpause"; }
     # Writes must resume: poll (bounded) rather than assume how soon a loaded VM runs fio.
     resumed=0
     for _ in $(seq 300); do

@@ -3,7 +3,16 @@
 //! One `LocalLeg` per queue thread. The image's fd is read from a shared slot for each
 //! operation rather than registered as a fixed file: a pause closes the image (releasing its
 //! lock) and an unpause may install another, and both happen only while no request is in
-//! flight (see `device/lifecycle.rs`). Every operation is complete when its future resolves: short
+//! flight (see `device/lifecycle.rs`).
+//!
+//! Why not a fixed file (tried in issue 13): on 6.12 a fixed file replaced or removed with
+//! IORING_REGISTER_FILES_UPDATE is only let go once every request issued before the update
+//! has completed (io_uring recycles its resource nodes in order), and each idle tag's FETCH
+//! (a uring_cmd on fixed file 0) is such a request and stays in flight throughout a pause. The
+//! paused daemon then still held the image open and locked (`control-pause` checks
+//! /proc/locks and failed), so an orchestrator could not take it over, and an LV under it
+//! could not be deactivated, until unpause. Unregistering the whole table would wait for those
+//! same FETCHes forever. Every operation is complete when its future resolves: short
 //! transfers are resubmitted for the remainder, so a caller never sees a partial write.
 
 use std::cell::{Cell, OnceCell};
