@@ -16,3 +16,7 @@ pub mod help;
 pub mod logging;
 pub mod protocol;
 pub mod units;
+
+/// Where daemons put their default control sockets (`<dev-id>.sock`) and state files
+/// (`<dev-id>.state`): the one place both the daemon and `ublk-mirror-ctl` take it from.
+pub const RUN_DIR: &str = "/run/ublk-mirror";

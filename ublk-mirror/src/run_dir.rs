@@ -1,5 +1,5 @@
-//! Where the daemon keeps its default control sockets and its state files.
-//! (`ublk-mirror-ctl`, in the control crate, names the same directory for itself.)
+//! Where the daemon keeps its default control sockets and its state files: the control
+//! crate's `RUN_DIR`, which `ublk-mirror-ctl` uses too.
 
 /// The runtime directory: `<dev-id>.sock` and `<dev-id>.state`.
-pub const RUN_DIR: &str = "/run/ublk-mirror";
+pub use control::RUN_DIR;

@@ -16,10 +16,10 @@ use control::protocol::{
     defaults, timeout_limit, Command, CopyReport, InfoReply, PassFdReply, StatsReply,
 };
 use control::units::{parse_size, SIZE_UNITS};
+use control::RUN_DIR;
 use serde::Serialize;
 use serde_json::Value;
 
-const RUN_DIR: &str = "/run/ublk-mirror";
 /// How long a quick command's reply may take.
 const QUICK: Duration = Duration::from_secs(10);
 /// How long `unpause`, `mirror-start`, `mirror-stop` and `shutdown` may take (reopen,
