@@ -13,6 +13,7 @@
 //!   `fd_store.rs`: the stored fds;
 //! - small shared pieces: `lock.rs`, `stop.rs`, `run_dir.rs`, `doorbell.rs`, `file_lock.rs`.
 
+mod atomic_state;
 mod ctl;
 mod daemon;
 mod datapath;

@@ -10,11 +10,13 @@
 //! The pause handshake that makes the gate safe is described in `device/lifecycle.rs`.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
+
+use crate::atomic_state::{u8_state, AtomicState};
 
 use crate::datapath::request::Request;
 use crate::datapath::stats::Stats;
@@ -23,27 +25,20 @@ use crate::mirror::dirty::DirtyMap;
 use crate::mirror::link::{Mailboxes, Mirror};
 use crate::mirror::range_lock::RangeLock;
 
-/// Which requests wait instead of being served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Gate {
-    Open = 0,
-    /// `pause`: every request waits.
-    ParkAll = 1,
-    /// `serve --paused` before the first unpause: reads are answered (so the kernel's
-    /// partition scan and udev's blkid do not hang), everything that changes the disk waits.
-    ParkWrites = 2,
+u8_state! {
+    /// Which requests wait instead of being served.
+    pub enum Gate {
+        Open = 0 => "open",
+        /// `pause`: every request waits.
+        ParkAll = 1 => "park-all",
+        /// `serve --paused` before the first unpause: reads are answered (so the kernel's
+        /// partition scan and udev's blkid do not hang), everything that changes the disk
+        /// waits.
+        ParkWrites = 2 => "park-writes",
+    }
 }
 
 impl Gate {
-    fn from_u8(v: u8) -> Gate {
-        match v {
-            1 => Gate::ParkAll,
-            2 => Gate::ParkWrites,
-            _ => Gate::Open,
-        }
-    }
-
     pub fn blocks(self, req: &Request) -> bool {
         match self {
             Gate::Open => false,
@@ -55,7 +50,7 @@ impl Gate {
 
 pub struct IoPath {
     pub stats: Stats,
-    gate: AtomicU8,
+    gate: AtomicState<Gate>,
     /// The image's fd for every queue's I/O; -1 while paused (closed).
     image_fd: Arc<AtomicI32>,
     /// One eventfd per queue and per copy worker: written to wake its parked requests or
@@ -114,7 +109,7 @@ impl IoPath {
                 off
             },
             stats: Stats::new(usize::from(queues + workers)),
-            gate: AtomicU8::new(gate as u8),
+            gate: AtomicState::new(gate),
             image_fd: Arc::new(AtomicI32::new(image_fd)),
             doorbells,
             tracking: AtomicBool::new(false),
@@ -122,12 +117,15 @@ impl IoPath {
     }
 
     pub fn gate(&self) -> Gate {
-        Gate::from_u8(self.gate.load(Ordering::SeqCst))
+        self.gate.load()
     }
 
     /// Moves the gate (pause, unpause, stop); the caller rings the doorbells.
     pub(crate) fn set_gate(&self, g: Gate) {
-        self.gate.store(g as u8, Ordering::SeqCst);
+        let before = self.gate.swap(g);
+        if before != g {
+            log::debug!("gate: {} -> {}", before.name(), g.name());
+        }
     }
 
     /// The fd the local leg issues I/O on.

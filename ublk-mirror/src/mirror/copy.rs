@@ -11,10 +11,11 @@
 //! take leaves its bits set, so a later resync still copies it.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::atomic_state::{u8_state, AtomicState};
 use crate::datapath::io_path::IoPath;
 use crate::lock::lock;
 use crate::mirror::link::{Mirror, MirrorOp, Outcome};
@@ -23,24 +24,14 @@ use crate::mirror::link::{Mirror, MirrorOp, Outcome};
 pub const WORKERS: u16 = 4;
 pub const DEFAULT_CHUNK: u64 = 1 << 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum CopyState {
-    Copying = 1,
-    /// Every byte copied and all new writes mirrored ("actively synced").
-    Ready = 2,
-    Failed = 3,
-    Cancelled = 4,
-}
-
-impl CopyState {
-    pub fn name(self) -> &'static str {
-        match self {
-            CopyState::Copying => "copying",
-            CopyState::Ready => "ready",
-            CopyState::Failed => "failed",
-            CopyState::Cancelled => "cancelled",
-        }
+u8_state! {
+    /// Where a copy or resync job is.
+    pub enum CopyState {
+        Copying = 1 => "copying",
+        /// Every byte copied and all new writes mirrored ("actively synced").
+        Ready = 2 => "ready",
+        Failed = 3 => "failed",
+        Cancelled = 4 => "cancelled",
     }
 }
 
@@ -70,7 +61,7 @@ impl std::fmt::Display for CopyKind {
 
 pub struct CopyJob {
     pub kind: CopyKind,
-    state: AtomicU8,
+    state: AtomicState<CopyState>,
     pub bytes_total: u64,
     bytes_done: AtomicU64,
     pub speed: Option<u64>,
@@ -85,12 +76,7 @@ pub struct CopyJob {
 
 impl CopyJob {
     pub fn state(&self) -> CopyState {
-        match self.state.load(Ordering::SeqCst) {
-            1 => CopyState::Copying,
-            2 => CopyState::Ready,
-            3 => CopyState::Failed,
-            _ => CopyState::Cancelled,
-        }
+        self.state.load()
     }
 
     pub fn bytes_done(&self) -> u64 {
@@ -104,16 +90,7 @@ impl CopyJob {
 
     /// Moves a running copy to its final state (once) and freezes its clock.
     fn end(&self, state: CopyState) {
-        if self
-            .state
-            .compare_exchange(
-                CopyState::Copying as u8,
-                state as u8,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            )
-            .is_ok()
-        {
+        if self.state.transition(CopyState::Copying, state) {
             let ns = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
             self.ended_ns.store(ns.max(1), Ordering::SeqCst);
         }
@@ -163,7 +140,7 @@ pub fn start(
         .collect();
     let job = Arc::new(CopyJob {
         kind,
-        state: AtomicU8::new(CopyState::Copying as u8),
+        state: AtomicState::new(CopyState::Copying),
         bytes_total: chunks.iter().map(|c| c.1).sum(),
         bytes_done: AtomicU64::new(0),
         speed,

@@ -19,7 +19,7 @@
 //! is marked out of sync), later writes go local-only, and the owner's `on_failure` runs once.
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,6 +27,7 @@ use crossbeam_queue::SegQueue;
 use nbd_proxy::client::Export;
 use nbd_proxy::proto::{Command, RequestHeader};
 
+use crate::atomic_state::{u8_state, AtomicState};
 use crate::lock::lock;
 
 /// What a submitter asks of the target, owning its data: the form a forwarded operation
@@ -156,24 +157,14 @@ impl Mailboxes {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum MirrorState {
-    /// Published; waiting for writes that started local-only to finish.
-    Connecting = 1,
-    Active = 2,
-    Failed = 3,
-    Stopping = 4,
-}
-
-impl MirrorState {
-    pub fn name(self) -> &'static str {
-        match self {
-            MirrorState::Connecting => "connecting",
-            MirrorState::Active => "active",
-            MirrorState::Failed => "failed",
-            MirrorState::Stopping => "stopping",
-        }
+u8_state! {
+    /// Where an attached mirror is in its life.
+    pub enum MirrorState {
+        /// Published; waiting for writes that started local-only to finish.
+        Connecting = 1 => "connecting",
+        Active = 2 => "active",
+        Failed = 3 => "failed",
+        Stopping = 4 => "stopping",
     }
 }
 
@@ -219,7 +210,7 @@ pub struct Mirror {
     pub timeout: Option<Duration>,
     pub generation: u64,
     conns: Vec<Connection>,
-    state: AtomicU8,
+    state: AtomicState<MirrorState>,
     /// Operations handed to the target and not yet answered (forwarded ones included).
     jobs: AtomicU64,
     failure: Mutex<Option<(String, SystemTime)>>,
@@ -258,7 +249,7 @@ impl Mirror {
             timeout,
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             conns,
-            state: AtomicU8::new(MirrorState::Connecting as u8),
+            state: AtomicState::new(MirrorState::Connecting),
             jobs: AtomicU64::new(0),
             failure: Mutex::new(None),
             ops: AtomicU64::new(0),
@@ -295,21 +286,12 @@ impl Mirror {
     }
 
     pub fn state(&self) -> MirrorState {
-        match self.state.load(Ordering::SeqCst) {
-            1 => MirrorState::Connecting,
-            2 => MirrorState::Active,
-            3 => MirrorState::Failed,
-            _ => MirrorState::Stopping,
-        }
+        self.state.load()
     }
 
     pub fn set_active(&self) {
-        let _ = self.state.compare_exchange(
-            MirrorState::Connecting as u8,
-            MirrorState::Active as u8,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        );
+        self.state
+            .transition(MirrorState::Connecting, MirrorState::Active);
     }
 
     /// Whether new requests should go to the target.
@@ -412,13 +394,13 @@ impl Mirror {
     /// sees its receive end and fails back what waits on it; forwarded operations not yet
     /// taken come back Failed.
     pub fn fail(&self, reason: String) {
-        let prev = self.state.swap(MirrorState::Failed as u8, Ordering::SeqCst);
-        if prev == MirrorState::Failed as u8 {
+        let prev = self.state.swap(MirrorState::Failed);
+        if prev == MirrorState::Failed {
             return;
         }
-        if prev == MirrorState::Stopping as u8 && self.stopped() {
+        if prev == MirrorState::Stopping && self.stopped() {
             // A clean stop closing the connections is not a failure.
-            self.state.store(prev, Ordering::SeqCst);
+            self.state.store(prev);
             return;
         }
         log::error!(
@@ -445,8 +427,7 @@ impl Mirror {
     /// back Failed.
     pub fn stop(&self, timeout: Duration) {
         if self.state() != MirrorState::Failed {
-            self.state
-                .store(MirrorState::Stopping as u8, Ordering::SeqCst);
+            self.state.store(MirrorState::Stopping);
         }
         let start = Instant::now();
         while self.in_flight() > 0 && start.elapsed() < timeout && !self.failed() {
