@@ -6,23 +6,29 @@
 #   fio job per queue on its own CPU), dm-raid1 (loop + kernel nbd, 1 connection), and the
 #   target alone through fio's nbd engine (QD1 only);
 # jobs: 4k randwrite QD1 and QD32, 4k randread QD32. Prints one QUICK line per job and device
-# (IOPS, mean latency) and the ratios issue 13 sets targets for.
+# (IOPS, mean latency, and where the CPU went: microseconds of CPU per I/O in the device's
+# daemon, in the NBD server, and in the whole VM, with the VM's busy share of its CPUs) and the
+# ratios issue 13 sets targets for.
+# A/B in the same run: with BENCH_AB=TAG and ublk-mirror-TAG / ublk-mirror-ctl-TAG in the guest
+# (bench/ab puts an older build there), ublk-TAG and mirrored-TAG (1 queue, its own export) run
+# interleaved with the others on that build.
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
-REPS=${BENCH_REPS:-5} SECS=${BENCH_SECS:-3} SIZE=256
-declare -A DEVS R L
+REPS=${BENCH_REPS:-5} SECS=${BENCH_SECS:-3} SIZE=256 AB=${BENCH_AB:-}
+declare -A DEVS R L PIDS TPIDS CD CT CV BUSY
 CLEANUP=()
 trap 'for ((i = ${#CLEANUP[@]} - 1; i >= 0; i--)); do eval "${CLEANUP[i]}" > /dev/null 2>&1 || true; done' EXIT
 img() { make_image "$WORK/$1.img" "${SIZE}M"; echo "$WORK/$1.img"; }
 
-start_target "$(img remote)" --export "mq2=$(img mq2)" --export "dmr=$(img dmr)" --export "tgt=$(img tgt)"
+start_target "$(img remote)" --export "mq2=$(img mq2)" --export "dmr=$(img dmr)" --export "tgt=$(img tgt)" \
+    --export "ab=$(img ab)"
 CLEANUP+=("kill $TARGET_PID")
 start_daemon "$(img ublk)" --queues 1
-DEVS[ublk]=$DEV; CLEANUP+=("kill $DAEMON_PID")
+DEVS[ublk]=$DEV PIDS[ublk]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
 start_daemon "$(img mir)" --queues 1
-DEVS[mirrored]=$DEV; CLEANUP+=("kill $DAEMON_PID")
+DEVS[mirrored]=$DEV PIDS[mirrored]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
 mirror_to q --timeout 30
 start_daemon "$(img mir2)" --queues 2
-DEVS[mirrored-q2]=$DEV; CLEANUP+=("kill $DAEMON_PID")
+DEVS[mirrored-q2]=$DEV PIDS[mirrored-q2]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
 nbd-proxy connect --to tcp:127.0.0.1:10809 --export mq2 --handoff "$CTL" --name q2 --connections 2 > /dev/null \
     || fail "connect --connections 2 failed"
 ctl mirror-start q2.0 q2.1 --export mq2 --timeout 30 > /dev/null || fail "mirror-start over 2 failed"
@@ -36,6 +42,47 @@ dmsetup create quick-raid1 --noudevsync \
 CLEANUP+=("dmsetup remove --noudevsync quick-raid1")
 for s in /sys/block/dm-*; do [ "$(cat "$s/dm/name")" = quick-raid1 ] && DEVS[dm-raid1]=/dev/${s##*/}; done
 [ -n "${DEVS[dm-raid1]:-}" ] || fail "no dm device"
+ALL=(ublk mirrored mirrored-q2 dm-raid1)
+if [ -n "$AB" ]; then
+    command -v "ublk-mirror-$AB" > /dev/null && command -v "ublk-mirror-ctl-$AB" > /dev/null \
+        || fail "BENCH_AB=$AB: ublk-mirror-$AB and ublk-mirror-ctl-$AB are not in the guest"
+    export UBLK_MIRROR=ublk-mirror-$AB UBLK_MIRROR_CTL=ublk-mirror-ctl-$AB
+    start_daemon "$(img "ublk-$AB")" --queues 1
+    DEVS[ublk-$AB]=$DEV PIDS[ublk-$AB]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
+    start_daemon "$(img "mir-$AB")" --queues 1
+    DEVS[mirrored-$AB]=$DEV PIDS[mirrored-$AB]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
+    nbd-proxy connect --to tcp:127.0.0.1:10809 --export ab --handoff "$CTL" --name qa > /dev/null \
+        || fail "connect to the A/B export failed"
+    ctl mirror-start qa --export ab --timeout 30 > /dev/null || fail "mirror-start on ublk-mirror-$AB failed"
+    unset UBLK_MIRROR UBLK_MIRROR_CTL
+    ALL+=("ublk-$AB" "mirrored-$AB")
+fi
+
+# The mirror over TLS (when bench/ab put bench-tls-files in the guest): its own TLS server, the
+# connection through `nbd-proxy connect`'s relay (which stays running); issue 13 asks for the
+# TLS cost on its own.
+if command -v bench-tls-files > /dev/null; then
+    tls=$WORK/tls; bench-tls-files "$tls"
+    nbd-proxy serve --listen tcp:127.0.0.1:10810 --export "tls=$(img tls)" \
+        --tls-cert "$tls/server-cert.pem" --tls-key "$tls/server-key.pem" > "$WORK/tls.out" 2> "$WORK/tls.log" &
+    TLS_PID=$!; CLEANUP+=("kill $TLS_PID")
+    for _ in $(seq 100); do grep -q listening "$WORK/tls.out" 2>/dev/null && break; sleep 0.1; done
+    start_daemon "$(img mir-tls)" --queues 1
+    DEVS[mirrored-tls]=$DEV PIDS[mirrored-tls]=$DAEMON_PID TPIDS[mirrored-tls]=$TLS_PID
+    CLEANUP+=("kill $DAEMON_PID")
+    nbd-proxy connect --to tcp:127.0.0.1:10810 --export tls --tls-ca "$tls/ca-cert.pem" \
+        --tls-hostname localhost --handoff "$CTL" --name qt > /dev/null 2> "$WORK/relay.log" &
+    CLEANUP+=("kill $!")
+    for _ in $(seq 100); do grep -q "handed off" "$WORK/relay.log" && break; sleep 0.1; done
+    ctl mirror-start qt --export tls --timeout 30 > /dev/null \
+        || { cat "$WORK/relay.log" "$WORK/tls.log"; fail "mirror-start over TLS failed"; }
+    ALL+=(mirrored-tls)
+fi
+
+# CPU time, in clock ticks: of process $1 (utime + stime), or of the whole VM (busy, all CPUs).
+proc_ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+vm_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
+HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)
 
 run() { # DEVICE JOB -> "IOPS LAT_US"
     local d=$1 args target=(--filename="${DEVS[$1]:-}" --ioengine=io_uring)
@@ -48,10 +95,16 @@ run() { # DEVICE JOB -> "IOPS LAT_US"
     if [ "$d" = mirrored-q2 ] && [ "$2" != w1 ]; then
         args="${args/--iodepth=32 --numjobs=1 --cpus_allowed=0/--iodepth=16 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split}"
     fi
+    local d0 t0 v0 d1 t1 v1 out
+    local tpid=${TPIDS[$d]:-$TARGET_PID}
+    d0=$(proc_ticks "${PIDS[$d]:-}"); t0=$(proc_ticks "$tpid"); v0=$(vm_ticks)
     # shellcheck disable=SC2086
-    fio --name=q "${target[@]}" --direct=1 --bs=4k --size="${SIZE}M" --time_based --runtime="$SECS" \
+    out=$(fio --name=q "${target[@]}" --direct=1 --bs=4k --size="${SIZE}M" --time_based --runtime="$SECS" \
         --ramp_time=1 --group_reporting $args --output-format=terse --terse-version=3 2> "$WORK/fio.$d.err" \
-        | awk -F';' '$1 == 3 {r = $8 + $49; lat = ($8 > 0) ? $40 : $81; print r, lat}'
+        | awk -F';' '$1 == 3 {r = $8 + $49; lat = ($8 > 0) ? $40 : $81; print r, lat}')
+    d1=$(proc_ticks "${PIDS[$d]:-}"); t1=$(proc_ticks "$tpid"); v1=$(vm_ticks)
+    # IOPS, latency, then CPU ticks of the daemon, the target, the VM (busy, total) over the run.
+    echo "$out $((d1 - d0)) $((t1 - t0)) $(( ${v1% *} - ${v0% *} )) $(( ${v1#* } - ${v0#* } ))"
     # A run that failed shows why (once per device).
     if [ -s "$WORK/fio.$d.err" ] && [ ! -e "$WORK/fio.$d.shown" ]; then
         sed "s/^/  fio on $d: /" "$WORK/fio.$d.err" >&2; touch "$WORK/fio.$d.shown"
@@ -60,20 +113,28 @@ run() { # DEVICE JOB -> "IOPS LAT_US"
 JOBS=(w1 w32 r32)
 for rep in $(seq "$REPS"); do
     for j in "${JOBS[@]}"; do
-        devs=(ublk mirrored mirrored-q2 dm-raid1)
+        devs=("${ALL[@]}")
         [ "$j" = w1 ] && devs+=(nbd-direct)
         for d in "${devs[@]}"; do
-            read -r iops lat < <(run "$d" "$j")
+            read -r iops lat cd ct vb vt < <(run "$d" "$j")
             R[$d.$j]="${R[$d.$j]:-} $iops"; L[$d.$j]="${L[$d.$j]:-} $lat"
+            # CPU microseconds per I/O (the run's I/Os: IOPS x (SECS + 1 s ramp), roughly).
+            ios=$(awk -v i="$iops" -v s="$SECS" 'BEGIN {print (i > 0) ? i * (s + 1) : 1}')
+            per() { awk -v t="$1" -v n="$ios" -v hz="$HZ" 'BEGIN {printf "%.0f", t * 1e6 / hz / n}'; }
+            CD[$d.$j]="${CD[$d.$j]:-} $(per "$cd")"; CT[$d.$j]="${CT[$d.$j]:-} $(per "$ct")"
+            CV[$d.$j]="${CV[$d.$j]:-} $(per "$vb")"
+            BUSY[$d.$j]="${BUSY[$d.$j]:-} $(awk -v b="$vb" -v t="$vt" 'BEGIN {printf "%.0f", (t > 0) ? 100 * b / t : 0}')"
         done
     done
     log "rep $rep of $REPS"
 done
 for j in "${JOBS[@]}"; do
-    for d in ublk mirrored mirrored-q2 dm-raid1 nbd-direct; do
+    for d in "${ALL[@]}" nbd-direct; do
         [ -n "${R[$d.$j]:-}" ] || continue
         # shellcheck disable=SC2086
-        echo "QUICK $j $d: IOPS $(median ${R[$d.$j]}) [${R[$d.$j]# }], mean lat $(median ${L[$d.$j]}) us"
+        echo "QUICK $j $d: IOPS $(median ${R[$d.$j]}) [${R[$d.$j]# }], mean lat $(median ${L[$d.$j]}) us;" \
+            "CPU us/IO: daemon $(median ${CD[$d.$j]}), target $(median ${CT[$d.$j]}), VM $(median ${CV[$d.$j]})" \
+            "(VM busy $(median ${BUSY[$d.$j]})%)"
     done
 done
 # shellcheck disable=SC2086
@@ -93,3 +154,19 @@ awk -v m1="$m1" -v d1="$d1" -v m32="$m32" -v d32="$d32" -v lm="$lm" -v lu="$lu" 
     printf "QUICK mirrored-q2/mirrored 4k randwrite QD32 %.2f (target >= 1.0)\n", q2 / m32
     printf "QUICK mirrored/ublk 4k randread QD32 %.2f (guard >= 0.95)\n", mr / ur
 }'
+if [ -n "${DEVS[mirrored-tls]:-}" ]; then
+    for j in "${JOBS[@]}"; do
+        # shellcheck disable=SC2086
+        awk -v t="$(median ${R[mirrored-tls.$j]})" -v p="$(median ${R[mirrored.$j]})" -v j="$j" \
+            'BEGIN {printf "QUICK TLS cost %s: mirrored-tls / mirrored %.2f\n", j, (p > 0) ? t / p : 0}'
+    done
+fi
+if [ -n "$AB" ]; then
+    for j in "${JOBS[@]}"; do
+        for d in ublk mirrored; do
+            # shellcheck disable=SC2086
+            awk -v n="$(median ${R[$d.$j]})" -v o="$(median ${R[$d-$AB.$j]})" -v d="$d" -v j="$j" -v ab="$AB" \
+                'BEGIN {printf "QUICK A/B %s %s: this build / %s %.2f\n", j, d, ab, (o > 0) ? n / o : 0}'
+        done
+    done
+fi

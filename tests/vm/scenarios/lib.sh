@@ -22,7 +22,7 @@ launch_daemon() {
     DAEMON_LOG=$WORK/daemon.$RANDOM.log
     local fifo=$WORK/ready.$RANDOM
     mkfifo "$fifo"
-    ublk-mirror "$@" --ready-fd 3 3>"$fifo" >"$DAEMON_LOG.out" 2>"$DAEMON_LOG" &
+    "${UBLK_MIRROR:-ublk-mirror}" "$@" --ready-fd 3 3>"$fifo" >"$DAEMON_LOG.out" 2>"$DAEMON_LOG" &
     DAEMON_PID=$!
     local line=""
     read -r -t 60 line < "$fifo" || true
@@ -58,7 +58,8 @@ exit_stat() {
 sysfs_queue() { cat "/sys/block/$(basename "$DEV")/queue/$1"; }
 
 # ctl ARGS...: ublk-mirror-ctl against the current daemon's control socket.
-ctl() { ublk-mirror-ctl --socket "$CTL" "$@"; }
+# (UBLK_MIRROR and UBLK_MIRROR_CTL name other binaries: a bench's A/B against an older build.)
+ctl() { "${UBLK_MIRROR_CTL:-ublk-mirror-ctl}" --socket "$CTL" "$@"; }
 
 # ctl_get COMMAND KEY: one field of a command's text output ("key: value" lines).
 ctl_get() { ctl "$1" | sed -n "s/^$2: //p"; }

@@ -336,7 +336,9 @@ fn the_periodic_cleaner_retires_only_when_the_hot_set_is_nearly_full() {
 #[test]
 fn a_write_to_an_extent_another_just_logged_waits_until_the_log_is_on_disk() {
     let (_dir, m) = bitmap_file();
-    let seq = m.al_log(0, 4096).expect("a cold extent must wait for the log");
+    let seq = m
+        .al_log(0, 4096)
+        .expect("a cold extent must wait for the log");
     assert!(!m.al_is_durable(seq));
     // Another queue's write to the same (now set) extent: hot in memory, not yet on disk.
     let other = m.al_log(8192, 4096).expect("set but not on disk: wait too");
@@ -355,5 +357,7 @@ fn the_log_lives_in_the_bitmap_file_after_the_bitmap() {
     let (_dir, m) = bitmap_file();
     let (fd, offset, len) = m.al_sync_range().expect("a file-backed map has a log");
     assert!(fd >= 0 && offset % 4096 == 0 && len > 0);
-    assert!(DirtyMap::new(1 << 30, DEFAULT_GRANULE).al_sync_range().is_none());
+    assert!(DirtyMap::new(1 << 30, DEFAULT_GRANULE)
+        .al_sync_range()
+        .is_none());
 }
