@@ -31,11 +31,14 @@ profile() { # NAME DEVICE
         || { cat "$WORK/$name.perr"; fail "perf record or fio failed on $name"; }
     awk -F';' '$1 == 3 {printf "PROFILE %s: IOPS %d, mean latency %.0f us\n", n, $49, $81}' n="$name" "$WORK/$name.fio"
     echo "PROFILE $name: samples per command (all CPUs; the idle task is the CPUs' idle time)"
-    perf report -i "$WORK/$name.data" --stdio --no-children --sort comm --percent-limit 1 2> /dev/null \
+    perf report -i "$WORK/$name.data" --stdio --no-children -g none --sort comm --percent-limit 1 2> /dev/null \
         | grep -v '^#' | grep -v '^$' | sed "s/^/PROFILE $name   /" | head -n 12
     echo "PROFILE $name: top symbols (self time, all CPUs, with the command and DSO)"
     perf report -i "$WORK/$name.data" --stdio --no-children -g none --sort comm,dso,sym \
         --percent-limit 0.7 2> /dev/null | grep -v '^#' | grep -v '^$' | sed "s/^/PROFILE $name   /" | head -n 45
+    echo "PROFILE $name: the daemon's own samples, inclusive (callers fold in their callees)"
+    perf report -i "$WORK/$name.data" --stdio --children -g none --comm ublk-mirror --sort sym \
+        --percent-limit 3 2> /dev/null | grep -v '^#' | grep -v '^$' | sed "s/^/PROFILE $name   /" | head -n 60
 }
 profile ublk "$ublk_dev"
 profile mirrored "$mir_dev"
