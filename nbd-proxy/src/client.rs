@@ -2,9 +2,12 @@
 //! Unix, TLS), and a pipelined transmission-phase [`Connection`].
 //!
 //! The handshake is blocking on purpose: it runs once per connection, before the socket is
-//! handed to whatever drives the transmission phase: a thread here ([`Connection`]); in the
-//! daemon, its mirror link (today a pair of threads with a cookie table of its own; once issue
-//! 13 moves the link onto io_uring, it is to use [`Inflight`] and the codec in [`crate::proto`]).
+//! handed to whatever drives the transmission phase: a thread here ([`Connection`], matching
+//! replies with [`Inflight`]); in the daemon, its queues' rings (`ublk-mirror/src/mirror/
+//! ring_conn.rs`), which use the codec in [`crate::proto`] but keep their own table of requests
+//! in flight, because each entry there also holds the waiting task's waker and whether the
+//! kernel still reads the request's buffer (a send not yet reaped), which `Inflight` has no
+//! place for.
 
 use std::io::{self, Read, Write};
 
