@@ -4,17 +4,25 @@
 # BENCH_SECS (4) s: 4k randread and randwrite at total QD32, one fio job (pinned to CPU 0) and
 # two (one per CPU, QD16 each); 4k randwrite QD1 on one job. Prints one line per device and job
 # and the ratios to 1 queue.
-#   SCENARIO_TIMEOUT=1200 tests/vm/run bench-placement   (about 11 min; VM_ENV="BENCH_REPS BENCH_SECS" to change the reps)
+# With BENCH_PLACEMENT=1q, one queue placed four ways instead, ratios to the first: q1 (the
+# default: free to run on any CPU), own (libublk's random pin), cpu0 (the daemon started under
+# `taskset -c 0`: on the CPU the one-job runs' fio is pinned to) and cpu1 (`taskset -c 1`: away
+# from it).
+#   SCENARIO_TIMEOUT=1200 tests/vm/run bench-placement   (about 11 min; VM_ENV="BENCH_REPS BENCH_SECS BENCH_PLACEMENT")
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
 REPS=${BENCH_REPS:-5} SECS=${BENCH_SECS:-4}
 declare -A DEVS PIDS
-for d in q1 away any own; do
+PLACES=(q1 away any own)
+[ "${BENCH_PLACEMENT:-}" = 1q ] && PLACES=(q1 own cpu0 cpu1)
+for d in "${PLACES[@]}"; do
     make_image "$WORK/$d.img" 256M
-    if [ "$d" = q1 ]; then
-        start_daemon "$WORK/$d.img" --queues 1
-    else
-        start_daemon "$WORK/$d.img" --queues 2 --queue-cpus "$d"
-    fi
+    case ${BENCH_PLACEMENT:-}:$d in
+        *:q1) start_daemon "$WORK/$d.img" --queues 1 ;;
+        1q:own) start_daemon "$WORK/$d.img" --queues 1 --queue-cpus own ;;
+        1q:cpu0) UBLK_MIRROR="taskset -c 0 ublk-mirror" start_daemon "$WORK/$d.img" --queues 1 ;;
+        1q:cpu1) UBLK_MIRROR="taskset -c 1 ublk-mirror" start_daemon "$WORK/$d.img" --queues 1 ;;
+        *) start_daemon "$WORK/$d.img" --queues 2 --queue-cpus "$d" ;;
+    esac
     DEVS[$d]=$DEV PIDS[$d]=$DAEMON_PID
     grep "served on CPUs" "$DAEMON_LOG" | sed 's/^.*INFO/  /' || true
 done
@@ -36,7 +44,7 @@ run() { # DEV JOB -> IOPS
 JOBS=(read-1job write-1job read-2jobs write-2jobs write-qd1)
 for rep in $(seq "$REPS"); do
     for j in "${JOBS[@]}"; do
-        for d in q1 away any own; do R[$d.$j]="${R[$d.$j]:-} $(run "${DEVS[$d]}" "$j")"; done
+        for d in "${PLACES[@]}"; do R[$d.$j]="${R[$d.$j]:-} $(run "${DEVS[$d]}" "$j")"; done
     done
     log "rep $rep of $REPS done"
 done
@@ -44,11 +52,11 @@ for j in "${JOBS[@]}"; do
     # shellcheck disable=SC2086
     base=$(median ${R[q1.$j]})
     line="$j: q1 $base"
-    for d in away any own; do
+    for d in "${PLACES[@]:1}"; do
         # shellcheck disable=SC2086
         m=$(median ${R[$d.$j]})
         line="$line, $d $m ($(awk -v a="$m" -v b="$base" 'BEGIN {printf "%.2fx", a / b}'))"
     done
     echo "PLACEMENT $line"
 done
-for d in q1 away any own; do DAEMON_PID=${PIDS[$d]} DEV=${DEVS[$d]}; DEV_ID=${DEV#/dev/ublkb}; stop_daemon; done
+for d in "${PLACES[@]}"; do DAEMON_PID=${PIDS[$d]} DEV=${DEVS[$d]}; DEV_ID=${DEV#/dev/ublkb}; stop_daemon; done

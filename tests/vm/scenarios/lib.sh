@@ -22,7 +22,9 @@ launch_daemon() {
     DAEMON_LOG=$WORK/daemon.$RANDOM.log
     local fifo=$WORK/ready.$RANDOM
     mkfifo "$fifo"
-    "${UBLK_MIRROR:-ublk-mirror}" "$@" --ready-fd 3 3>"$fifo" >"$DAEMON_LOG.out" 2>"$DAEMON_LOG" &
+    # UBLK_MIRROR may be a command with arguments (e.g. "taskset -c 1 ublk-mirror"): split.
+    # shellcheck disable=SC2086
+    ${UBLK_MIRROR:-ublk-mirror} "$@" --ready-fd 3 3>"$fifo" >"$DAEMON_LOG.out" 2>"$DAEMON_LOG" &
     DAEMON_PID=$!
     local line=""
     read -r -t 60 line < "$fifo" || true
