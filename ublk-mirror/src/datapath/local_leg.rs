@@ -193,7 +193,7 @@ fn len_u32(len: usize) -> u32 {
 
 /// Submits one SQE on this thread's queue ring and waits for it; Ok(res >= 0) or Err(errno).
 /// Transient EAGAIN/EINTR answers are retried a bounded number of times.
-async fn submit(sqe: squeue::Entry) -> Result<u32, i32> {
+pub(super) async fn submit(sqe: squeue::Entry) -> Result<u32, i32> {
     let mut tries = 0;
     loop {
         let res = ublk_submit_sqe_async(sqe.clone(), UblkUringData::Target as u64)

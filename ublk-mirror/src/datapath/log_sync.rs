@@ -7,15 +7,13 @@
 //! while it was in flight wait for it to end and then share the next one; a tag whose bits a
 //! write (of any queue) already covered goes at once.
 
-use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
-use std::task::{Poll, Waker};
+use std::cell::Cell;
 
 use io_uring::{opcode, types};
-use libublk::uring_async::ublk_submit_sqe_async;
-use libublk::UblkUringData;
 
+use crate::datapath::local_leg::submit;
 use crate::datapath::stats::QueueCounters;
+use crate::datapath::waiters::{wait_until, Waiters};
 use crate::mirror::dirty::DirtyMap;
 
 #[derive(Default)]
@@ -24,7 +22,7 @@ pub struct LogSync {
     writing: Cell<bool>,
     /// Writes of the log this ring completed; waiters wait for it to move.
     rounds: Cell<u64>,
-    waiters: RefCell<Vec<Waker>>,
+    waiters: Waiters,
 }
 
 impl LogSync {
@@ -33,7 +31,9 @@ impl LogSync {
         counters.count_log_wait();
         while !dirty.al_is_durable(seq) {
             if self.writing.replace(true) {
-                self.next_round().await;
+                // Wait for the write in flight to end, then look again.
+                let round = self.rounds.get();
+                wait_until(&self.waiters, || self.rounds.get() != round).await;
                 continue;
             }
             let upto = dirty.al_sync_point();
@@ -44,35 +44,16 @@ impl LogSync {
                     .len(len)
                     .flags(types::FsyncFlags::DATASYNC)
                     .build();
-                let res = ublk_submit_sqe_async(sqe, UblkUringData::Target as u64)
-                    .await
-                    .unwrap_or(-libc::EIO);
-                if res < 0 {
+                if let Err(errno) = submit(sqe).await {
                     // The write goes on: a host crash could lose these extents, a daemon
                     // crash not (the mapping is shared).
-                    log::error!("activity log: writing it to disk failed: errno {}", -res);
+                    log::error!("activity log: writing it to disk failed: errno {errno}");
                 }
             }
             dirty.al_synced(upto);
             self.writing.set(false);
             self.rounds.set(self.rounds.get() + 1);
-            for w in std::mem::take(&mut *self.waiters.borrow_mut()) {
-                w.wake();
-            }
+            self.waiters.wake_all();
         }
-    }
-
-    /// Waits until the write of the log in flight on this ring ends.
-    async fn next_round(&self) {
-        let round = self.rounds.get();
-        poll_fn(|cx| {
-            if self.rounds.get() != round {
-                Poll::Ready(())
-            } else {
-                self.waiters.borrow_mut().push(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await;
     }
 }
