@@ -316,13 +316,21 @@ impl DirtyMap {
         self.al_words()[e / 64].load(Ordering::SeqCst) & (1 << (e % 64)) != 0
     }
 
+    /// Where the activity log lies in the file: (byte offset, byte length).
+    fn al_bytes(&self) -> (usize, usize) {
+        (
+            Self::al_offset(self.nwords),
+            Self::al_words_for(self.size) * 8,
+        )
+    }
+
     /// Writes the activity log through to the disk.
     fn al_sync(&self) -> std::io::Result<()> {
         match &self.storage {
-            Storage::File { map, .. } => map.flush_range(
-                Self::al_offset(self.nwords),
-                Self::al_words_for(self.size) * 8,
-            ),
+            Storage::File { map, .. } => {
+                let (offset, len) = self.al_bytes();
+                map.flush_range(offset, len)
+            }
             Storage::Memory(_) => Ok(()),
         }
     }
@@ -345,7 +353,8 @@ impl DirtyMap {
             if let Err(e) = self.al_sync() {
                 log::error!("activity log: writing it to disk failed: {e}");
             }
-            self.al_synced(upto.max(seq));
+            debug_assert!(upto >= seq);
+            self.al_synced(upto);
         }
     }
 
@@ -419,17 +428,18 @@ impl DirtyMap {
     }
 
     /// Where the log lives, for a ranged fdatasync on a ring: (fd, offset, length); None in
-    /// memory. Equivalent to `al_sync` (msync(MS_SYNC) is a ranged fdatasync of the file).
+    /// memory. The same range as `al_sync` (msync(MS_SYNC) is a ranged fdatasync of the file).
     pub fn al_sync_range(&self) -> Option<(std::os::fd::RawFd, u64, u32)> {
         use std::os::fd::AsRawFd;
-        match &self.storage {
-            Storage::File { file, .. } => Some((
-                file.as_raw_fd(),
-                Self::al_offset(self.nwords) as u64,
-                u32::try_from(Self::al_words_for(self.size) * 8).unwrap_or(u32::MAX),
-            )),
-            Storage::Memory(_) => None,
-        }
+        let Storage::File { file, .. } = &self.storage else {
+            return None;
+        };
+        let (offset, len) = self.al_bytes();
+        Some((
+            file.as_raw_fd(),
+            offset as u64,
+            u32::try_from(len).unwrap_or(u32::MAX),
+        ))
     }
 
     /// The most extents the hot set keeps while a mirror takes writes (at least 1).
