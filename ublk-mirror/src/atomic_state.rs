@@ -40,10 +40,11 @@ macro_rules! u8_state {
                 self as u8
             }
             fn from_code(code: u8) -> Self {
-                $(if code == $code {
-                    return $name::$var;
-                })+
-                [$($name::$var),+][[$($name::$var),+].len() - 1]
+                const ALL: &[$name] = &[$($name::$var),+];
+                ALL.iter()
+                    .copied()
+                    .find(|v| *v as u8 == code)
+                    .unwrap_or(ALL[ALL.len() - 1])
             }
         }
     };

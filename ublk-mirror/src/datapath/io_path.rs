@@ -5,8 +5,9 @@
 //!
 //! The common path of a request touches only atomics: its queue's own counters, one load of
 //! the gate and one of the mirror slot. While a mirror is attached a write-like request also
-//! takes one shard of the range lock (a few instructions under a mutex few others touch), and the activity log's lock when its
-//! extent is not logged yet (or, with no mirror taking writes, when it leaves an extent idle).
+//! takes one shard of the range lock (a few instructions under a mutex few others touch), and
+//! the activity log's lock when its extent is not logged yet (or, with no mirror taking
+//! writes, when it leaves an extent idle).
 //! The pause handshake that makes the gate safe is described in `device/lifecycle.rs`.
 
 use std::os::fd::RawFd;
@@ -17,7 +18,6 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 
 use crate::atomic_state::{u8_state, AtomicState};
-
 use crate::datapath::request::Request;
 use crate::datapath::stats::Stats;
 use crate::doorbell::Doorbells;

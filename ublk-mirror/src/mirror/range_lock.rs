@@ -77,12 +77,13 @@ impl Ticket {
     }
 }
 
-/// The doorbell numbers (queues, copy workers: all below 64, see `IoPath::new`) whose waiters a
-/// release made runnable.
+/// The set bits of a u64, lowest first: the shards a request touches (the order enqueue locks
+/// them in), or the doorbell numbers (queues, copy workers: all below 64, see `IoPath::new`)
+/// whose waiters a release made runnable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Woken(u64);
+pub struct Bits(u64);
 
-impl Iterator for Woken {
+impl Iterator for Bits {
     type Item = u16;
     fn next(&mut self) -> Option<u16> {
         if self.0 == 0 {
@@ -107,11 +108,6 @@ fn shards_of(start: u64, end: u64) -> u64 {
     (first..=last).fold(0, |m, r| m | 1 << (r % SHARDS as u64))
 }
 
-/// Shard numbers of a mask, ascending (the order enqueue locks them in).
-fn each(mask: u64) -> Woken {
-    Woken(mask)
-}
-
 impl RangeLock {
     /// Joins the line for [offset, offset+len) on behalf of doorbell `qid` (< 64).
     pub fn enqueue(&self, offset: u64, len: u64, qid: u16) -> Ticket {
@@ -121,7 +117,7 @@ impl RangeLock {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut held: [Option<MutexGuard<'_, Vec<Entry>>>; SHARDS] = std::array::from_fn(|_| None);
         let mut blocked = 0u64;
-        for s in each(mask) {
+        for s in Bits(mask) {
             let list = lock(&self.shards[usize::from(s)]);
             if list.iter().any(|e| e.overlaps(offset, end)) {
                 blocked |= 1 << s;
@@ -130,7 +126,7 @@ impl RangeLock {
         }
         let wait = (blocked != 0).then(|| Arc::new(AtomicU32::new(blocked.count_ones())));
         let lowest = mask.trailing_zeros();
-        for s in each(mask) {
+        for s in Bits(mask) {
             let waiting = blocked & (1 << s) != 0;
             if let Some(list) = held[usize::from(s)].as_mut() {
                 list.push(Entry {
@@ -152,9 +148,9 @@ impl RangeLock {
     }
 
     /// Leaves the line; returns the doorbells whose waiters became runnable (to wake them).
-    pub fn release(&self, ticket: &Ticket) -> Woken {
+    pub fn release(&self, ticket: &Ticket) -> Bits {
         let mut woken = 0u64;
-        for s in each(ticket.shards) {
+        for s in Bits(ticket.shards) {
             let mut list = lock(&self.shards[usize::from(s)]);
             let Some(pos) = list.iter().position(|e| e.id == ticket.id) else {
                 continue;
@@ -175,7 +171,7 @@ impl RangeLock {
                 }
             }
         }
-        Woken(woken)
+        Bits(woken)
     }
 
     /// Requests holding or waiting for a range.
@@ -224,8 +220,8 @@ mod tests {
         assert_eq!(l.len(), 3);
         assert_eq!(l.release(&a).collect::<Vec<_>>(), vec![1]);
         assert!(b.granted());
-        assert_eq!(l.release(&c), Woken(0));
-        assert_eq!(l.release(&b), Woken(0));
+        assert_eq!(l.release(&c), Bits(0));
+        assert_eq!(l.release(&b), Bits(0));
         assert_eq!(l.len(), 0);
     }
 
