@@ -83,6 +83,7 @@ fi
 proc_ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 vm_ticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
 HZ=$(getconf CLK_TCK 2>/dev/null || echo 100)
+per_io() { awk -v t="$1" -v n="$2" -v hz="$HZ" 'BEGIN {printf "%.0f", t * 1e6 / hz / n}'; } # TICKS IOS -> us
 
 run() { # DEVICE JOB -> "IOPS LAT_US"
     local d=$1 args target=(--filename="${DEVS[$1]:-}" --ioengine=io_uring)
@@ -120,9 +121,8 @@ for rep in $(seq "$REPS"); do
             R[$d.$j]="${R[$d.$j]:-} $iops"; L[$d.$j]="${L[$d.$j]:-} $lat"
             # CPU microseconds per I/O (the run's I/Os: IOPS x (SECS + 1 s ramp), roughly).
             ios=$(awk -v i="$iops" -v s="$SECS" 'BEGIN {print (i > 0) ? i * (s + 1) : 1}')
-            per() { awk -v t="$1" -v n="$ios" -v hz="$HZ" 'BEGIN {printf "%.0f", t * 1e6 / hz / n}'; }
-            CD[$d.$j]="${CD[$d.$j]:-} $(per "$cd")"; CT[$d.$j]="${CT[$d.$j]:-} $(per "$ct")"
-            CV[$d.$j]="${CV[$d.$j]:-} $(per "$vb")"
+            CD[$d.$j]="${CD[$d.$j]:-} $(per_io "$cd" "$ios")"; CT[$d.$j]="${CT[$d.$j]:-} $(per_io "$ct" "$ios")"
+            CV[$d.$j]="${CV[$d.$j]:-} $(per_io "$vb" "$ios")"
             BUSY[$d.$j]="${BUSY[$d.$j]:-} $(awk -v b="$vb" -v t="$vt" 'BEGIN {printf "%.0f", (t > 0) ? 100 * b / t : 0}')"
         done
     done

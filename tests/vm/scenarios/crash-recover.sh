@@ -17,12 +17,6 @@
 CYCLES=${CYCLES:-3}
 L=$WORK/local.img R=$WORK/remote.img
 make_image "$L" 512M
-fio_job() { # NAME [more fio args...]: fio verify on $DEV, mixed sizes, QD32, flushes
-    local name=$1; shift
-    fio --name="$name" --filename="$DEV" --direct=1 --ioengine=io_uring --iodepth=32 \
-        --rw=randwrite --bsrange=4k-64k --size=256M --fsync=32 --verify=crc32c \
-        --verify_backlog=128 --verify_fatal=1 "$@"
-}
 run_fio() { # NAME SECONDS: in the background, pid in FIO_PID
     fio_job "$1" --time_based --runtime="$2" > "$WORK/$1.out" 2>&1 &
     FIO_PID=$!

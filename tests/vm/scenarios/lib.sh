@@ -100,6 +100,15 @@ mirror_to() {
     [ "$(ctl_get stats mirror.state)" = active ] || fail "mirror is not active"
 }
 
+# fio_job NAME [more fio args...]: fio verify on $DEV, mixed sizes, QD32, flushes (the load
+# the crash and upgrade scenarios keep running while the daemon is replaced).
+fio_job() {
+    local name=$1; shift
+    fio --name="$name" --filename="$DEV" --direct=1 --ioengine=io_uring --iodepth=32 \
+        --rw=randwrite --bsrange=4k-64k --size=256M --fsync=32 --verify=crc32c \
+        --verify_backlog=128 --verify_fatal=1 "$@"
+}
+
 # stop_pid PID [SIGNAL]: ends a process that may already have exited (SIGTERM by default;
 # KILL to crash a daemon on purpose).
 stop_pid() { kill -"${2:-TERM}" "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }

@@ -21,9 +21,7 @@ id=$DEV_ID old_pid=$DAEMON_PID
 UBLK_MIRROR_CTL=ublk-mirror-ctl-$from mirror_to old --timeout 30
 UBLK_MIRROR_CTL=ublk-mirror-ctl-$from ctl raw '{"v":1,"id":1,"cmd":"stats"}' | keys > "$WORK/old.keys"
 [ -s "$WORK/old.keys" ] || fail "no stats from the old build"
-fio --name=up --filename="$DEV" --direct=1 --ioengine=io_uring --iodepth=32 --rw=randwrite \
-    --bsrange=4k-64k --size=256M --fsync=32 --verify=crc32c --verify_backlog=128 --verify_fatal=1 \
-    --time_based --runtime=16 > "$WORK/fio.out" 2>&1 &
+fio_job up --time_based --runtime=16 > "$WORK/fio.out" 2>&1 &
 fio_pid=$!
 sleep 5
 UBLK_MIRROR_CTL=ublk-mirror-ctl-$from ctl shutdown --keep > /dev/null || fail "the old build's shutdown --keep failed"
