@@ -133,8 +133,8 @@ struct ServeArgs {
     max_io: u32,
     /// Where the queue threads run: away (every CPU but those that submit to the queue, so a
     /// submitter and its queue thread run in parallel; with 1 queue, which every CPU feeds,
-    /// any CPU), any (every CPU), or own (one CPU of the queue's submitters, picked at
-    /// random).
+    /// one CPU counted from the last by device id), any (every CPU), or own (one CPU of the
+    /// queue's submitters, picked at random).
     #[arg(long, value_enum, value_name = "POLICY", default_value_t = QueueCpus::Away)]
     queue_cpus: QueueCpus,
     /// O_DIRECT on the image: on, off, or auto (on if the filesystem allows it).

@@ -7,15 +7,22 @@
 //! thread serving it run in parallel; `any` lets every queue thread use every CPU; `own` keeps
 //! the one CPU libublk picked at random from the queue's mask.
 //!
-//! One queue is fed by every CPU, so `away` leaves it free to run on any: pinned to the random
-//! CPU libublk picks, it shared that CPU with a pinned submitter in some runs and not in others
-//! (a 1-queue read bench swung by 2x between daemons started the same way).
+//! One queue is fed by every CPU, so no CPU is "away" from its submitters. `away` pins it to
+//! one CPU picked from the device id: the last allowed CPU for device 0, the one before for
+//! device 1, and so on, so that one daemon always lands in the same place (libublk's random
+//! pick swung a 1-queue bench by 2x between daemons started the same way) and many daemons
+//! spread over the CPUs. The last CPU first because CPU 0 is where Linux puts most
+//! housekeeping and, in the bench, the pinned fio job. A pin, not a float: measured with fio
+//! on CPU 0 (bench-placement `1q`, IOPS), floating over both CPUs gave 5815 / 5418 / 608
+//! (randread QD32 / randwrite QD32 / randwrite QD1) against 6951 / 6208 / 1035 pinned to
+//! CPU 1; the scheduler's migrations cost more than sharing a CPU saves.
 
 use libublk::ctrl::{UblkCtrl, UblkQueueAffinity};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum QueueCpus {
-    /// Every CPU outside the queue's own mask (all CPUs if none is left).
+    /// Every CPU outside the queue's own mask (all CPUs if none is left); a 1-queue device
+    /// on one CPU picked from the device id.
     #[default]
     Away,
     /// Every CPU the daemon may run on.
@@ -31,6 +38,7 @@ pub fn place_queue_threads(ctrl: &UblkCtrl, queues: u16, policy: QueueCpus) {
         return;
     }
     let allowed = allowed_cpus();
+    let dev_id = ctrl.dev_info().dev_id;
     for q in 0..queues {
         let Ok(tid) = ctrl.get_queue_tid(u32::from(q)) else {
             log::warn!("queue {q}: thread id unknown; left where it is");
@@ -42,6 +50,7 @@ pub fn place_queue_threads(ctrl: &UblkCtrl, queues: u16, policy: QueueCpus) {
             Err(_) => Vec::new(),
         };
         let cpus = match policy {
+            QueueCpus::Away if queues == 1 => one_for_device(&allowed, dev_id),
             QueueCpus::Away => {
                 let away: Vec<usize> = allowed
                     .iter()
@@ -63,6 +72,16 @@ pub fn place_queue_threads(ctrl: &UblkCtrl, queues: u16, policy: QueueCpus) {
             Err(e) => log::warn!("queue {q}: cannot move its thread to CPUs {cpus:?}: {e}"),
         }
     }
+}
+
+/// The CPU a 1-queue device's thread is pinned to: counted from the last allowed one by
+/// device id, so device 0 gets the last CPU and consecutive devices spread.
+fn one_for_device(allowed: &[usize], dev_id: u32) -> Vec<usize> {
+    if allowed.is_empty() {
+        return Vec::new();
+    }
+    let from_end = dev_id as usize % allowed.len();
+    vec![allowed[allowed.len() - 1 - from_end]]
 }
 
 /// The CPUs this process may run on.
@@ -97,5 +116,20 @@ fn set_affinity(tid: i32, cpus: &[usize]) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_for_device;
+
+    #[test]
+    fn one_queue_pins_from_the_last_cpu_by_device_id() {
+        let cpus = [0, 1, 2, 3];
+        assert_eq!(one_for_device(&cpus, 0), vec![3]);
+        assert_eq!(one_for_device(&cpus, 1), vec![2]);
+        assert_eq!(one_for_device(&cpus, 4), vec![3]);
+        assert_eq!(one_for_device(&[5], 7), vec![5]);
+        assert!(one_for_device(&[], 0).is_empty());
     }
 }
