@@ -76,6 +76,31 @@ impl Export {
     pub fn read_only(&self) -> bool {
         self.has(tx_flags::READ_ONLY)
     }
+
+    /// Why the export cannot take `command` with these command flags (by its transmission
+    /// flags alone; lengths and offsets are checked elsewhere), or `None` if it can. One list
+    /// for the client's per-request check and the daemon's check before it mirrors.
+    pub fn refusal(&self, command: Command, flags: u16) -> Option<&'static str> {
+        let lacks = |flag: u16| !self.has(flag);
+        let why = match command {
+            Command::Flush if lacks(tx_flags::SEND_FLUSH) => "the export does not take FLUSH",
+            Command::Trim if lacks(tx_flags::SEND_TRIM) => "the export does not take TRIM",
+            Command::WriteZeroes if lacks(tx_flags::SEND_WRITE_ZEROES) => {
+                "the export does not take WRITE_ZEROES"
+            }
+            Command::Write | Command::Trim | Command::WriteZeroes if self.read_only() => {
+                "the export is read-only"
+            }
+            _ if flags & cmd_flags::FUA != 0 && lacks(tx_flags::SEND_FUA) => {
+                "the export does not take FUA"
+            }
+            _ if flags & cmd_flags::FAST_ZERO != 0 && lacks(tx_flags::SEND_FAST_ZERO) => {
+                "the export does not take FAST_ZERO"
+            }
+            _ => return None,
+        };
+        Some(why)
+    }
 }
 
 /// The oldstyle greeting's second magic ("cliserv magic").
@@ -384,31 +409,8 @@ impl<S: Read + Write> Connection<S> {
         data: Option<&[u8]>,
     ) -> Result<u64, ClientError> {
         let e = &self.export;
-        let needs = |flag: u16| e.flags & flag != 0;
-        match command {
-            Command::Flush if !needs(tx_flags::SEND_FLUSH) => {
-                return Err(ClientError::BadRequest("the export does not take FLUSH"))
-            }
-            Command::Trim if !needs(tx_flags::SEND_TRIM) => {
-                return Err(ClientError::BadRequest("the export does not take TRIM"))
-            }
-            Command::WriteZeroes if !needs(tx_flags::SEND_WRITE_ZEROES) => {
-                return Err(ClientError::BadRequest(
-                    "the export does not take WRITE_ZEROES",
-                ))
-            }
-            Command::Write | Command::Trim | Command::WriteZeroes if e.read_only() => {
-                return Err(ClientError::BadRequest("the export is read-only"))
-            }
-            _ => {}
-        }
-        if flags & cmd_flags::FUA != 0 && !needs(tx_flags::SEND_FUA) {
-            return Err(ClientError::BadRequest("the export does not take FUA"));
-        }
-        if flags & cmd_flags::FAST_ZERO != 0 && !needs(tx_flags::SEND_FAST_ZERO) {
-            return Err(ClientError::BadRequest(
-                "the export does not take FAST_ZERO",
-            ));
+        if let Some(why) = e.refusal(command, flags) {
+            return Err(ClientError::BadRequest(why));
         }
         if command == Command::Write && data.map(<[u8]>::len) != Some(length as usize) {
             return Err(ClientError::BadRequest(

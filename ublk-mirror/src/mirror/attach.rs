@@ -8,7 +8,7 @@ use std::time::Duration;
 use control::protocol::NegotiatedNbd;
 use nbd_proxy::address::Stream;
 use nbd_proxy::client::{Export, Negotiator};
-use nbd_proxy::proto::{tx_flags, BlockSize};
+use nbd_proxy::proto::{BlockSize, Command};
 
 /// What the device needs of an export.
 #[derive(Debug, Clone, Copy)]
@@ -63,14 +63,20 @@ pub fn check_export(export: &Export, dev: DeviceNeeds) -> Result<(), String> {
             export.name, export.size, dev.dev_size
         ));
     }
-    if export.read_only() {
-        return Err(format!("export {:?} is read-only", export.name));
-    }
-    if !export.has(tx_flags::SEND_FLUSH) {
-        return Err(format!(
-            "export {:?} does not take FLUSH: the target could not be crash-consistent",
-            export.name
-        ));
+    // Every mirror sends writes and flushes; the rest has a fallback on the ring
+    // (`ring_conn.rs`): FUA as a write then a flush, discard and write-zeroes as zero-filled
+    // writes.
+    let needed = [
+        (Command::Write, ""),
+        (Command::Flush, ": the target could not be crash-consistent"),
+    ];
+    for (command, consequence) in needed {
+        if let Some(why) = export.refusal(command, 0) {
+            return Err(format!(
+                "export {:?} refused: {why}{consequence}",
+                export.name
+            ));
+        }
     }
     if export.block_size.maximum < dev.max_io || export.block_size.minimum > dev.logical_block {
         return Err(format!(
@@ -88,11 +94,7 @@ pub fn check_export(export: &Export, dev: DeviceNeeds) -> Result<(), String> {
 /// Refuses a further connection whose export differs from the first one's: every
 /// connection of a mirror must reach the same export.
 pub fn check_same(first: &Export, other: &Export) -> Result<(), String> {
-    let same = first.name == other.name
-        && first.size == other.size
-        && first.flags == other.flags
-        && first.block_size.to_array() == other.block_size.to_array();
-    if same {
+    if first == other {
         return Ok(());
     }
     Err(format!(
@@ -140,6 +142,7 @@ pub fn socket_family(fd: RawFd) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nbd_proxy::proto::tx_flags;
 
     fn export(size: u64, flags: u16, block_size: [u32; 3]) -> Export {
         Export {
