@@ -4,6 +4,14 @@
 //! own `[default: ...]` or, where clap cannot show it, a `[default: ...]` in its help text (or
 //! says which other option is required instead).
 
+/// For each binary's tests: panics, listing every breaker, unless clap finds `cmd`
+/// consistent (`debug_assert`) and every argument keeps the rule.
+pub fn assert_rule_kept(cmd: clap::Command) {
+    cmd.clone().debug_assert();
+    let breakers = rule_breakers(&cmd);
+    assert!(breakers.is_empty(), "{breakers:#?}");
+}
+
 /// `program subcommand --option` for every argument of `cmd` and its subcommands that breaks
 /// the rule, with why.
 pub fn rule_breakers(cmd: &clap::Command) -> Vec<String> {

@@ -5,11 +5,13 @@
 //! - [`client`]: the handshake over any blocking stream, and a pipelined connection.
 //! - [`inflight`]: the table of requests in flight on one connection, owning what it tracks.
 //! - [`address`]: `tcp:HOST:PORT` and `unix:PATH` endpoints.
+//! - [`file_lock`]: the lock that keeps two servers (ours, the daemon) off one image.
 //! - `server`: exports image files to many concurrent, pipelined clients.
 //! - `tls`: STARTTLS with rustls, bridged to plain sockets.
 
 pub mod address;
 pub mod client;
+pub mod file_lock;
 pub mod inflight;
 pub mod proto;
 #[cfg(feature = "server")]

@@ -449,9 +449,7 @@ mod tests {
 
     #[test]
     fn the_command_line_is_consistent_and_every_option_says_its_default() {
-        Cli::command().debug_assert();
-        let breakers = control::help::rule_breakers(&Cli::command());
-        assert!(breakers.is_empty(), "{breakers:#?}");
+        control::help::assert_rule_kept(Cli::command());
     }
 
     #[test]

@@ -661,9 +661,7 @@ mod tests {
 
     #[test]
     fn the_command_line_is_consistent_and_every_option_says_its_default() {
-        Cli::command().debug_assert();
-        let breakers = control::help::rule_breakers(&Cli::command());
-        assert!(breakers.is_empty(), "{breakers:#?}");
+        control::help::assert_rule_kept(Cli::command());
     }
 
     /// Every verb but `list` and `raw` (and each alias) is a protocol command of that name.

@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
 use crate::address::Stream;
+use crate::file_lock::{lock, LockMode};
 use crate::proto::tx_flags;
 use unpoison::Unpoisoned;
 
@@ -116,7 +116,15 @@ impl Export {
                 path: path.to_owned(),
             });
         }
-        lock(&file, read_only).map_err(|_| ExportError::Locked {
+        lock(
+            &file,
+            if read_only {
+                LockMode::Shared
+            } else {
+                LockMode::Exclusive
+            },
+        )
+        .map_err(|_| ExportError::Locked {
             name: name.to_owned(),
             path: path.to_owned(),
         })?;
@@ -148,23 +156,6 @@ impl Export {
 
     fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)
-    }
-}
-
-/// An exclusive (or, read-only, shared) OFD lock, released when the file closes. The daemon
-/// has its own twin (`ublk-mirror/src/file_lock.rs`): neither crate depends on the other's
-/// side, and `control` is a protocol crate, so the two stay apart for now.
-fn lock(file: &File, shared: bool) -> io::Result<()> {
-    // SAFETY: flock is plain old data; all-zero is a valid value that we then fill in.
-    let mut l: libc::flock = unsafe { std::mem::zeroed() };
-    l.l_type = if shared { libc::F_RDLCK } else { libc::F_WRLCK } as libc::c_short;
-    l.l_whence = libc::SEEK_SET as libc::c_short;
-    const F_OFD_SETLK: libc::c_int = 37;
-    // SAFETY: the fd is open for the duration of the call and `l` is a valid flock.
-    if unsafe { libc::fcntl(file.as_raw_fd(), F_OFD_SETLK, &l) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::file_lock::lock_exclusive;
+use nbd_proxy::file_lock::lock_exclusive;
 
 /// Whether to bypass the page cache. In the state file as "on", "off" or "auto", as on the
 /// command line.

@@ -135,18 +135,36 @@ fn le_u64(m: &[u8], at: usize) -> u64 {
 
 impl DirtyMap {
     pub fn new(size: u64, granule: u64) -> DirtyMap {
-        let nwords = size.div_ceil(granule).div_ceil(64) as usize;
+        let nwords = Self::words_for(size, granule);
+        let bits = Storage::Memory((0..nwords).map(|_| AtomicU64::new(0)).collect());
+        DirtyMap::with_storage(bits, size, granule, 0, 0)
+    }
+
+    fn words_for(size: u64, granule: u64) -> usize {
+        size.div_ceil(granule).div_ceil(64) as usize
+    }
+
+    /// A map over `storage` with `extents` activity-log extents (0 in memory), nothing
+    /// marked or logged yet.
+    fn with_storage(
+        storage: Storage,
+        size: u64,
+        granule: u64,
+        extents: usize,
+        generation: u64,
+    ) -> DirtyMap {
+        let per_extent = || (0..extents).map(|_| AtomicU32::new(0)).collect();
         DirtyMap {
             granule,
             size,
-            nwords,
-            storage: Storage::Memory((0..nwords).map(|_| AtomicU64::new(0)).collect()),
-            al_inflight: Vec::new(),
+            nwords: Self::words_for(size, granule),
+            storage,
+            al_inflight: per_extent(),
             al_lock: Mutex::new(()),
             al_hot: AtomicUsize::new(0),
             al_bound: AtomicUsize::new(DEFAULT_AL_EXTENTS),
             al_clock: AtomicU32::new(0),
-            al_last_use: Vec::new(),
+            al_last_use: per_extent(),
             al_writes: AtomicU64::new(0),
             al_set_seq: AtomicU64::new(0),
             al_durable_seq: AtomicU64::new(0),
@@ -157,7 +175,7 @@ impl DirtyMap {
             #[cfg(test)]
             fail_write_back: AtomicBool::new(false),
             al_recovered: 0,
-            generation: 0,
+            generation,
         }
     }
 
@@ -234,7 +252,7 @@ impl DirtyMap {
         };
         let meta = std::fs::metadata(image).map_err(io)?;
         let (dev, ino) = (meta.dev(), meta.ino());
-        let nwords = size.div_ceil(granule).div_ceil(64) as usize;
+        let nwords = Self::words_for(size, granule);
         let len = (Self::al_offset(nwords) + Self::al_words_for(size) * 8) as u64;
         let file = OpenOptions::new()
             .read(true)
@@ -243,7 +261,7 @@ impl DirtyMap {
             .truncate(false)
             .open(path)
             .map_err(io)?;
-        crate::file_lock::lock_exclusive(&file).map_err(|_| BitmapError::Locked {
+        nbd_proxy::file_lock::lock_exclusive(&file).map_err(|_| BitmapError::Locked {
             path: shown.clone(),
         })?;
         let fresh = file.metadata().map_err(io)?.len() == 0;
@@ -264,30 +282,13 @@ impl DirtyMap {
             Self::next_generation(&mut map, header, len, &shown)?
         };
         map.flush().map_err(io)?;
-        let extents = size.div_ceil(AL_EXTENT) as usize;
-        let mut m = DirtyMap {
-            granule,
+        let mut m = DirtyMap::with_storage(
+            Storage::File { map, file },
             size,
-            nwords,
-            storage: Storage::File { map, file },
-            al_inflight: (0..extents).map(|_| AtomicU32::new(0)).collect(),
-            al_lock: Mutex::new(()),
-            al_hot: AtomicUsize::new(0),
-            al_bound: AtomicUsize::new(DEFAULT_AL_EXTENTS),
-            al_clock: AtomicU32::new(0),
-            al_last_use: (0..extents).map(|_| AtomicU32::new(0)).collect(),
-            al_writes: AtomicU64::new(0),
-            al_set_seq: AtomicU64::new(0),
-            al_durable_seq: AtomicU64::new(0),
-            al_retired: AtomicU64::new(0),
-            al_eager: AtomicBool::new(false),
-            marks: AtomicU64::new(0),
-            written_back: Mutex::new(0),
-            #[cfg(test)]
-            fail_write_back: AtomicBool::new(false),
-            al_recovered: 0,
+            granule,
+            size.div_ceil(AL_EXTENT) as usize,
             generation,
-        };
+        );
         m.al_recovered = m.absorb_activity_log().map_err(io)?;
         Ok(m)
     }
