@@ -55,18 +55,13 @@ impl Daemon {
         dirty: DirtyMap,
     ) -> std::io::Result<Arc<Daemon>> {
         let gate = Lifecycle::initial_gate(start_paused);
-        let io = Arc::new(IoPath::new(
-            image.file.as_raw_fd(),
-            queues,
-            WORKERS,
-            gate,
-            dirty,
-        )?);
+        let (io, device_switches, mirror_switches) =
+            IoPath::new(image.file.as_raw_fd(), queues, WORKERS, gate, dirty)?;
         Ok(Arc::new(Daemon {
-            device: Lifecycle::new(io.clone(), image, direct, start_paused),
+            device: Lifecycle::new(device_switches, image, direct, start_paused),
             fds: FdStore::default(),
             record: StateRecord::default(),
-            mirroring: Mirroring::new(io.clone()),
+            mirroring: Mirroring::new(mirror_switches),
             io,
             label,
             stop: Mutex::new(stop),

@@ -240,7 +240,7 @@ fn control_reply_keys_match_the_golden_file() {
     let (_img, daemon) = crate::daemon::tests::daemon_with(1 << 20, 1);
     // No ublk device here, so no queue threads: this plays queue 0's ring for the mirror.
     let io = daemon.io.clone();
-    let _queue0 = crate::mirror::test_ring::own_connections(move || io.mirror.load_full());
+    let _queue0 = crate::mirror::test_ring::own_connections(move || io.mirror());
     let mut d = Driver {
         daemon: daemon.clone(),
         info: crate::ctl::tests::test_info(),

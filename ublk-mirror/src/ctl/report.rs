@@ -84,7 +84,7 @@ pub(super) fn stats_json(daemon: &Daemon) -> Value {
 fn mirror_report(daemon: &Daemon) -> MirrorReport {
     let requested = lock(&daemon.mirroring.request).clone();
     let dirty = &daemon.io.dirty;
-    let Some(m) = daemon.io.mirror.load_full() else {
+    let Some(m) = daemon.io.mirror() else {
         // After a recovery from a daemon that was mirroring: failed, until mirror-start/stop.
         let inherited = daemon.mirroring.inherited_failure();
         return MirrorReport::Off(MirrorOff {

@@ -27,7 +27,7 @@ pub(super) async fn fan_out(
     // Counted before looking at the mirror slot: a mirror starting waits for local-only
     // writes to finish, and they see it and mark themselves out of sync (see `Mirroring::start`).
     t.counters.local_only_begin();
-    let mirror = t.io.mirror.load_full();
+    let mirror = t.io.mirror();
     let Some(m) = mirror.as_ref().filter(|m| m.takes_io()) else {
         return unmirrored(t, req, buf, mirror.is_some()).await;
     };
@@ -52,7 +52,7 @@ async fn unmirrored(
     }
     let res = serve_local(t.leg, req, buf).await;
     // A mirror that appeared meanwhile (`Mirroring::start` waits for us) must see this write.
-    if !attached && t.io.mirror.load().is_some() {
+    if !attached && t.io.has_mirror() {
         mark_dirty(t.io, &req);
     }
     t.counters.local_only_end();

@@ -1,7 +1,10 @@
 //! The data path's handle: what queue threads and copy workers read to serve a request, and
 //! nothing of the control plane (pause/unpause and mirror attach logic, stored fds, the state
-//! record). The `Daemon` (`daemon.rs`) owns one behind an `Arc`; the queues and the copy workers get a clone of
-//! that `Arc` only.
+//! record). `IoPath::new` returns it behind an `Arc` together with its only two sets of
+//! switches: [`DeviceSwitches`] (the gate, the image fd, the doorbells) for the device's
+//! lifecycle and [`MirrorSwitches`] (the mirror slot, tracking) for mirroring. Queue threads
+//! and copy workers get a clone of the `Arc` alone, which can read all of it and change none
+//! of it: they cannot pause, swap the image or attach a mirror, by construction.
 //!
 //! The common path of a request touches only atomics: its queue's own counters, one load of
 //! the gate and one of the mirror slot. While a mirror is attached a write-like request also
@@ -10,6 +13,7 @@
 //! writes, when it leaves an extent idle).
 //! The pause handshake that makes the gate safe is described in `device/lifecycle.rs`.
 
+use std::ops::Deref;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
@@ -59,7 +63,7 @@ pub struct IoPath {
     /// The doorbells and mirror completions of every queue and copy worker.
     pub mail: Arc<Mailboxes>,
     /// The mirror, while one is attached (in any state). Loaded without a lock per request.
-    pub mirror: ArcSwapOption<Mirror>,
+    mirror: ArcSwapOption<Mirror>,
     /// Out-of-sync granules between the image and the mirror target (and, with a file, the
     /// activity log).
     pub dirty: DirtyMap,
@@ -78,8 +82,19 @@ pub struct IoPath {
 
 impl IoPath {
     /// The data path of `queues` queues and `workers` copy workers, serving the image open as
-    /// `image_fd`.
+    /// `image_fd`, and the switches that change it.
     pub fn new(
+        image_fd: RawFd,
+        queues: u16,
+        workers: u16,
+        gate: Gate,
+        dirty: DirtyMap,
+    ) -> std::io::Result<(Arc<IoPath>, DeviceSwitches, MirrorSwitches)> {
+        let io = Arc::new(IoPath::build(image_fd, queues, workers, gate, dirty)?);
+        Ok((io.clone(), DeviceSwitches(io.clone()), MirrorSwitches(io)))
+    }
+
+    fn build(
         image_fd: RawFd,
         queues: u16,
         workers: u16,
@@ -120,14 +135,6 @@ impl IoPath {
         self.gate.load()
     }
 
-    /// Moves the gate (pause, unpause, stop); the caller rings the doorbells.
-    pub(crate) fn set_gate(&self, g: Gate) {
-        let before = self.gate.swap(g);
-        if before != g {
-            log::debug!("gate: {} -> {}", before.name(), g.name());
-        }
-    }
-
     /// The fd the local leg issues I/O on.
     pub fn image_fd(&self) -> Arc<AtomicI32> {
         self.image_fd.clone()
@@ -137,9 +144,13 @@ impl IoPath {
         self.image_fd.load(Ordering::SeqCst)
     }
 
-    /// Points every queue's I/O at `fd` (-1 while the image is closed).
-    pub(crate) fn set_image_fd(&self, fd: RawFd) {
-        self.image_fd.store(fd, Ordering::SeqCst);
+    /// The mirror, while one is attached (in any state).
+    pub fn mirror(&self) -> Option<Arc<Mirror>> {
+        self.mirror.load_full()
+    }
+
+    pub fn has_mirror(&self) -> bool {
+        self.mirror.load().is_some()
     }
 
     pub fn doorbell(&self, qid: u16) -> RawFd {
@@ -167,19 +178,62 @@ impl IoPath {
         self.doorbells.wait(qid, timeout);
     }
 
-    /// Wakes every parked request of every queue and copy worker.
-    pub(crate) fn ring_doorbells(&self) {
-        self.mail.ring_all();
-    }
-
     /// Whether writes must mark themselves out of sync although no mirror is attached.
     pub fn tracks_without_mirror(&self) -> bool {
         self.tracking.load(Ordering::Relaxed)
     }
+}
+
+/// What the device's lifecycle (pause, unpause, stop) changes in the data path.
+pub struct DeviceSwitches(Arc<IoPath>);
+
+impl DeviceSwitches {
+    /// Moves the gate (pause, unpause, stop); the caller rings the doorbells.
+    pub fn set_gate(&self, g: Gate) {
+        let before = self.0.gate.swap(g);
+        if before != g {
+            log::debug!("gate: {} -> {}", before.name(), g.name());
+        }
+    }
+
+    /// Points every queue's I/O at `fd` (-1 while the image is closed).
+    pub fn set_image_fd(&self, fd: RawFd) {
+        self.0.image_fd.store(fd, Ordering::SeqCst);
+    }
+
+    /// Wakes every parked request of every queue and copy worker.
+    pub fn ring_doorbells(&self) {
+        self.0.mail.ring_all();
+    }
+}
+
+/// What attaching and detaching a mirror changes in the data path.
+pub struct MirrorSwitches(Arc<IoPath>);
+
+impl MirrorSwitches {
+    /// Publishes (or, with `None`, withdraws) the mirror every request loads.
+    pub fn set_mirror(&self, mirror: Option<Arc<Mirror>>) {
+        self.0.mirror.store(mirror);
+    }
 
     /// From now on, for good, writes that no mirror takes mark themselves out of sync.
-    pub(crate) fn start_tracking(&self) {
-        self.tracking.store(true, Ordering::SeqCst);
+    pub fn start_tracking(&self) {
+        self.0.tracking.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Both read the data path like everyone else.
+impl Deref for DeviceSwitches {
+    type Target = Arc<IoPath>;
+    fn deref(&self) -> &Arc<IoPath> {
+        &self.0
+    }
+}
+
+impl Deref for MirrorSwitches {
+    type Target = Arc<IoPath>;
+    fn deref(&self) -> &Arc<IoPath> {
+        &self.0
     }
 }
 

@@ -131,7 +131,7 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
         }
     }));
     // Tasks still waiting end with the executor: answer what other threads wait for.
-    mirror.abandon(ctx.io.mirror.load_full());
+    mirror.abandon(ctx.io.mirror());
     // Whoever stopped the device (us, or STOP_DEV from another process such as `ublk-mirror
     // delete --force`), the daemon must follow: it holds the char device until it exits.
     log::debug!("queue {qid}: stopped");
@@ -154,7 +154,7 @@ async fn doorbell(io: Arc<IoPath>, qid: u16, parked: Rc<Waiters>, mirror: Rc<Que
         for (tag, outcome) in io.mail.take(qid) {
             parked.deliver(tag, outcome);
         }
-        if let Some(m) = io.mirror.load_full() {
+        if let Some(m) = io.mirror() {
             mirror.serve_forwarded(&m);
         }
         parked.wake_all();

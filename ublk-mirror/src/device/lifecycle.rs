@@ -10,12 +10,12 @@
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use control::protocol::code;
 
-use crate::datapath::io_path::{Gate, IoPath};
+use crate::datapath::io_path::{DeviceSwitches, Gate};
 use crate::device::image::{DirectMode, Image};
 use crate::lock::lock;
 
@@ -73,7 +73,7 @@ impl LifecycleError {
 
 /// The image slot, the device state and the admin lock.
 pub struct Lifecycle {
-    io: Arc<IoPath>,
+    io: DeviceSwitches,
     pub dev_size: u64,
     pub logical_block: u32,
     direct: DirectMode,
@@ -87,7 +87,7 @@ pub struct Lifecycle {
 impl Lifecycle {
     /// The lifecycle of a device serving `image` through `io` (whose gate matches
     /// `start_paused`).
-    pub fn new(io: Arc<IoPath>, image: Image, direct: DirectMode, start_paused: bool) -> Self {
+    pub fn new(io: DeviceSwitches, image: Image, direct: DirectMode, start_paused: bool) -> Self {
         let state = if start_paused {
             DeviceState::Attached
         } else {

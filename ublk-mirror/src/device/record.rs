@@ -53,7 +53,7 @@ impl StateRecord {
 
 /// What the state file records of the mirror attached to `io`, if any.
 pub fn mirror_record(io: &IoPath) -> Option<MirrorRecord> {
-    io.mirror.load().as_ref().map(|m| MirrorRecord {
+    io.mirror().as_ref().map(|m| MirrorRecord {
         target: m.name.clone(),
         targets: m.names(),
         export: m.export.name.clone(),

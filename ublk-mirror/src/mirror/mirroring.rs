@@ -13,7 +13,7 @@ use control::protocol::code;
 use nbd_proxy::client::Export;
 use nbd_proxy::proto::tx_flags;
 
-use crate::datapath::io_path::IoPath;
+use crate::datapath::io_path::{IoPath, MirrorSwitches};
 use crate::fd_store::FdStore;
 use crate::lock::lock;
 use crate::mirror::attach::{self, DeviceNeeds};
@@ -76,7 +76,7 @@ pub enum Stopped {
 }
 
 pub struct Mirroring {
-    io: Arc<IoPath>,
+    io: MirrorSwitches,
     /// Serializes telling the activity log whether a mirror takes writes (`mirror_changed`).
     al_mode: Arc<Mutex<()>>,
     /// The background copy or resync of the current mirror, if any.
@@ -92,7 +92,7 @@ pub struct Mirroring {
 }
 
 impl Mirroring {
-    pub fn new(io: Arc<IoPath>) -> Mirroring {
+    pub fn new(io: MirrorSwitches) -> Mirroring {
         Mirroring {
             io,
             al_mode: Arc::new(Mutex::new(())),
@@ -114,7 +114,7 @@ impl Mirroring {
         target: MirrorTarget<'_>,
         needs: DeviceNeeds,
     ) -> Result<Arc<Mirror>, MirrorError> {
-        if let Some(m) = self.io.mirror.load_full() {
+        if let Some(m) = self.io.mirror() {
             if m.state() != MirrorState::Failed {
                 return Err(MirrorError::Busy(m.state().name()));
             }
@@ -149,7 +149,7 @@ impl Mirroring {
     /// queues' side.
     fn publish(&self, mirror: &Arc<Mirror>) {
         self.io.start_tracking();
-        self.io.mirror.store(Some(mirror.clone()));
+        self.io.set_mirror(Some(mirror.clone()));
         self.mirror_changed();
         let start = Instant::now();
         while self.io.stats.local_only() > 0 && start.elapsed() < Duration::from_secs(30) {
@@ -187,7 +187,7 @@ impl Mirroring {
     /// emptied as the last writes end. The failed flag is cleared with it (as `tap-ctl
     /// unpause -2 null`).
     pub fn stop(&self) -> Stopped {
-        let Some(m) = self.io.mirror.load_full() else {
+        let Some(m) = self.io.mirror() else {
             // The orchestrator acknowledges a failure inherited from a previous daemon.
             return if self.clear_inherited() {
                 Stopped::InheritedFailure
@@ -199,7 +199,7 @@ impl Mirroring {
             job.cancel();
         }
         m.stop(Duration::from_secs(30));
-        self.io.mirror.store(None);
+        self.io.set_mirror(None);
         self.mirror_changed();
         self.clear_inherited();
         Stopped::Mirror(m.name.clone())
@@ -210,7 +210,7 @@ impl Mirroring {
     }
 
     pub fn mirror_failed(&self) -> bool {
-        self.io.mirror.load().as_ref().is_some_and(|m| m.failed())
+        self.io.mirror().as_ref().is_some_and(|m| m.failed())
             || lock(&self.inherited_failure).is_some()
     }
 
@@ -292,7 +292,7 @@ fn on_mirror_failure(io: &Weak<IoPath>, al_mode: &Mutex<()>) {
 /// leaves the log in the mode that matches the slot, whatever the order of the callers.
 fn mirror_changed(io: &IoPath, al_mode: &Mutex<()>) {
     let _g = lock(al_mode);
-    let mirroring = io.mirror.load().as_ref().is_some_and(|m| m.takes_io());
+    let mirroring = io.mirror().as_ref().is_some_and(|m| m.takes_io());
     let cleared = io.dirty.set_mirroring(mirroring);
     if cleared > 0 {
         log::info!(
