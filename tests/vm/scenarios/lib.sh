@@ -100,6 +100,19 @@ mirror_to() {
     [ "$(ctl_get stats mirror.state)" = active ] || fail "mirror is not active"
 }
 
+# compare_legs LOCAL REMOTE: once the mirror is idle (and must not have failed), pauses the
+# device, compares the two images into $WORK/cmp.out and unpauses. Sets MIRROR_OPS to the
+# mirror's op count; returns blkcmp's status (0 identical).
+compare_legs() {
+    ctl wait-idle > /dev/null
+    [ "$(ctl_get stats nbd_mirror_failed)" = 0 ] || fail "mirror failed: $(ctl_get stats mirror.last_error)"
+    MIRROR_OPS=$(ctl_get stats mirror.ops)
+    ctl pause > /dev/null
+    local rc=0; blkcmp "$1" "$2" > "$WORK/cmp.out" || rc=$?
+    ctl unpause > /dev/null
+    return $rc
+}
+
 # fio_job NAME [more fio args...]: fio verify on $DEV, mixed sizes, QD32, flushes (the load
 # the crash and upgrade scenarios keep running while the daemon is replaced).
 fio_job() {

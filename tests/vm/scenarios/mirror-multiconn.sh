@@ -35,17 +35,12 @@ overlap_run() { # CONNECTIONS -> 0 identical, 1 diverged
     ctl mirror-start $names --export disk > /dev/null || fail "mirror-start $names failed"
     [ "$(ctl_get stats mirror.connections)" = "$1" ] || fail "stats: $(ctl_get stats mirror.connections) connections, not $1"
     overlap_fio
-    ctl wait-idle > /dev/null
-    [ "$(ctl_get stats nbd_mirror_failed)" = 0 ] || fail "mirror failed: $(ctl_get stats mirror.last_error)"
-    local w; w=$(ctl_get stats mirror.ops)
-    ctl pause > /dev/null
-    local rc=0; blkcmp "$L" "$R" > "$WORK/cmp.out" || rc=$?
-    ctl unpause > /dev/null
+    local rc=0; compare_legs "$L" "$R" || rc=$?
     ctl mirror-stop > /dev/null
     stop_daemon
     stop_pid $TARGET_PID
     local opened; opened=$(grep -c "NBD_CMD_DISC" "$WORK/target.log" || true)
-    log "$1 connection(s): $(grep -o 'IOPS=[^,]*' "$WORK/fio.out" | head -n 1), $w ops mirrored, $opened ended with DISC: $(head -n 1 "$WORK/cmp.out")"
+    log "$1 connection(s): $(grep -o 'IOPS=[^,]*' "$WORK/fio.out" | head -n 1), $MIRROR_OPS ops mirrored, $opened ended with DISC: $(head -n 1 "$WORK/cmp.out")"
     [ "$opened" -ge "$1" ] || fail "mirror-stop did not end every connection with NBD_CMD_DISC ($opened of $1)"
     return $rc
 }

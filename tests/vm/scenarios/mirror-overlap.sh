@@ -13,15 +13,10 @@ one_run() { # -> 0 identical, 1 diverged
     fio --name=ov --filename="$DEV" --direct=1 --ioengine=io_uring --rw=randwrite --bsrange=4k-64k \
         --norandommap --randrepeat=0 --size=1M --iodepth=64 --numjobs=4 --time_based \
         --runtime="$RUNTIME" --group_reporting > "$WORK/fio.out" || { cat "$WORK/fio.out"; fail "fio failed"; }
-    ctl wait-idle > /dev/null
-    [ "$(ctl_get stats nbd_mirror_failed)" = 0 ] || fail "mirror failed: $(ctl_get stats mirror.last_error)"
-    local w; w=$(ctl_get stats mirror.ops)
-    ctl pause > /dev/null
-    local rc=0; blkcmp "$L" "$R" > "$WORK/cmp.out" || rc=$?
-    ctl unpause > /dev/null
+    local rc=0; compare_legs "$L" "$R" || rc=$?
     stop_daemon
     stop_pid $TARGET_PID
-    log "$(grep -o 'IOPS=[^,]*' "$WORK/fio.out" | head -n 1), $w ops mirrored: $(head -n 1 "$WORK/cmp.out")"
+    log "$(grep -o 'IOPS=[^,]*' "$WORK/fio.out" | head -n 1), $MIRROR_OPS ops mirrored: $(head -n 1 "$WORK/cmp.out")"
     return $rc
 }
 for run in 1 2 3 4 5; do
