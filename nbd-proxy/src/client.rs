@@ -22,7 +22,7 @@ pub enum ClientError {
     Io(#[from] io::Error),
     #[error("NBD protocol violation by the server: {0}")]
     Proto(#[from] ProtoError),
-    #[error("the server uses the oldstyle handshake, which is not supported")]
+    #[error("the server uses the oldstyle handshake, which has no options (list, info, starttls)")]
     Oldstyle,
     #[error("the server has no export named {name:?}{}", fmt_msg(.message))]
     NoSuchExport { name: String, message: String },
@@ -118,6 +118,9 @@ pub struct Negotiator<S> {
     stream: S,
     fixed: bool,
     no_zeroes: bool,
+    /// An oldstyle server (tapdisk's `nbdserver<pid>.<minor>`, `nbdkit -o`) sends its one
+    /// export in the greeting and goes straight to transmission: no options.
+    oldstyle: Option<Export>,
 }
 
 impl<S: Read + Write> Negotiator<S> {
@@ -136,7 +139,7 @@ impl<S: Read + Write> Negotiator<S> {
             .into());
         }
         if second == OLDSTYLE_MAGIC {
-            return Err(ClientError::Oldstyle);
+            return Self::oldstyle(stream);
         }
         if second != IHAVEOPT {
             return Err(ProtoError::BadMagic {
@@ -162,7 +165,38 @@ impl<S: Read + Write> Negotiator<S> {
             stream,
             fixed,
             no_zeroes,
+            oldstyle: None,
         })
+    }
+
+    /// The rest of an oldstyle greeting: size (u64), flags (u32, the transmission flags in
+    /// the low 16 bits), 124 zero bytes. Flags may be 0, as tapdisk's are (not even
+    /// HAS_FLAGS): nothing optional is offered. There is no block-size information, so
+    /// `BlockSize::DEFAULT` applies (min 512, preferred 4 KiB, max `MAX_PAYLOAD`).
+    fn oldstyle(mut stream: S) -> Result<Negotiator<S>, ClientError> {
+        let mut b = [0u8; 8 + 4 + 124];
+        stream.read_exact(&mut b)?;
+        let size = u64::from_be_bytes(b[0..8].try_into().map_err(|_| malformed("greeting"))?);
+        let flags = u32::from_be_bytes(b[8..12].try_into().map_err(|_| malformed("greeting"))?);
+        let flags = u16::try_from(flags).map_err(|_| malformed("oldstyle flags above 16 bits"))?;
+        let export = Export {
+            name: String::new(),
+            size,
+            flags,
+            block_size: BlockSize::DEFAULT,
+        };
+        Ok(Negotiator {
+            stream,
+            fixed: false,
+            no_zeroes: false,
+            oldstyle: Some(export),
+        })
+    }
+
+    /// Whether the server spoke the oldstyle handshake (its one export is what `go` returns,
+    /// whatever name is asked for).
+    pub fn is_oldstyle(&self) -> bool {
+        self.oldstyle.is_some()
     }
 
     fn send_option(&mut self, option: u32, data: &[u8]) -> Result<(), ClientError> {
@@ -244,7 +278,11 @@ impl<S: Read + Write> Negotiator<S> {
 
     /// Ends the handshake on `name`: NBD_OPT_GO, or NBD_OPT_EXPORT_NAME where the server lacks
     /// GO. Returns the stream, now in the transmission phase, and the export.
+    /// An oldstyle server's one export is returned whatever `name` is.
     pub fn go(mut self, name: &str) -> Result<(S, Export), ClientError> {
+        if let Some(export) = self.oldstyle.take() {
+            return Ok((self.stream, export));
+        }
         if self.fixed {
             if let Some(export) = self.info_or_go(opt::GO, name)? {
                 return Ok((self.stream, export));
@@ -275,6 +313,7 @@ impl<S: Read + Write> Negotiator<S> {
             stream,
             fixed: flags.fixed,
             no_zeroes: flags.no_zeroes,
+            oldstyle: None,
         }
     }
 
@@ -289,6 +328,9 @@ impl<S: Read + Write> Negotiator<S> {
     }
 
     fn require_fixed(&self) -> Result<(), ClientError> {
+        if self.oldstyle.is_some() {
+            return Err(ClientError::Oldstyle);
+        }
         if self.fixed {
             Ok(())
         } else {
@@ -526,6 +568,42 @@ mod tests {
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
+    }
+
+    /// tapdisk's oldstyle greeting: flags 0, not even HAS_FLAGS. The client sends nothing
+    /// during the handshake, and options are refused without touching the stream.
+    #[test]
+    fn an_oldstyle_greeting_with_flags_zero_is_one_export_offering_nothing() {
+        let mut server = NBDMAGIC.to_be_bytes().to_vec();
+        server.extend_from_slice(&OLDSTYLE_MAGIC.to_be_bytes());
+        server.extend_from_slice(&(64u64 << 20).to_be_bytes());
+        server.extend_from_slice(&0u32.to_be_bytes());
+        server.extend_from_slice(&[0u8; 124]);
+        let script = Script {
+            input: Cursor::new(server),
+            sent: Vec::new(),
+        };
+        let mut n = Negotiator::start(script).expect("oldstyle greeting");
+        assert!(n.is_oldstyle());
+        assert!(matches!(n.list(), Err(ClientError::Oldstyle)));
+        assert!(matches!(n.info("disk"), Err(ClientError::Oldstyle)));
+        let (s, e) = n.go("whatever").expect("oldstyle export");
+        assert_eq!((e.size, e.flags), (64 << 20, 0));
+        assert_eq!(e.block_size, BlockSize::DEFAULT);
+        assert!(s.sent.is_empty(), "the client sent {:?}", s.sent);
+        for (command, flags) in [
+            (Command::Flush, 0),
+            (Command::Trim, 0),
+            (Command::WriteZeroes, 0),
+            (Command::Write, cmd_flags::FUA),
+        ] {
+            assert!(
+                e.refusal(command, flags).is_some(),
+                "{command:?} {flags:#x}"
+            );
+        }
+        assert_eq!(e.refusal(Command::Write, 0), None);
+        assert_eq!(e.refusal(Command::Read, 0), None);
     }
 
     #[test]

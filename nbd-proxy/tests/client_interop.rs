@@ -126,6 +126,43 @@ fn against_nbdkit_memory() {
     exercise(&mut c);
 }
 
+/// The oldstyle handshake, as tapdisk's `nbdserver<pid>.<minor>` speaks it: nbdkit `-o`.
+/// Writes and reads only: nbdkit 1.32's oldstyle mode advertises FLUSH and FUA (flags
+/// 0xd6d) yet answers both with EINVAL ("flush operation not supported", "FUA flag not
+/// supported"; qemu-io gets the same), a server the daemon would fail its mirror on.
+#[test]
+fn against_nbdkit_oldstyle() {
+    let peer = spawn("nbdkit", &["-f", "-o", "-U", "{sock}", "memory", "64M"]);
+    let s = UnixStream::connect(&peer.socket).expect("connect");
+    let n = Negotiator::start(s).expect("oldstyle greeting");
+    assert!(n.is_oldstyle());
+    let (s, e) = n.go("ignored").expect("the one export");
+    assert_eq!(e.size, 64 << 20);
+    let mut c = Connection::new(s, e);
+    let mut sent = HashMap::new();
+    for i in 0..16u64 {
+        let data = pattern(i, CHUNK as usize);
+        let at = i * u64::from(CHUNK);
+        let cookie = c
+            .send(Command::Write, 0, at, CHUNK, Some(&data))
+            .expect("send write");
+        sent.insert(cookie, i);
+    }
+    for _ in 0..16 {
+        let done = c.recv().expect("write reply");
+        assert!(sent.remove(&done.cookie).is_some());
+        assert_eq!(done.result, Ok(vec![]));
+    }
+    for i in 0..16u64 {
+        let back = c.call(Command::Read, 0, i * u64::from(CHUNK), CHUNK, None);
+        assert_eq!(
+            back.expect("read"),
+            Ok(pattern(i, CHUNK as usize)),
+            "chunk {i}"
+        );
+    }
+}
+
 #[test]
 fn against_nbdkit_file() {
     let dir = tempfile::tempdir().expect("tempdir");
