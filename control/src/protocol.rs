@@ -142,6 +142,10 @@ pub enum Command {
         /// 0: no limit.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         speed: Option<u64>,
+        /// Mirror to an export that does not take FLUSH (tapdisk's servers): a guest flush then
+        /// completes after the local flush only and promises nothing about the target.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        allow_no_flush: bool,
     },
     /// Wait until the background copy or resync is ready (actively synced); default 1 day,
     /// 0 = no limit. Also accepted under its older name `wait-ready` (the CLI verb's alias).

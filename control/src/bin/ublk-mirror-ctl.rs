@@ -218,6 +218,12 @@ struct MirrorStartArgs {
     /// 20971520, 20M is 20000000), 0 for no limit.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, default_value = "0")]
     speed: u64,
+    /// Mirror to an export that does not take FLUSH (tapdisk's servers, oldstyle or not),
+    /// which is refused otherwise: a guest flush then completes after the local flush alone
+    /// and promises nothing about the target until it is closed; `stats` shows
+    /// `mirror.durable: false`.
+    #[arg(long)]
+    allow_no_flush: bool,
 }
 
 #[derive(clap::Args)]
@@ -415,6 +421,7 @@ fn mirror_start(a: MirrorStartArgs) -> Result<Action> {
         copy: a.copy,
         resync: a.resync,
         speed: (a.speed > 0).then_some(a.speed),
+        allow_no_flush: a.allow_no_flush,
     };
     request(command, SLOW)
 }
@@ -765,7 +772,7 @@ mod tests {
             "activity_log_retired":0,"activity_log_waits":4,"activity_log_writes":3,"bitmap_persistent":false,
             "bytes_mirrored":4096,"copy":{"bytes_done":4096,"bytes_total":8192,"elapsed":1.5,
             "eta":2.0,"kind":"copy","rate":2731.0,"speed_limit":null,"state":"copying"},
-            "connections":2,"dirty_bytes":4096,"export":"e","export_size":8192,
+            "connections":2,"dirty_bytes":4096,"durable":false,"export":"e","export_size":8192,
             "failed_at":null,"in_flight":1,"last_error":null,"ops":1,"range_locks":1,
             "requested":"m.0,m.1","state":"active","target":"m.0","targets":["m.0","m.1"],
             "timeout":10.0},"name":"l","nbd_mirror_failed":0,"ops":{"discard":
@@ -784,6 +791,7 @@ mod tests {
             "mirror.activity_log_extents: 2\n",
             "mirror.copy.speed_limit: null\n",
             "mirror.timeout: 10.0\n",
+            "mirror.durable: false\n",
             "reqs_outstanding: 1\n",
         ] {
             assert!(text.contains(l), "{l:?} not in\n{text}");

@@ -175,6 +175,10 @@ pub struct MirrorAttached {
     pub export: String,
     /// The NBD export's size in bytes.
     pub export_size: u64,
+    /// Whether a guest FLUSH (and FUA) reaches the target's stable storage: false for an
+    /// export without FLUSH mirrored with `allow_no_flush`.
+    #[serde(default = "yes")]
+    pub durable: bool,
     /// Seconds a request may wait for the target, `null` for no limit.
     pub timeout: Option<f64>,
     /// Requests sent to the target and not yet answered.
@@ -209,6 +213,11 @@ pub struct MirrorAttached {
     pub range_locks: u64,
     /// The background copy or resync, `null` if none was started with this mirror.
     pub copy: Option<CopyReport>,
+}
+
+/// `durable`'s value in a reply from a daemon that predates it (every mirror was durable).
+fn yes() -> bool {
+    true
 }
 
 /// A background copy or resync: `stats.mirror.copy`, and the result of `mirror-wait-ready`.

@@ -75,9 +75,11 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, daemon: &Arc<Daemon>, info: &Devi
             copy,
             resync,
             speed,
+            allow_no_flush,
         } => {
             let plan = handlers::copy_plan(copy, resync, speed)?;
-            handlers::mirror_start(daemon, info, (name, names), export, timeout, plan)
+            let strict = !allow_no_flush;
+            handlers::mirror_start(daemon, info, (name, names), export, timeout, (plan, strict))
         }
         Command::MirrorStop => Ok(handlers::mirror_stop(daemon)),
         Command::MirrorWaitReady { timeout } => handlers::mirror_wait_ready(daemon, timeout),

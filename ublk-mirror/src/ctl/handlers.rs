@@ -76,6 +76,7 @@ pub(super) fn unpause(
                 export_name: "",
                 timeout,
                 plan: CopyPlan::None,
+                need_flush: true,
             };
             daemon
                 .start_mirror(target, info.max_io_bytes)
@@ -177,7 +178,7 @@ pub(super) fn mirror_start(
     (name, names): (String, Vec<String>),
     export: Option<String>,
     timeout: Option<f64>,
-    plan: CopyPlan,
+    (plan, need_flush): (CopyPlan, bool),
 ) -> Answer {
     let names = match (name.is_empty(), names.is_empty()) {
         (false, true) => vec![name],
@@ -198,6 +199,7 @@ pub(super) fn mirror_start(
         export_name: export.as_deref().unwrap_or(""),
         timeout,
         plan,
+        need_flush,
     };
     let m = daemon
         .start_mirror(target, info.max_io_bytes)

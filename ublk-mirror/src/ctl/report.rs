@@ -9,6 +9,7 @@ use control::protocol::{
     ByteOps, CopyReport, CountOps, DirtyMapReply, InfoReply, MirrorAttached, MirrorOff,
     MirrorReport, OpsReport, StatsReply, WriteOps,
 };
+use nbd_proxy::proto::tx_flags;
 use serde_json::Value;
 
 use crate::ctl::DeviceInfo;
@@ -115,6 +116,7 @@ fn attached_report(daemon: &Daemon, m: &Mirror, requested: Option<String>) -> Mi
         connections: m.connections().len() as u64,
         export: m.export.name.clone(),
         export_size: m.export.size,
+        durable: m.export.has(tx_flags::SEND_FLUSH),
         timeout: m.timeout.map(|t| t.as_secs_f64()),
         in_flight: m.in_flight(),
         ops: m.ops.load(Ordering::Relaxed),

@@ -56,20 +56,25 @@ pub fn connect(
 /// Refuses, with the reason, an export that cannot take the device: too small, read-only,
 /// without FLUSH (the target could not be crash-consistent), or with block sizes that do not
 /// fit.
-pub fn check_export(export: &Export, dev: DeviceNeeds) -> Result<(), String> {
+pub fn check_export(export: &Export, dev: DeviceNeeds, need_flush: bool) -> Result<(), String> {
     if export.size < dev.dev_size {
         return Err(format!(
             "export {:?} has {} bytes, smaller than the {}-byte device",
             export.name, export.size, dev.dev_size
         ));
     }
-    // Every mirror sends writes and flushes; the rest has a fallback on the ring
-    // (`ring_conn.rs`): FUA as a write then a flush, discard and write-zeroes as zero-filled
-    // writes.
-    let needed = [
-        (Command::Write, ""),
-        (Command::Flush, ": the target could not be crash-consistent"),
-    ];
+    // Every mirror sends writes, and flushes unless told the target need not take them
+    // (`need_flush` false, for tapdisk's servers); the rest has a fallback on the ring
+    // (`ring_conn.rs`): FUA as a write then a flush (or a plain write), discard and
+    // write-zeroes as zero-filled writes.
+    let mut needed = vec![(Command::Write, "")];
+    if need_flush {
+        needed.push((
+            Command::Flush,
+            ": the target could not be crash-consistent (mirror-start --allow-no-flush mirrors \
+             anyway, and a guest flush then promises nothing about the target)",
+        ));
+    }
     for (command, consequence) in needed {
         if let Some(why) = export.refusal(command, 0) {
             return Err(format!(
@@ -161,18 +166,25 @@ mod tests {
             max_io: 4096,
         };
         let ok = tx_flags::HAS_FLAGS | tx_flags::SEND_FLUSH;
-        assert!(check_export(&export(1 << 20, ok, [1, 4096, 32 << 20]), dev).is_ok());
-        let small = check_export(&export(4096, ok, [1, 4096, 32 << 20]), dev);
+        assert!(check_export(&export(1 << 20, ok, [1, 4096, 32 << 20]), dev, true).is_ok());
+        let small = check_export(&export(4096, ok, [1, 4096, 32 << 20]), dev, true);
         assert!(small.is_err_and(|m| m.contains("smaller than")));
         let ro = tx_flags::HAS_FLAGS | tx_flags::SEND_FLUSH | tx_flags::READ_ONLY;
-        let ro = check_export(&export(1 << 20, ro, [1, 4096, 32 << 20]), dev);
+        let ro = check_export(&export(1 << 20, ro, [1, 4096, 32 << 20]), dev, true);
         assert!(ro.is_err_and(|m| m.contains("read-only")));
         let no_flush = check_export(
             &export(1 << 20, tx_flags::HAS_FLAGS, [1, 4096, 1 << 20]),
             dev,
+            true,
         );
-        assert!(no_flush.is_err_and(|m| m.contains("FLUSH")));
-        let blocks = check_export(&export(1 << 20, ok, [4096, 4096, 1 << 20]), dev);
+        assert!(no_flush.is_err_and(|m| m.contains("FLUSH") && m.contains("--allow-no-flush")));
+        // Asked to, it mirrors to tapdisk's exports: flags 0 offer nothing, not even FLUSH;
+        // a read-only one is still refused.
+        assert!(check_export(&export(1 << 20, 0, [1, 4096, 1 << 20]), dev, false).is_ok());
+        let ro_flags = tx_flags::HAS_FLAGS | tx_flags::READ_ONLY;
+        let ro = check_export(&export(1 << 20, ro_flags, [1, 4096, 1 << 20]), dev, false);
+        assert!(ro.is_err_and(|m| m.contains("read-only")));
+        let blocks = check_export(&export(1 << 20, ok, [4096, 4096, 1 << 20]), dev, true);
         assert!(blocks.is_err_and(|m| m.contains("block sizes")));
     }
 }

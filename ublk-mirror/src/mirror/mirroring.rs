@@ -63,6 +63,9 @@ pub struct MirrorTarget<'a> {
     /// How long a request may wait for the target (None: forever).
     pub timeout: Option<Duration>,
     pub plan: CopyPlan,
+    /// Refuse an export without FLUSH (the default); false mirrors to one anyway, and a
+    /// guest flush then promises nothing about the target.
+    pub need_flush: bool,
 }
 
 /// What `mirror-stop` found to stop.
@@ -260,7 +263,8 @@ fn attach_all(
             .map_err(|why| MirrorError::Refused(format!("connection {name:?}: {why}")))?;
         match &first {
             None => {
-                attach::check_export(&export, needs).map_err(MirrorError::Refused)?;
+                attach::check_export(&export, needs, target.need_flush)
+                    .map_err(MirrorError::Refused)?;
                 first = Some(export);
             }
             Some(f) => attach::check_same(f, &export)

@@ -151,12 +151,12 @@ impl RingConn {
                 let native = fua && export.has(tx_flags::SEND_FUA);
                 let written = self.write(offset, data, native).await;
                 if written == Outcome::Done && fua && !native {
-                    self.request(Command::Flush, 0, 0, &[]).await
+                    self.flush().await
                 } else {
                     written
                 }
             }
-            LegOp::Flush => self.request(Command::Flush, 0, 0, &[]).await,
+            LegOp::Flush => self.flush().await,
             LegOp::WriteZeroes { offset, len } => self.write_zeroes(offset, len).await,
         };
         if outcome == Outcome::Done {
@@ -192,6 +192,16 @@ impl RingConn {
             done += n;
         }
         Outcome::Done
+    }
+
+    /// A FLUSH, unless the export does not take one (mirrored with `allow_no_flush`): then
+    /// nothing is sent and the request completes with its local flush alone, so a command
+    /// the export did not offer never reaches it.
+    async fn flush(&self) -> Outcome {
+        if !self.mirror.export.has(tx_flags::SEND_FLUSH) {
+            return Outcome::Done;
+        }
+        self.request(Command::Flush, 0, 0, &[]).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u32) -> Outcome {

@@ -161,6 +161,7 @@ fn attached(copy: Option<CopyReport>, failure: Option<(&str, f64)>) -> MirrorRep
         connections: 1,
         export: "golden".into(),
         export_size: 1 << 20,
+        durable: true,
         timeout: Some(10.0),
         in_flight: 0,
         ops: 17,
@@ -396,6 +397,7 @@ fn mirror_start(name: &str, copy: bool) -> Command {
         copy,
         resync: false,
         speed: None,
+        allow_no_flush: false,
     }
 }
 
@@ -474,7 +476,7 @@ fn a_daemon_stats_line_parses_and_prints_back_the_same() {
         "activity_log_retired":0,"activity_log_waits":0,"activity_log_writes":0,"bitmap_persistent":false,
         "bytes_mirrored":4096,"copy":{"bytes_done":4096,"bytes_total":8192,"elapsed":1.5,
         "eta":2.0,"kind":"resync","rate":2731.0,"speed_limit":null,"state":"copying"},
-        "connections":1,"dirty_bytes":4096,"export":"","export_size":8192,"failed_at":null,
+        "connections":1,"dirty_bytes":4096,"durable":true,"export":"","export_size":8192,"failed_at":null,
         "in_flight":1,"last_error":null,"ops":1,"range_locks":1,"requested":"m",
         "state":"active","target":"m","targets":["m"],"timeout":null},"name":"l","nbd_mirror_failed":0,"ops":{"discard":
         {"bytes":0,"count":0},"errors":0,"flush":{"count":0},"read":{"bytes":0,"count":0},
