@@ -140,6 +140,16 @@ fn precheck(to: &Address, export: &str) -> Result<()> {
         .connect()
         .with_context(|| format!("cannot connect to {to}"))?;
     let mut n = Negotiator::start(probe).with_context(|| format!("NBD greeting from {to}"))?;
+    if n.is_oldstyle() {
+        // Its one export came with the greeting; there is no name to get wrong.
+        let (_, e) = n.go(export)?;
+        log::info!(
+            "{to} speaks the oldstyle handshake: one export, {} bytes, flags {:#x}",
+            e.size,
+            e.flags
+        );
+        return Ok(());
+    }
     match n.info(export) {
         Ok(e) => log::info!(
             "export {export:?} on {to}: {} bytes, flags {:#x}",

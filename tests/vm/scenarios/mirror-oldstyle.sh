@@ -10,8 +10,10 @@
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
 local_img=$WORK/local.img remote=$WORK/remote.img SIZE=$((64 << 20))
 make_image "$local_img" 64M; make_image "$remote" 64M
-# $3 is the count and $4 the offset of each request; pwrite's data arrives on stdin.
-nbdkit -f -o -i 127.0.0.1 -p 10809 --filter=log eval \
+# $3 is the count and $4 the offset of each request; pwrite's data arrives on stdin. nbdkit
+# advertises WRITE_ZEROES whatever the plugin says (it would emulate it with writes) unless the
+# nozero filter hides it, and 1.32 in oldstyle mode answers it (and FLUSH, FUA) with EINVAL.
+nbdkit -f -o -i 127.0.0.1 -p 10809 --filter=log --filter=nozero eval \
     get_size="echo $SIZE" \
     pread="dd if=$remote iflag=skip_bytes,count_bytes skip=\$4 count=\$3 bs=64K status=none" \
     pwrite="dd of=$remote oflag=seek_bytes seek=\$4 iflag=count_bytes,fullblock count=\$3 bs=64K conv=notrunc status=none" \
