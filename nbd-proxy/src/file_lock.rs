@@ -46,10 +46,11 @@ mod tests {
 
     #[test]
     fn a_second_open_is_refused_until_the_first_closes() {
-        let dir = std::env::temp_dir().join(format!("file-lock-{}", std::process::id()));
-        std::fs::write(&dir, b"x").unwrap();
-        let a = File::options().read(true).write(true).open(&dir).unwrap();
-        let b = File::options().read(true).write(true).open(&dir).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("image");
+        std::fs::write(&path, b"x").unwrap();
+        let a = File::options().read(true).write(true).open(&path).unwrap();
+        let b = File::options().read(true).write(true).open(&path).unwrap();
         lock_exclusive(&a).unwrap();
         assert!(
             lock_exclusive(&b).is_err(),
@@ -58,8 +59,7 @@ mod tests {
         assert!(lock(&b, LockMode::Shared).is_err());
         drop(a);
         lock(&b, LockMode::Shared).unwrap();
-        let c = File::open(&dir).unwrap();
+        let c = File::open(&path).unwrap();
         lock(&c, LockMode::Shared).unwrap();
-        std::fs::remove_file(&dir).unwrap();
     }
 }

@@ -116,15 +116,13 @@ impl Export {
                 path: path.to_owned(),
             });
         }
-        lock(
-            &file,
-            if read_only {
-                LockMode::Shared
-            } else {
-                LockMode::Exclusive
-            },
-        )
-        .map_err(|_| ExportError::Locked {
+        // Read-only servers of one image may share it; a writer has it alone.
+        let mode = if read_only {
+            LockMode::Shared
+        } else {
+            LockMode::Exclusive
+        };
+        lock(&file, mode).map_err(|_| ExportError::Locked {
             name: name.to_owned(),
             path: path.to_owned(),
         })?;

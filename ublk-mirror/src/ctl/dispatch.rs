@@ -78,8 +78,15 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, daemon: &Arc<Daemon>, info: &Devi
             allow_no_flush,
         } => {
             let plan = handlers::copy_plan(copy, resync, speed)?;
-            let strict = !allow_no_flush;
-            handlers::mirror_start(daemon, info, (name, names), export, timeout, (plan, strict))
+            let need_flush = !allow_no_flush;
+            handlers::mirror_start(
+                daemon,
+                info,
+                (name, names),
+                export,
+                timeout,
+                (plan, need_flush),
+            )
         }
         Command::MirrorStop => Ok(handlers::mirror_stop(daemon)),
         Command::MirrorWaitReady { timeout } => handlers::mirror_wait_ready(daemon, timeout),
