@@ -654,8 +654,8 @@ fn list(json: bool) -> Result<()> {
         match r {
             Row::Unreachable { socket, error } => println!("{socket}  unreachable: {error}"),
             Row::Up(i) => println!(
-                "{}  {}  {}  image={}  label={}",
-                i.device, i.state, i.size, i.image, i.label
+                "{}  {}  {}  image={}  label={}  pid={}",
+                i.device, i.state, i.size, i.image, i.label, i.pid
             ),
         }
     }

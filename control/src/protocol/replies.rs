@@ -39,6 +39,9 @@ pub struct InfoReply {
     pub state: String,
     /// The `--label` the daemon was started with.
     pub label: String,
+    /// The daemon's process id (tap-ctl's `-p PID`); 0 from a daemon too old to say.
+    #[serde(default)]
+    pub pid: u32,
 }
 
 /// `stats`: request counters and the mirror (names as `tap-ctl stats` where they overlap).

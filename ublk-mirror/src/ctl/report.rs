@@ -36,6 +36,7 @@ pub(super) fn info_json(daemon: &Daemon, info: &DeviceInfo) -> Value {
         logical_block_size: daemon.device.logical_block,
         state: daemon.device.state().name().to_string(),
         label: daemon.label.clone(),
+        pid: std::process::id(),
     })
 }
 

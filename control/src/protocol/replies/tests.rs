@@ -86,6 +86,7 @@ fn info(state: &str, image_open: bool) -> InfoReply {
         logical_block_size: 512,
         state: state.into(),
         label: "vm1-xvda".into(),
+        pid: 4242,
     }
 }
 
