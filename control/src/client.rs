@@ -65,7 +65,7 @@ impl Client {
         nbd: Option<NegotiatedNbd>,
     ) -> Result<R, ClientError> {
         if name.is_empty() || name.len() > MAX_FD_NAME {
-            return Err(ClientError::Invalid("fd names are 1 to 64 bytes"));
+            return Err(ClientError::Invalid("fd names are 1 to 255 bytes"));
         }
         let line = self.encode(Command::PassFd {
             name: name.to_owned(),

@@ -19,7 +19,7 @@ pub const VERSION: u32 = 1;
 /// Longest line either side sends or accepts, newline included.
 pub const MAX_LINE: usize = 64 * 1024;
 /// Longest fd name.
-pub const MAX_FD_NAME: usize = 64;
+pub const MAX_FD_NAME: usize = 255;
 /// fds a daemon keeps at once.
 pub const MAX_FDS: usize = 40;
 

@@ -32,6 +32,32 @@ use crate::mirror::link::Mirror;
 use crate::mirror::mirroring::{MirrorError, MirrorTarget, Mirroring, Stopped};
 use crate::stop::StopReason;
 
+/// What `unpause --mirror NAME` did with the mirror once the device runs.
+pub enum UnpausedMirror {
+    Active,
+    /// The target could not be opened; the mirror is failed for this reason.
+    Failed(String),
+}
+
+/// Why `unpause --mirror NAME` left the device as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpauseError {
+    #[error(transparent)]
+    Device(#[from] LifecycleError),
+    #[error("{0}; the device stays {1}")]
+    Mirror(MirrorError, &'static str),
+}
+
+impl UnpauseError {
+    /// The control protocol's error code: the part's own.
+    pub fn code(&self) -> &'static str {
+        match self {
+            UnpauseError::Device(e) => e.code(),
+            UnpauseError::Mirror(e, _) => e.code(),
+        }
+    }
+}
+
 pub struct Daemon {
     /// What the queue threads and copy workers read; they get this, never the whole daemon.
     pub io: Arc<IoPath>,
@@ -73,6 +99,60 @@ impl Daemon {
         self.device.unpause(new_path, || self.save_state())
     }
 
+    /// `unpause --mirror NAME` (`tap-ctl unpause -2 nbd:NAME`), as tapdisk resumes with a
+    /// secondary: the target is attached and checked while the device is still paused, then
+    /// the device resumes (on `new_path` if given) and the mirror is published, with no other
+    /// command in between. An unknown fd, an export that cannot take the device or a mirror
+    /// already active fail before anything changes (the device stays paused); so does a failed
+    /// reopen, and the attached connections then go back to the fd store, negotiated. A
+    /// target that cannot be opened (I/O error, failed handshake) does not hold the guest:
+    /// the device resumes and the mirror is failed, with the reason.
+    pub fn unpause_mirroring(
+        &self,
+        new_path: Option<PathBuf>,
+        target: MirrorTarget<'_>,
+        max_io: u32,
+    ) -> Result<UnpausedMirror, UnpauseError> {
+        let admin = self.device.admin();
+        self.device.can_unpause(new_path.is_some())?;
+        let stays = self.device.state().name();
+        let attached = match self.mirroring.attach(&self.fds, target, self.needs(max_io)) {
+            Ok(a) => Ok(a),
+            Err(MirrorError::Unreachable(why)) => Err(why),
+            Err(e) => return Err(UnpauseError::Mirror(e, stays)),
+        };
+        if let Err(e) = self
+            .device
+            .unpause_locked(&admin, new_path, || self.save_state())
+        {
+            if let Ok(a) = attached {
+                a.restore(&self.fds);
+            }
+            return Err(e.into());
+        }
+        let outcome = match attached {
+            Ok(a) => {
+                self.mirroring.begin(a, target);
+                UnpausedMirror::Active
+            }
+            Err(why) => {
+                let why = format!("unpause: the mirror target could not be opened: {why}");
+                self.mirroring.fail_unlinked(why.clone());
+                UnpausedMirror::Failed(why)
+            }
+        };
+        self.save_state();
+        Ok(outcome)
+    }
+
+    fn needs(&self, max_io: u32) -> DeviceNeeds {
+        DeviceNeeds {
+            dev_size: self.device.dev_size,
+            logical_block: self.device.logical_block,
+            max_io,
+        }
+    }
+
     /// Before STOP_DEV: parked requests must finish; see `Lifecycle::release_for_stop`.
     pub fn release_for_stop(&self) {
         self.device.release_for_stop(|| self.save_state());
@@ -85,12 +165,9 @@ impl Daemon {
         max_io: u32,
     ) -> Result<Arc<Mirror>, MirrorError> {
         let _admin = self.device.admin();
-        let needs = DeviceNeeds {
-            dev_size: self.device.dev_size,
-            logical_block: self.device.logical_block,
-            max_io,
-        };
-        let mirror = self.mirroring.start(&self.fds, target, needs)?;
+        let mirror = self
+            .mirroring
+            .start(&self.fds, target, self.needs(max_io))?;
         self.save_state();
         Ok(mirror)
     }
@@ -105,14 +182,25 @@ impl Daemon {
                 log::info!("mirror {name:?} stopped");
                 true
             }
-            Stopped::InheritedFailure => true,
+            Stopped::InheritedFailure => {
+                self.save_state();
+                true
+            }
             Stopped::Nothing => false,
         }
     }
 
-    /// What the state file records of the attached mirror, if any.
+    /// What the state file records of the mirror: the attached one, or an empty record for a
+    /// failure without a link (inherited, or a target unreachable at unpause), so that a
+    /// successor reports it failed too.
     pub fn mirror_record(&self) -> Option<MirrorRecord> {
-        record::mirror_record(&self.io)
+        record::mirror_record(&self.io).or_else(|| {
+            self.mirroring.unlinked_failure().map(|_| MirrorRecord {
+                target: String::new(),
+                targets: Vec::new(),
+                export: String::new(),
+            })
+        })
     }
 
     /// Rewrites the state file from the current image and mirror; a no-op before the device
@@ -125,13 +213,7 @@ impl Daemon {
     /// The last save before a detach: the mirror that was attached (already stopped) stays on
     /// record, so the successor reports it failed: it will not see the writes in between.
     pub fn save_detached(&self, mirror: Option<MirrorRecord>) {
-        let mirror = mirror.or_else(|| {
-            self.mirroring.inherited_failure().map(|_| MirrorRecord {
-                target: String::new(),
-                targets: Vec::new(),
-                export: String::new(),
-            })
-        });
+        let mirror = mirror.or_else(|| self.mirror_record());
         self.record.save(self.device.image_path(), mirror, true);
     }
 

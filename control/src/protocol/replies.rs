@@ -254,6 +254,13 @@ pub struct PauseReply {
 pub struct UnpauseReply {
     /// The device's state afterwards, as [`InfoReply::state`].
     pub state: String,
+    /// As [`StatsReply::nbd_mirror_failed`], right after the unpause: 1 when `mirror` named a
+    /// target that could not be opened (the device resumed anyway, as tapdisk does).
+    #[serde(default)]
+    pub nbd_mirror_failed: u8,
+    /// Why that target could not be opened; null otherwise.
+    #[serde(default)]
+    pub mirror_error: Option<String>,
 }
 
 /// `pass-fd`.

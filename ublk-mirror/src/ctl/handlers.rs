@@ -6,12 +6,12 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use control::protocol::{code, defaults, timeout_limit, NegotiatedNbd, MAX_FDS, MAX_FD_NAME};
+use control::protocol::{code, defaults, timeout_limit, NegotiatedNbd};
 use serde_json::{json, Value};
 
 use crate::ctl::{report, DeviceInfo};
-use crate::daemon::Daemon;
-use crate::fd_store::StoredFd;
+use crate::daemon::{Daemon, UnpausedMirror};
+use crate::fd_store::{StoreError, StoredFd};
 use crate::lock::lock;
 use crate::mirror::copy::CopyState;
 use crate::mirror::mirroring::{CopyPlan, MirrorTarget};
@@ -44,29 +44,29 @@ pub(super) fn pause(daemon: &Daemon, timeout: Option<f64>) -> Answer {
     Ok(json!({ "drain_ms": took.as_secs_f64() * 1000.0 }))
 }
 
-/// Resumes (on `image` if given), then starts mirroring to the stored fd `mirror`, or stops
-/// it for "null".
+/// Resumes (on `image` if given); with `mirror`, mirrors to that stored fd from the moment
+/// the device runs (see `Daemon::unpause_mirroring`), or stops mirroring for "null".
 pub(super) fn unpause(
     daemon: &std::sync::Arc<Daemon>,
     info: &DeviceInfo,
     image: Option<String>,
     mirror: Option<String>,
 ) -> Answer {
-    if let Some(m) = &mirror {
-        let known = m == "null" || daemon.fds.contains(m);
-        if !known {
-            return Err((
-                code::NO_SUCH_FD,
-                format!("no fd named {m:?} (pass-fd it first)"),
-            ));
+    let image = image.map(PathBuf::from);
+    let failed = match mirror.as_deref() {
+        None => {
+            daemon
+                .unpause(image)
+                .map_err(|e| (e.code(), e.to_string()))?;
+            None
         }
-    }
-    daemon
-        .unpause(image.map(PathBuf::from))
-        .map_err(|e| (e.code(), e.to_string()))?;
-    match mirror.as_deref() {
         Some("null") => {
+            daemon
+                .unpause(image)
+                .map_err(|e| (e.code(), e.to_string()))?;
             daemon.stop_mirror();
+            *lock(&daemon.mirroring.request) = None;
+            None
         }
         Some(name) => {
             let timeout = timeout_of(None, defaults::MIRROR_TIMEOUT)?;
@@ -78,16 +78,21 @@ pub(super) fn unpause(
                 plan: CopyPlan::None,
                 need_flush: true,
             };
-            daemon
-                .start_mirror(target, info.max_io_bytes)
+            let outcome = daemon
+                .unpause_mirroring(image, target, info.max_io_bytes)
                 .map_err(|e| (e.code(), e.to_string()))?;
+            *lock(&daemon.mirroring.request) = Some(name.to_owned());
+            match outcome {
+                UnpausedMirror::Active => None,
+                UnpausedMirror::Failed(why) => Some(why),
+            }
         }
-        None => {}
-    }
-    if let Some(m) = mirror {
-        *lock(&daemon.mirroring.request) = (m != "null").then_some(m);
-    }
-    Ok(json!({ "state": daemon.device.state().name() }))
+    };
+    Ok(json!({
+        "state": daemon.device.state().name(),
+        "nbd_mirror_failed": u8::from(daemon.mirror_failed()),
+        "mirror_error": failed,
+    }))
 }
 
 pub(super) fn pass_fd(
@@ -97,21 +102,14 @@ pub(super) fn pass_fd(
     nbd: Option<NegotiatedNbd>,
 ) -> Answer {
     let fd = fd.ok_or((code::BAD_FD, "pass-fd without an fd".to_string()))?;
-    if name.is_empty() || name.len() > MAX_FD_NAME || name.chars().any(char::is_control) {
-        return Err((
-            code::BAD_REQUEST,
-            format!("fd names are 1..={MAX_FD_NAME} printable bytes"),
-        ));
-    }
-    check_stream_socket(&fd).map_err(|m| (code::BAD_FD, m))?;
-    let mut fds = daemon.fds.lock();
-    if !fds.contains_key(&name) && fds.len() >= MAX_FDS {
-        return Err((
-            code::TOO_MANY_FDS,
-            format!("at most {MAX_FDS} fds; close-fd one"),
-        ));
-    }
-    let replaced = fds.insert(name.clone(), StoredFd { fd, nbd }).is_some();
+    let replaced = daemon.fds.store(&name, StoredFd { fd, nbd }).map_err(|e| {
+        let c = match e {
+            StoreError::BadName => code::BAD_REQUEST,
+            StoreError::Full => code::TOO_MANY_FDS,
+            StoreError::NotAStreamSocket(_) => code::BAD_FD,
+        };
+        (c, e.to_string())
+    })?;
     log::info!(
         "pass-fd {name:?} stored{}",
         if replaced {
@@ -259,35 +257,6 @@ pub(super) fn send_stop_after_reply(daemon: &Daemon) {
     if let Some(why) = STOP_AFTER_REPLY.with(std::cell::Cell::take) {
         let _ = lock(&daemon.stop).send(why);
     }
-}
-
-/// Mirror targets are stream sockets (TCP, or a Unix socketpair from a TLS relay).
-fn check_stream_socket(fd: &OwnedFd) -> std::result::Result<(), String> {
-    // SAFETY: stat is plain old data; all-zero is valid and fstat fills it in.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and a valid stat buffer.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(format!("fstat: {}", std::io::Error::last_os_error()));
-    }
-    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err("the fd is not a socket".into());
-    }
-    let mut ty: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: valid socket fd and an int-sized buffer for SO_TYPE.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut ty as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || ty != libc::SOCK_STREAM {
-        return Err("the fd is not a stream socket".into());
-    }
-    Ok(())
 }
 
 /// "unix", "inet" or "inet6": what kind of link a stored fd is.

@@ -87,16 +87,17 @@ fn mirror_report(daemon: &Daemon) -> MirrorReport {
     let requested = lock(&daemon.mirroring.request).clone();
     let dirty = &daemon.io.dirty;
     let Some(m) = daemon.io.mirror() else {
-        // After a recovery from a daemon that was mirroring: failed, until mirror-start/stop.
-        let inherited = daemon.mirroring.inherited_failure();
+        // After a recovery from a daemon that was mirroring, or an unpause whose target could
+        // not be opened: failed, until mirror-start/stop.
+        let failure = daemon.mirroring.unlinked_failure();
         return MirrorReport::Off(MirrorOff {
-            state: if inherited.is_some() { "failed" } else { "off" }.to_string(),
+            state: if failure.is_some() { "failed" } else { "off" }.to_string(),
             requested,
             target: None,
             in_flight: 0,
             ops: 0,
             bytes_mirrored: 0,
-            last_error: inherited,
+            last_error: failure,
             dirty_bytes: dirty.dirty_bytes(),
             bitmap_persistent: dirty.persistent(),
             activity_log_extents: dirty.activity_extents() as u64,

@@ -213,3 +213,139 @@ fn at_most_sixteen_fds() {
         }
     }
 }
+
+/// Sends `line` and returns its reply.
+fn call(c: &mut UnixStream, r: &mut BufReader<UnixStream>, line: &str) -> Reply {
+    c.write_all(line.as_bytes()).expect("send");
+    c.write_all(b"\n").expect("send");
+    reply(r)
+}
+
+fn state_of(c: &mut UnixStream, r: &mut BufReader<UnixStream>) -> String {
+    let rep = call(c, r, r#"{"v":1,"id":90,"cmd":"info"}"#);
+    rep.result
+        .unwrap_or_else(|| panic!("info: {:?}", rep.error))["state"]
+        .as_str()
+        .expect("state")
+        .to_owned()
+}
+
+/// A paused session holding the fd `name`, whose peer is returned. The name is as xapi gives
+/// it (`/` and longer than 64 bytes).
+fn paused_with_fd(
+    name: &str,
+    nbd: &str,
+) -> (
+    tempfile::NamedTempFile,
+    Arc<Daemon>,
+    UnixStream,
+    BufReader<UnixStream>,
+    UnixStream,
+) {
+    let (f, daemon, mut c, mut r) = session();
+    let rep = call(&mut c, &mut r, r#"{"v":1,"id":1,"cmd":"pause","args":{}}"#);
+    assert!(rep.ok, "{rep:?}");
+    let (sock, peer) = UnixStream::pair().expect("pair");
+    let line =
+        format!("{{\"v\":1,\"id\":2,\"cmd\":\"pass-fd\",\"args\":{{\"name\":{name:?}{nbd}}}}}\n");
+    send_with_fd(&c, line.as_bytes(), sock.as_fd()).expect("send");
+    let rep = reply(&mut r);
+    assert!(rep.ok, "{rep:?}");
+    (f, daemon, c, r, peer)
+}
+
+const XAPI_NAME: &str =
+    "mirror_vbd/0e5e4b0c-2a4e-4d5e-9d3f-2b6a3c1d9e01/7f1c2d3e-4b5a-4c6d-8e9f-0a1b2c3d4e5f";
+
+/// tapdisk's rule: a secondary that cannot be opened does not hold the guest. The disk
+/// resumes, `nbd_mirror_failed` reads 1 with the reason, and `-2 null` clears it.
+#[test]
+fn unpause_with_an_unreachable_mirror_resumes_and_reports_it_failed() {
+    let (_f, daemon, mut c, mut r, mut peer) = paused_with_fd(XAPI_NAME, "");
+    peer.write_all(b"this is not an NBD server\n")
+        .expect("garbage");
+    let line = format!(r#"{{"v":1,"id":3,"cmd":"unpause","args":{{"mirror":{XAPI_NAME:?}}}}}"#);
+    let rep = call(&mut c, &mut r, &line);
+    let res = rep.result.expect("unpause answers ok");
+    assert_eq!(res["state"], "running");
+    assert_eq!(res["nbd_mirror_failed"], 1);
+    assert!(
+        res["mirror_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("handshake")),
+        "{res}"
+    );
+    let stats = call(&mut c, &mut r, r#"{"v":1,"id":4,"cmd":"stats"}"#)
+        .result
+        .expect("stats");
+    assert_eq!(stats["nbd_mirror_failed"], 1);
+    assert_eq!(stats["mirror"]["state"], "failed");
+    assert!(stats["mirror"]["last_error"].is_string(), "{stats}");
+    assert!(daemon.mirror_record().is_some(), "recorded for a successor");
+    let rep = call(
+        &mut c,
+        &mut r,
+        r#"{"v":1,"id":5,"cmd":"unpause","args":{"mirror":"null"}}"#,
+    );
+    assert_eq!(rep.result.expect("null")["nbd_mirror_failed"], 0);
+    assert!(daemon.mirror_record().is_none());
+}
+
+/// An unknown name, or an export too small for the device, fails the unpause: the disk stays
+/// paused and a later plain unpause still works.
+#[test]
+fn unpause_with_an_unknown_or_unfit_mirror_stays_paused() {
+    // Negotiated already (no handshake), with an export of 4 KiB for a 1 MiB device.
+    let small = r#","nbd":{"export":"e","size":4096,"flags":1,"block_size":[1,4096,33554432]}"#;
+    let (_f, daemon, mut c, mut r, _peer) = paused_with_fd("small", small);
+    let rep = call(
+        &mut c,
+        &mut r,
+        r#"{"v":1,"id":3,"cmd":"unpause","args":{"mirror":"nope"}}"#,
+    );
+    assert_eq!(code_of(&rep), code::NO_SUCH_FD, "{rep:?}");
+    assert_eq!(state_of(&mut c, &mut r), "paused");
+    let rep = call(
+        &mut c,
+        &mut r,
+        r#"{"v":1,"id":4,"cmd":"unpause","args":{"mirror":"small"}}"#,
+    );
+    assert_eq!(code_of(&rep), code::MIRROR_REFUSED, "{rep:?}");
+    assert!(rep
+        .error
+        .is_some_and(|e| e.message.contains("smaller") && e.message.contains("stays paused")),);
+    assert_eq!(state_of(&mut c, &mut r), "paused");
+    assert!(!daemon.mirror_failed());
+    let rep = call(
+        &mut c,
+        &mut r,
+        r#"{"v":1,"id":5,"cmd":"unpause","args":{}}"#,
+    );
+    assert_eq!(rep.result.expect("plain unpause")["state"], "running");
+}
+
+/// A reopen that fails after the target attached gives the connection back, negotiated, so
+/// the same unpause can be retried.
+#[test]
+fn a_failed_reopen_gives_the_attached_connection_back() {
+    let fits = r#","nbd":{"export":"e","size":1048576,"flags":5,"block_size":[1,4096,33554432]}"#;
+    let (_f, daemon, mut c, mut r, _peer) = paused_with_fd("m", fits);
+    let rep = call(
+        &mut c,
+        &mut r,
+        r#"{"v":1,"id":3,"cmd":"unpause","args":{"image":"/nonexistent/x.img","mirror":"m"}}"#,
+    );
+    assert!(
+        rep.error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("/nonexistent/x.img")),
+        "{rep:?}"
+    );
+    assert_eq!(state_of(&mut c, &mut r), "paused");
+    let fds = daemon.fds.lock();
+    assert!(
+        fds.get("m")
+            .is_some_and(|f| f.nbd.as_ref().is_some_and(|n| n.size == 1 << 20)),
+        "the connection is back, negotiated"
+    );
+}

@@ -201,14 +201,33 @@ impl Lifecycle {
         new_path: Option<PathBuf>,
         save_state: impl FnOnce(),
     ) -> Result<(), LifecycleError> {
-        let _admin = self.admin();
-        let state = self.state();
-        match state {
-            DeviceState::Paused | DeviceState::Attached => {}
-            DeviceState::Running if new_path.is_none() => return Ok(()),
-            DeviceState::Stopping => return Err(LifecycleError::Stopping),
-            other => return Err(LifecycleError::NotPaused(other.name())),
+        let admin = self.admin();
+        self.unpause_locked(&admin, new_path, save_state)
+    }
+
+    /// Whether an `unpause` (with a new image if `new_image`) can run now: Ok(true) if there
+    /// is something to do, Ok(false) if the device already runs, as asked.
+    pub fn can_unpause(&self, new_image: bool) -> Result<bool, LifecycleError> {
+        match self.state() {
+            DeviceState::Paused | DeviceState::Attached => Ok(true),
+            DeviceState::Running if !new_image => Ok(false),
+            DeviceState::Stopping => Err(LifecycleError::Stopping),
+            other => Err(LifecycleError::NotPaused(other.name())),
         }
+    }
+
+    /// `unpause` for a caller that already holds the admin lock (to do more before the
+    /// device resumes, and after, with no other command in between).
+    pub fn unpause_locked(
+        &self,
+        _admin: &MutexGuard<'_, ()>,
+        new_path: Option<PathBuf>,
+        save_state: impl FnOnce(),
+    ) -> Result<(), LifecycleError> {
+        if !self.can_unpause(new_path.is_some())? {
+            return Ok(());
+        }
+        let state = self.state();
         let current = self.image_path();
         let path = new_path.unwrap_or_else(|| current.clone());
         let reuse = path == current && lock(&self.image).is_some();

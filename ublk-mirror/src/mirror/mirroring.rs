@@ -14,7 +14,7 @@ use nbd_proxy::client::Export;
 use nbd_proxy::proto::tx_flags;
 
 use crate::datapath::io_path::{IoPath, MirrorSwitches};
-use crate::fd_store::FdStore;
+use crate::fd_store::{FdStore, StoredFd};
 use crate::lock::lock;
 use crate::mirror::attach::{self, DeviceNeeds};
 use crate::mirror::copy::{self, CopyJob};
@@ -38,6 +38,11 @@ pub enum MirrorError {
     NoSuchFd(String),
     #[error("mirror refused: {0}")]
     Refused(String),
+    /// The connection could not be opened: an I/O error or a failed NBD handshake (peer
+    /// gone, garbage, no such export). `unpause` resumes anyway and reports the mirror failed,
+    /// as tapdisk does with a secondary it cannot open.
+    #[error("mirror target unreachable: {0}")]
+    Unreachable(String),
     #[error("a mirror is already {0}; mirror-stop it first")]
     Busy(&'static str),
 }
@@ -47,7 +52,7 @@ impl MirrorError {
     pub fn code(&self) -> &'static str {
         match self {
             MirrorError::NoSuchFd(_) => code::NO_SUCH_FD,
-            MirrorError::Refused(_) => code::MIRROR_REFUSED,
+            MirrorError::Refused(_) | MirrorError::Unreachable(_) => code::MIRROR_REFUSED,
             MirrorError::Busy(_) => code::BAD_STATE,
         }
     }
@@ -78,6 +83,31 @@ pub enum Stopped {
     Nothing,
 }
 
+/// A target whose connections are in the transmission phase and whose export passed the
+/// checks: what `Mirroring::begin` publishes. Dropping it closes the connections.
+pub struct Attached {
+    conns: Vec<(String, OwnedFd)>,
+    export: Export,
+}
+
+impl Attached {
+    /// Hands the connections back to `fds` as negotiated fds (each under its own name), so a
+    /// retry of the command that attached them finds them where they were.
+    pub fn restore(self, fds: &FdStore) {
+        for (name, fd) in self.conns {
+            let nbd = control::protocol::NegotiatedNbd {
+                export: self.export.name.clone(),
+                size: self.export.size,
+                flags: self.export.flags,
+                block_size: self.export.block_size.to_array(),
+            };
+            if let Err(e) = fds.store(&name, StoredFd { fd, nbd: Some(nbd) }) {
+                log::warn!("connection {name:?} could not be stored again ({e}); closed it");
+            }
+        }
+    }
+}
+
 pub struct Mirroring {
     io: MirrorSwitches,
     /// Serializes telling the activity log whether a mirror takes writes (`mirror_changed`).
@@ -88,10 +118,11 @@ pub struct Mirroring {
     /// after `unpause --mirror null`; kept by `mirror-stop`); `stats` shows it as
     /// `mirror.requested`.
     pub request: Mutex<Option<String>>,
-    /// Set when this daemon recovered a device whose previous daemon was mirroring: the
+    /// A failure with no link in the slot, and why: this daemon recovered a device whose
+    /// previous daemon was mirroring, or `unpause --mirror` could not open the target. The
     /// target missed writes, so `nbd_mirror_failed` reads 1 until the next mirror-start or
     /// mirror-stop.
-    inherited_failure: Mutex<Option<String>>,
+    unlinked_failure: Mutex<Option<String>>,
 }
 
 impl Mirroring {
@@ -101,33 +132,50 @@ impl Mirroring {
             al_mode: Arc::new(Mutex::new(())),
             copy: ArcSwapOption::empty(),
             request: Mutex::new(None),
-            inherited_failure: Mutex::new(None),
+            unlinked_failure: Mutex::new(None),
         }
     }
 
-    /// Attaches a mirror over the stored fds `target.fd_names`: runs the NBD handshake on
-    /// each unless it came negotiated, checks that they agree and that the export can take
-    /// this device, and returns once the mirror is active (every write that started
-    /// local-only has completed and marked itself out of sync, or 30 s have passed). The
-    /// connections are driven by the queues' rings from their first request. On error the
-    /// fds are closed and nothing else changes.
+    /// Attaches a mirror over the stored fds `target.fd_names` (see `attach`), then
+    /// publishes it (see `begin`). On error the fds are closed and nothing else changes.
     pub fn start(
         &self,
         fds: &FdStore,
         target: MirrorTarget<'_>,
         needs: DeviceNeeds,
     ) -> Result<Arc<Mirror>, MirrorError> {
+        let attached = self.attach(fds, target, needs)?;
+        Ok(self.begin(attached, target))
+    }
+
+    /// Takes the stored fds `target.fd_names`, runs the NBD handshake on each unless it came
+    /// negotiated, and checks that they agree and that the export can take this device.
+    /// Nothing is published: the data path does not know of them yet.
+    pub fn attach(
+        &self,
+        fds: &FdStore,
+        target: MirrorTarget<'_>,
+        needs: DeviceNeeds,
+    ) -> Result<Attached, MirrorError> {
         if let Some(m) = self.io.mirror() {
             if m.state() != MirrorState::Failed {
                 return Err(MirrorError::Busy(m.state().name()));
             }
         }
         let (conns, export) = attach_all(fds, target, needs, self.io.queues())?;
+        Ok(Attached { conns, export })
+    }
+
+    /// Publishes an attached target and starts the copy `target.plan` asks for; returns once
+    /// the mirror is active (every write that started local-only has completed and marked
+    /// itself out of sync, or 30 s have passed). The connections are driven by the queues'
+    /// rings from their first request.
+    pub fn begin(&self, attached: Attached, target: MirrorTarget<'_>) -> Arc<Mirror> {
         let (io, al_mode) = (Arc::downgrade(&self.io), self.al_mode.clone());
         let on_failure = Box::new(move || on_mirror_failure(&io, &al_mode));
         let mirror = Mirror::new(
-            conns,
-            export,
+            attached.conns,
+            attached.export,
             target.timeout,
             self.io.mail.clone(),
             on_failure,
@@ -144,7 +192,7 @@ impl Mirroring {
                 .timeout
                 .map_or("none".to_string(), |t| format!("{} s", t.as_secs_f64()))
         );
-        Ok(mirror)
+        mirror
     }
 
     /// Publishes `mirror` to the queues, then waits for writes that began local-only (they
@@ -159,7 +207,7 @@ impl Mirroring {
             std::thread::sleep(Duration::from_micros(200));
         }
         mirror.set_active();
-        self.clear_inherited();
+        self.clear_unlinked();
     }
 
     /// Cancels the previous copy job, if any, and starts the one `plan` asks for.
@@ -192,7 +240,7 @@ impl Mirroring {
     pub fn stop(&self) -> Stopped {
         let Some(m) = self.io.mirror() else {
             // The orchestrator acknowledges a failure inherited from a previous daemon.
-            return if self.clear_inherited() {
+            return if self.clear_unlinked() {
                 Stopped::InheritedFailure
             } else {
                 Stopped::Nothing
@@ -204,7 +252,7 @@ impl Mirroring {
         m.stop(Duration::from_secs(30));
         self.io.set_mirror(None);
         self.mirror_changed();
-        self.clear_inherited();
+        self.clear_unlinked();
         Stopped::Mirror(m.name.clone())
     }
 
@@ -214,22 +262,29 @@ impl Mirroring {
 
     pub fn mirror_failed(&self) -> bool {
         self.io.mirror().as_ref().is_some_and(|m| m.failed())
-            || lock(&self.inherited_failure).is_some()
+            || lock(&self.unlinked_failure).is_some()
     }
 
     /// A previous daemon of this device died (or detached) while mirroring.
     pub fn inherit_failure(&self, why: String) {
+        self.fail_unlinked(why);
+    }
+
+    /// The mirror failed before it had a link (`unpause --mirror` could not open the
+    /// target): from now on writes are tracked as out of sync, as after a link failure.
+    pub fn fail_unlinked(&self, why: String) {
         log::warn!("nbd_mirror_failed=1: {why}");
-        *lock(&self.inherited_failure) = Some(why);
+        *lock(&self.unlinked_failure) = Some(why);
         self.io.start_tracking();
     }
 
-    fn clear_inherited(&self) -> bool {
-        lock(&self.inherited_failure).take().is_some()
+    fn clear_unlinked(&self) -> bool {
+        lock(&self.unlinked_failure).take().is_some()
     }
 
-    pub fn inherited_failure(&self) -> Option<String> {
-        lock(&self.inherited_failure).clone()
+    /// Why the mirror failed when there is no link to ask (see `unlinked_failure`).
+    pub fn unlinked_failure(&self) -> Option<String> {
+        lock(&self.unlinked_failure).clone()
     }
 }
 
@@ -260,7 +315,7 @@ fn attach_all(
             .take(name)
             .ok_or_else(|| MirrorError::NoSuchFd(name.clone()))?;
         let (stream, export) = attach::connect(stored.fd, stored.nbd, target.export_name)
-            .map_err(|why| MirrorError::Refused(format!("connection {name:?}: {why}")))?;
+            .map_err(|why| MirrorError::Unreachable(format!("connection {name:?}: {why}")))?;
         match &first {
             None => {
                 attach::check_export(&export, needs, target.need_flush)

@@ -245,6 +245,8 @@ fn device_samples() -> Vec<Sample> {
             },
             Response::Unpause(UnpauseReply {
                 state: "running".into(),
+                nbd_mirror_failed: 0,
+                mirror_error: None,
             }),
         ),
         (
@@ -255,6 +257,8 @@ fn device_samples() -> Vec<Sample> {
             },
             Response::Unpause(UnpauseReply {
                 state: "running".into(),
+                nbd_mirror_failed: 0,
+                mirror_error: None,
             }),
         ),
     ]
