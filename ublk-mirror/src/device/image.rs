@@ -5,7 +5,9 @@
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Seek};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -33,8 +35,13 @@ pub enum ImageError {
     Open { path: PathBuf, source: io::Error },
     #[error("image {path}: the filesystem refuses O_DIRECT; use --direct auto or off")]
     DirectRefused { path: PathBuf, source: io::Error },
-    #[error("image {path}: not a regular file (raw image files only)")]
+    #[error("image {path}: not a regular file or block device (raw images only)")]
     NotRegular { path: PathBuf },
+    #[error(
+        "image {path}: the block device is in use (mounted, or opened exclusively by another \
+         holder); refusing to serve it"
+    )]
+    DeviceBusy { path: PathBuf },
     #[error("image {path}: is empty (0 bytes); create it first, e.g. `fallocate -l 1G {path}`")]
     Empty { path: PathBuf },
     #[error("image {path}: size {size} is not a multiple of the {block}-byte logical block size")]
@@ -68,14 +75,21 @@ pub struct Image {
 
 impl Image {
     /// Opens `path` read-write and close-on-exec, takes an exclusive OFD lock, and checks that it
-    /// is a usable, non-empty regular file whose size is whole logical blocks.
+    /// is a usable, non-empty regular file or block device whose size is whole logical blocks.
+    /// A block device is opened O_EXCL (refused while mounted or held) and sized by the kernel
+    /// (its inode says 0 bytes).
     pub fn open(path: &Path, mode: DirectMode) -> Result<Image, ImageError> {
-        let (file, direct) = open_file(path, mode)?;
-        let meta = file.metadata().map_err(|source| ImageError::Stat {
+        let stat_err = |source| ImageError::Stat {
             path: path.to_owned(),
             source,
-        })?;
-        if !meta.file_type().is_file() {
+        };
+        let block_device = std::fs::metadata(path)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
+        let (file, direct) = open_file(path, mode, block_device)?;
+        let meta = file.metadata().map_err(stat_err)?;
+        let is_bdev = meta.file_type().is_block_device();
+        if !meta.file_type().is_file() && !is_bdev {
             return Err(ImageError::NotRegular {
                 path: path.to_owned(),
             });
@@ -89,7 +103,12 @@ impl Image {
                 source,
             },
         })?;
-        let size = meta.len();
+        let size = if is_bdev {
+            // The device's size, as the kernel has it (BLKGETSIZE64 and SEEK_END agree).
+            (&file).seek(io::SeekFrom::End(0)).map_err(stat_err)?
+        } else {
+            meta.len()
+        };
         if size == 0 {
             return Err(ImageError::Empty {
                 path: path.to_owned(),
@@ -99,6 +118,12 @@ impl Image {
             dio_offset_align(path).max(512)
         } else {
             512
+        };
+        // A block device takes nothing smaller than its own logical block, O_DIRECT or not.
+        let logical_block = if is_bdev {
+            logical_block.max(bdev_logical_block(&file))
+        } else {
+            logical_block
         };
         if size % u64::from(logical_block) != 0 {
             return Err(ImageError::Unaligned {
@@ -122,9 +147,17 @@ impl Image {
     }
 }
 
-fn open_file(path: &Path, mode: DirectMode) -> Result<(File, bool), ImageError> {
+fn open_file(
+    path: &Path,
+    mode: DirectMode,
+    block_device: bool,
+) -> Result<(File, bool), ImageError> {
     let open = |direct: bool| {
         let mut flags = libc::O_CLOEXEC;
+        if block_device {
+            // On a block device O_EXCL (without O_CREAT) claims it: EBUSY while mounted or held.
+            flags |= libc::O_EXCL;
+        }
         if direct {
             flags |= libc::O_DIRECT;
         }
@@ -134,9 +167,14 @@ fn open_file(path: &Path, mode: DirectMode) -> Result<(File, bool), ImageError> 
             .custom_flags(flags)
             .open(path)
     };
-    let open_err = |source| ImageError::Open {
-        path: path.to_owned(),
-        source,
+    let open_err = |source: io::Error| match source.raw_os_error() {
+        Some(libc::EBUSY) if block_device => ImageError::DeviceBusy {
+            path: path.to_owned(),
+        },
+        _ => ImageError::Open {
+            path: path.to_owned(),
+            source,
+        },
     };
     match mode {
         DirectMode::Off => open(false).map(|f| (f, false)).map_err(open_err),
@@ -162,6 +200,21 @@ fn open_file(path: &Path, mode: DirectMode) -> Result<(File, bool), ImageError> 
         },
     }
 }
+
+/// A block device's logical block size (BLKSSZGET); 512 if it does not say.
+fn bdev_logical_block(file: &File) -> u32 {
+    let mut size: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int to the valid pointer; the fd is an open block device.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET, &mut size) };
+    if rc == 0 && size > 0 {
+        size as u32
+    } else {
+        512
+    }
+}
+
+/// `_IO(0x12, 104)`: the logical block size of a block device.
+const BLKSSZGET: libc::c_ulong = 0x1268;
 
 /// O_DIRECT's required file-offset alignment, from statx(STATX_DIOALIGN); 0 when the kernel or
 /// filesystem does not say (then 512 is the conventional safe answer).
