@@ -68,6 +68,9 @@ pub struct Daemon {
     pub mirroring: Mirroring,
     pub label: String,
     pub stop: Mutex<Sender<StopReason>>,
+    /// tapdisk's fd hand-off socket and its counters, with `serve --tapdisk-compat`; in that
+    /// mode a mirror also takes an export without FLUSH (tapdisk's servers offer none).
+    pub fd_receiver: std::sync::OnceLock<(PathBuf, Arc<crate::ctl::tapdisk_fds::Counters>)>,
 }
 
 impl Daemon {
@@ -91,6 +94,7 @@ impl Daemon {
             io,
             label,
             stop: Mutex::new(stop),
+            fd_receiver: std::sync::OnceLock::new(),
         }))
     }
 
@@ -215,6 +219,11 @@ impl Daemon {
     pub fn save_detached(&self, mirror: Option<MirrorRecord>) {
         let mirror = mirror.or_else(|| self.mirror_record());
         self.record.save(self.device.image_path(), mirror, true);
+    }
+
+    /// tapdisk mode (`serve --tapdisk-compat`): xapi's targets are tapdisk's servers.
+    pub fn tapdisk_mode(&self) -> bool {
+        self.fd_receiver.get().is_some()
     }
 
     /// How long `stats` and `wait-idle` report the mirror as failed.

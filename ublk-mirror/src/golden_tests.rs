@@ -295,12 +295,14 @@ fn the_state_file_matches_the_golden_file() {
             export: "disk".into(),
         }),
         detached: true,
+        tapdisk_dir: Some("/run/blktap-control".into()),
     };
     rec.save(&p).expect("save");
     let text = std::fs::read_to_string(&p).expect("read");
     check_golden("state-file.json", &text);
     let mut bare = rec;
     (bare.control, bare.bitmap, bare.mirror, bare.detached) = (None, None, None, false);
+    bare.tapdisk_dir = None;
     bare.direct = crate::device::image::DirectMode::Off;
     bare.save(&p).expect("save");
     let text = std::fs::read_to_string(&p).expect("read");

@@ -35,6 +35,7 @@ use std::sync::mpsc;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+use crate::ctl::tapdisk_fds::{self, TapdiskFdReceiver};
 use crate::ctl::ControlPath;
 use crate::daemon::Daemon;
 use crate::device::image::{DirectMode, Image};
@@ -178,6 +179,16 @@ struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = dirty::DEFAULT_AL_EXTENTS,
           value_parser = parse_al_extents)]
     al_extents: usize,
+    /// Behave as tapdisk towards xapi: also take fds on DIR/nbdclient<pid> (one message per
+    /// connection, its payload the fd's name, no reply: xapi's mirror_pass_fds), and mirror to
+    /// targets without FLUSH (tapdisk's servers offer none; as mirror-start --allow-no-flush).
+    #[arg(long)]
+    tapdisk_compat: bool,
+    /// With --tapdisk-compat: where nbdclient<pid> goes. Must be a directory (not a symlink)
+    /// owned by root and not writable by group or others.
+    #[arg(long, value_name = "DIR", default_value = tapdisk_fds::DEFAULT_DIR,
+          requires = "tapdisk_compat")]
+    tapdisk_dir: PathBuf,
 }
 
 fn main() {
@@ -235,6 +246,11 @@ fn recover(dev_id: u32, ready_fd: Option<RawFd>) -> Result<()> {
         bitmap: st.bitmap.clone(),
         granularity: st.granularity,
         al_extents: st.al_extents.unwrap_or(dirty::DEFAULT_AL_EXTENTS),
+        tapdisk_compat: st.tapdisk_dir.is_some(),
+        tapdisk_dir: st
+            .tapdisk_dir
+            .clone()
+            .unwrap_or_else(|| tapdisk_fds::DEFAULT_DIR.into()),
     };
     serve(args, Some(st))
 }
@@ -280,6 +296,8 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
     if let Some(prev) = &recovering {
         inherit_mirror(&daemon, prev);
     }
+    // Dropped (the socket removed) when serve returns.
+    let _fd_receiver = start_fd_receiver(&args, &daemon, recovering.as_ref())?;
     if daemon.io.dirty.persistent() {
         start_activity_log_cleaner(&daemon)?;
     }
@@ -300,6 +318,26 @@ fn serve(args: ServeArgs, recovering: Option<state::DaemonState>) -> Result<()> 
     let totals = ublk::serve(daemon, &cfg, control, stop_rx, readiness)?;
     log::info!("stats at exit: {totals}");
     Ok(())
+}
+
+/// With `--tapdisk-compat`: tapdisk's fd hand-off socket for this pid; after a recovery the
+/// previous daemon's is removed (unless somebody listens on it).
+fn start_fd_receiver(
+    args: &ServeArgs,
+    daemon: &std::sync::Arc<Daemon>,
+    recovering: Option<&state::DaemonState>,
+) -> Result<Option<TapdiskFdReceiver>> {
+    if !args.tapdisk_compat {
+        return Ok(None);
+    }
+    let rx = TapdiskFdReceiver::start(&args.tapdisk_dir, daemon.clone())?;
+    let _ = daemon
+        .fd_receiver
+        .set((rx.path().to_owned(), rx.counters.clone()));
+    if let Some(prev) = recovering {
+        tapdisk_fds::remove_previous(&args.tapdisk_dir, prev.pid);
+    }
+    Ok(Some(rx))
 }
 
 /// The out-of-sync map: in the `--bitmap` file (logging what it holds), or in memory.
@@ -368,6 +406,7 @@ fn initial_record(args: &ServeArgs, daemon: &Daemon) -> state::DaemonState {
         al_extents: Some(args.al_extents),
         mirror: None,
         detached: false,
+        tapdisk_dir: args.tapdisk_compat.then(|| args.tapdisk_dir.clone()),
     }
 }
 

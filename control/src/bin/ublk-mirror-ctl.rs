@@ -768,7 +768,7 @@ mod tests {
     /// typed reply as they came out of the untyped one.
     #[test]
     fn stats_text_is_the_untyped_text() {
-        let line = r#"{"mirror":{"activity_log_bound":1024,"activity_log_extents":2,
+        let line = r#"{"fd_receiver":null,"mirror":{"activity_log_bound":1024,"activity_log_extents":2,
             "activity_log_retired":0,"activity_log_waits":4,"activity_log_writes":3,"bitmap_persistent":false,
             "bytes_mirrored":4096,"copy":{"bytes_done":4096,"bytes_total":8192,"elapsed":1.5,
             "eta":2.0,"kind":"copy","rate":2731.0,"speed_limit":null,"state":"copying"},

@@ -59,6 +59,21 @@ pub struct StatsReply {
     pub nbd_mirror_failed: u8,
     pub ops: OpsReport,
     pub mirror: MirrorReport,
+    /// tapdisk's fd hand-off socket (`serve --tapdisk-compat`); null without it.
+    #[serde(default)]
+    pub fd_receiver: Option<FdReceiverReport>,
+}
+
+/// `stats.fd_receiver`: what tapdisk's `nbdclient<pid>` socket received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FdReceiverReport {
+    /// Its path, `DIR/nbdclient<pid>`.
+    pub socket: String,
+    /// fds stored (a name sent again counts again: it replaces the old fd).
+    pub received: u64,
+    /// Messages refused and their fds closed: no fd, several, not a socket, a bad name,
+    /// over the cap, a peer that is not root or the daemon's user.
+    pub refused: u64,
 }
 
 /// `stats.ops`: what the guest asked for, per kind of request.

@@ -78,7 +78,8 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, daemon: &Arc<Daemon>, info: &Devi
             allow_no_flush,
         } => {
             let plan = handlers::copy_plan(copy, resync, speed)?;
-            let need_flush = !allow_no_flush;
+            // `--allow-no-flush` is implied in tapdisk mode, as xapi's targets lack FLUSH.
+            let need_flush = !allow_no_flush && !daemon.tapdisk_mode();
             handlers::mirror_start(
                 daemon,
                 info,

@@ -76,7 +76,8 @@ pub(super) fn unpause(
                 export_name: "",
                 timeout,
                 plan: CopyPlan::None,
-                need_flush: true,
+                // tapdisk's servers offer no FLUSH: tapdisk mode mirrors to them anyway.
+                need_flush: !daemon.tapdisk_mode(),
             };
             let outcome = daemon
                 .unpause_mirroring(image, target, info.max_io_bytes)

@@ -19,6 +19,7 @@ mod fuzz;
 mod handlers;
 mod report;
 pub mod socket;
+pub mod tapdisk_fds;
 #[cfg(test)]
 pub(crate) mod tests;
 

@@ -6,8 +6,8 @@
 use std::sync::atomic::Ordering;
 
 use control::protocol::{
-    ByteOps, CopyReport, CountOps, DirtyMapReply, InfoReply, MirrorAttached, MirrorOff,
-    MirrorReport, OpsReport, StatsReply, WriteOps,
+    ByteOps, CopyReport, CountOps, DirtyMapReply, FdReceiverReport, InfoReply, MirrorAttached,
+    MirrorOff, MirrorReport, OpsReport, StatsReply, WriteOps,
 };
 use nbd_proxy::proto::tx_flags;
 use serde_json::Value;
@@ -80,6 +80,11 @@ pub(super) fn stats_json(daemon: &Daemon) -> Value {
             errors: s.errors,
         },
         mirror: mirror_report(daemon),
+        fd_receiver: daemon.fd_receiver.get().map(|(path, c)| FdReceiverReport {
+            socket: path.display().to_string(),
+            received: c.received.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+        }),
     })
 }
 

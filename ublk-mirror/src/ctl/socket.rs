@@ -112,8 +112,8 @@ fn accept_loop(
     }
 }
 
-/// Root or our own user only.
-fn peer_allowed(conn: &UnixStream) -> std::result::Result<(), String> {
+/// Root or our own user only (the control socket's rule, and the tapdisk fd receiver's).
+pub(crate) fn peer_allowed(conn: &UnixStream) -> std::result::Result<(), String> {
     // SAFETY: ucred is plain old data; all-zero is valid and the kernel fills it in.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;

@@ -50,6 +50,10 @@ pub struct DaemonState {
     pub mirror: Option<MirrorRecord>,
     /// Set by `shutdown --keep`: the daemon left on purpose, the image was flushed.
     pub detached: bool,
+    /// `--tapdisk-compat`'s directory (the successor listens there too and removes this
+    /// pid's socket); absent without it, and in files of older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tapdisk_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -117,6 +117,7 @@ fn stats(mirror: MirrorReport) -> StatsReply {
         nbd_mirror_failed: 0,
         ops: ops(),
         mirror,
+        fd_receiver: None,
     }
 }
 
@@ -477,7 +478,8 @@ fn replies_round_trip_through_the_types() {
 /// floats stay floats and the nulls stay keys.
 #[test]
 fn a_daemon_stats_line_parses_and_prints_back_the_same() {
-    let line = r#"{"mirror":{"activity_log_bound":1024,"activity_log_extents":0,
+    let line = r#"{"fd_receiver":{"socket":"/run/blktap-control/nbdclient7","received":2,
+        "refused":1},"mirror":{"activity_log_bound":1024,"activity_log_extents":0,
         "activity_log_retired":0,"activity_log_waits":0,"activity_log_writes":0,"bitmap_persistent":false,
         "bytes_mirrored":4096,"copy":{"bytes_done":4096,"bytes_total":8192,"elapsed":1.5,
         "eta":2.0,"kind":"resync","rate":2731.0,"speed_limit":null,"state":"copying"},

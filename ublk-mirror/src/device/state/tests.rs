@@ -21,6 +21,7 @@ fn sample() -> DaemonState {
             export: "disk".into(),
         }),
         detached: false,
+        tapdisk_dir: None,
     }
 }
 
