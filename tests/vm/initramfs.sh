@@ -10,6 +10,8 @@ repo=$(cd "$here/../.." && pwd)
 kdir=$1 out=$2
 kver=$(ls "$kdir/root/lib/modules")
 root=$(mktemp -d)
+# The guest's / (mktemp makes it 0700): other users must reach their libraries too.
+chmod 0755 "$root"
 trap 'rm -rf "$root"' EXIT
 
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,lib,lib64,proc,sys,dev,tmp,run,var/lock,etc,root,scenarios}
@@ -85,7 +87,7 @@ done < "$here/guest-modules.txt"
 # The project's binaries (release build) in /usr/local/bin: never under their host path, which
 # may be below /tmp, where the guest mounts a tmpfs.
 [ -x "$repo/target/release/ublk-mirror" ] || { echo "initramfs.sh: build first: cargo build --release" >&2; exit 1; }
-for b in ublk-mirror nbd-proxy ublk-mirror-ctl blkcmp; do
+for b in ublk-mirror nbd-proxy ublk-mirror-ctl ublk-tap-ctl blkcmp xapi-sim; do
     [ -x "$repo/target/release/$b" ] && add_file "$repo/target/release/$b" "/usr/local/bin/$b"
 done
 cp "$here"/scenarios/*.sh "$root/scenarios/"
