@@ -115,6 +115,13 @@ impl Client {
         Ok(())
     }
 
+    /// After `watch`: the connection's lines from here on (each one [`crate::protocol::Event`]),
+    /// with no read timeout, as events come when they come. Lines already read ahead stay.
+    pub fn into_lines(self) -> Result<BufReader<UnixStream>, ClientError> {
+        self.stream.set_read_timeout(None)?;
+        Ok(self.reader)
+    }
+
     fn encode(&mut self, command: Command) -> Result<String, ClientError> {
         let req = Request {
             v: VERSION,

@@ -146,7 +146,25 @@ pub enum Command {
         /// completes after the local flush only and promises nothing about the target.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         allow_no_flush: bool,
+        /// With `copy`: the target is known to read zeros (freshly created), so holes are not
+        /// sent at all.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        target_is_zero: bool,
     },
+    /// Change the running copy's or resync's rate limit (bytes per second; absent or 0: no
+    /// limit), from now on.
+    MirrorSetSpeed {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        speed: Option<u64>,
+    },
+    /// Hold the background copy or resync (chunks in flight finish); guest I/O and mirroring
+    /// go on.
+    MirrorCopyPause,
+    /// Let a held copy or resync go on.
+    MirrorCopyResume,
+    /// Keep the connection open and push one JSON line per change (control/PROTOCOL.md,
+    /// "Events"); the reply's result is a snapshot of the current state.
+    Watch,
     /// Wait until the background copy or resync is ready (actively synced); default 1 day,
     /// 0 = no limit. Also accepted under its older name `wait-ready` (the CLI verb's alias).
     #[serde(alias = "wait-ready")]

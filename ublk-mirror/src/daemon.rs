@@ -24,7 +24,8 @@ use crate::device::image::{DirectMode, Image};
 use crate::device::lifecycle::{Lifecycle, LifecycleError};
 use crate::device::record::{self, StateRecord};
 use crate::device::state::MirrorRecord;
-use crate::fd_store::FdStore;
+use crate::events::Events;
+use crate::fd_store::{FdStore, HandoffCounters};
 use crate::mirror::attach::DeviceNeeds;
 use crate::mirror::copy::WORKERS;
 use crate::mirror::dirty::DirtyMap;
@@ -70,7 +71,9 @@ pub struct Daemon {
     pub stop: Mutex<Sender<StopReason>>,
     /// tapdisk's fd hand-off socket and its counters, with `serve --tapdisk-compat`; in that
     /// mode a mirror also takes an export without FLUSH (tapdisk's servers offer none).
-    pub fd_receiver: std::sync::OnceLock<(PathBuf, Arc<crate::ctl::tapdisk_fds::Counters>)>,
+    pub fd_receiver: std::sync::OnceLock<(PathBuf, Arc<HandoffCounters>)>,
+    /// What `watch` connections are told.
+    pub events: Arc<Events>,
 }
 
 impl Daemon {
@@ -86,11 +89,13 @@ impl Daemon {
         let gate = Lifecycle::initial_gate(start_paused);
         let (io, device_switches, mirror_switches) =
             IoPath::new(image.file.as_raw_fd(), queues, WORKERS, gate, dirty)?;
+        let events = Arc::new(Events::default());
         Ok(Arc::new(Daemon {
-            device: Lifecycle::new(device_switches, image, direct, start_paused),
+            device: Lifecycle::new(device_switches, image, direct, start_paused, events.clone()),
             fds: FdStore::default(),
             record: StateRecord::default(),
-            mirroring: Mirroring::new(mirror_switches),
+            mirroring: Mirroring::new(mirror_switches, events.clone()),
+            events,
             io,
             label,
             stop: Mutex::new(stop),

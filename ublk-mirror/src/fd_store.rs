@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard};
 
 use control::protocol::{NegotiatedNbd, MAX_FDS, MAX_FD_NAME};
@@ -14,6 +15,14 @@ use crate::lock::lock;
 pub struct StoredFd {
     pub fd: OwnedFd,
     pub nbd: Option<NegotiatedNbd>,
+}
+
+/// What an fd hand-off socket other than the control socket (tapdisk's `nbdclient<pid>`)
+/// did, for `stats`.
+#[derive(Debug, Default)]
+pub struct HandoffCounters {
+    pub received: AtomicU64,
+    pub refused: AtomicU64,
 }
 
 /// Why an fd was not stored.

@@ -20,6 +20,7 @@ mod daemon;
 mod datapath;
 mod device;
 mod doorbell;
+mod events;
 mod fd_store;
 #[cfg(test)]
 mod golden_tests;

@@ -120,6 +120,15 @@ enum Cmd {
     MirrorStop(On<NoArgs>),
     /// The out-of-sync extents (offset, length).
     DirtyMap(On<NoArgs>),
+    /// Change the running copy's or resync's rate limit from now on.
+    MirrorSetSpeed(On<SetSpeedArgs>),
+    /// Hold the background copy or resync (the guest and the mirror go on).
+    MirrorCopyPause(On<NoArgs>),
+    /// Let a held copy or resync go on.
+    MirrorCopyResume(On<NoArgs>),
+    /// Print the daemon's events as they happen, one line each, starting with a snapshot
+    /// (until interrupted, or the daemon closes the connection).
+    Watch(On<NoArgs>),
     /// Every daemon under /run/ublk-mirror with its state.
     List {
         #[command(flatten)]
@@ -224,6 +233,18 @@ struct MirrorStartArgs {
     /// `mirror.durable: false`.
     #[arg(long)]
     allow_no_flush: bool,
+    /// With --copy: the target is known to read zeros (freshly created), so holes are not
+    /// sent at all (QEMU's target-is-zero).
+    #[arg(long, requires = "copy")]
+    target_is_zero: bool,
+}
+
+#[derive(clap::Args)]
+struct SetSpeedArgs {
+    /// The copy's new rate limit in device bytes per second, holes included: a size, 0 for
+    /// no limit.
+    #[arg(value_name = "SIZE", value_parser = parse_size)]
+    speed: u64,
 }
 
 #[derive(clap::Args)]
@@ -303,6 +324,7 @@ enum Action {
         timeout: f64,
         progress: bool,
     },
+    Watch,
 }
 
 fn request(command: Command, wait: Duration) -> Result<Action> {
@@ -332,6 +354,7 @@ impl<A: clap::Args> On<A> {
                 print(&reply, json, &format!("passed fd {fd} as {name:?}"))
             }
             Action::WaitReady { timeout, progress } => wait_ready(&path, timeout, progress, json),
+            Action::Watch => watch(&path, json),
         }
     }
 }
@@ -368,6 +391,13 @@ fn run(cli: Cli) -> Result<()> {
         }),
         Cmd::MirrorStop(on) => on.run(global, |_| request(Command::MirrorStop, SLOW)),
         Cmd::DirtyMap(on) => on.run(global, |_| request(Command::DirtyMap, QUICK)),
+        Cmd::MirrorSetSpeed(on) => on.run(global, |a| {
+            let speed = (a.speed > 0).then_some(a.speed);
+            request(Command::MirrorSetSpeed { speed }, QUICK)
+        }),
+        Cmd::MirrorCopyPause(on) => on.run(global, |_| request(Command::MirrorCopyPause, QUICK)),
+        Cmd::MirrorCopyResume(on) => on.run(global, |_| request(Command::MirrorCopyResume, QUICK)),
+        Cmd::Watch(on) => on.run(global, |_| Ok(Action::Watch)),
     }
 }
 
@@ -422,8 +452,65 @@ fn mirror_start(a: MirrorStartArgs) -> Result<Action> {
         resync: a.resync,
         speed: (a.speed > 0).then_some(a.speed),
         allow_no_flush: a.allow_no_flush,
+        target_is_zero: a.target_is_zero,
     };
     request(command, SLOW)
+}
+
+/// `watch`: the snapshot, then each event as the daemon writes it, a line each: the JSON line
+/// itself with --json, else `SEQ EVENT key=value ...` with the keys that are set.
+fn watch(path: &Path, json: bool) -> Result<()> {
+    use std::io::BufRead;
+    let mut client = Client::connect(path)?;
+    client.set_timeout(Some(QUICK))?;
+    let snapshot: control::protocol::Event = client.request(Command::Watch)?;
+    print_event(&snapshot, json)?;
+    // Events come when they come: no read timeout from here on.
+    let mut lines = client.into_lines()?;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line)? == 0 {
+            return Ok(()); // the daemon closed the connection (it exits, or we lagged)
+        }
+        let ev: control::protocol::Event =
+            serde_json::from_str(line.trim_end()).context("an event line")?;
+        print_event(&ev, json)?;
+    }
+}
+
+fn print_event(ev: &control::protocol::Event, json: bool) -> Result<()> {
+    use std::io::Write;
+    let text = if json {
+        serde_json::to_string(ev)?
+    } else {
+        let mut t = format!("{} {}", ev.seq, ev.event);
+        for (k, v) in [
+            ("state", &ev.state),
+            ("mirror", &ev.mirror),
+            ("reason", &ev.reason),
+        ] {
+            if let Some(v) = v {
+                t.push_str(&format!(" {k}={v}"));
+            }
+        }
+        if let Some(c) = &ev.copy {
+            t.push_str(&format!(
+                " copy={}:{} done={} total={} rate={}{}",
+                c.kind,
+                c.state,
+                c.bytes_done,
+                c.bytes_total,
+                c.rate,
+                if c.paused { " paused" } else { "" }
+            ));
+        }
+        t
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()?;
+    Ok(())
 }
 
 fn human(bytes: f64) -> String {
@@ -771,7 +858,7 @@ mod tests {
         let line = r#"{"fd_receiver":null,"mirror":{"activity_log_bound":1024,"activity_log_extents":2,
             "activity_log_retired":0,"activity_log_waits":4,"activity_log_writes":3,"bitmap_persistent":false,
             "bytes_mirrored":4096,"copy":{"bytes_done":4096,"bytes_total":8192,"elapsed":1.5,
-            "eta":2.0,"kind":"copy","rate":2731.0,"speed_limit":null,"state":"copying"},
+            "eta":2.0,"kind":"copy","paused":false,"rate":2731.0,"speed_limit":null,"state":"copying"},
             "connections":2,"dirty_bytes":4096,"durable":false,"export":"e","export_size":8192,
             "failed_at":null,"in_flight":1,"last_error":null,"ops":1,"range_locks":1,
             "requested":"m.0,m.1","state":"active","target":"m.0","targets":["m.0","m.1"],

@@ -255,6 +255,33 @@ pub struct CopyReport {
     pub elapsed: f64,
     /// The `speed` limit in bytes per second, `null` for none.
     pub speed_limit: Option<u64>,
+    /// Held by `mirror-copy-pause` (the state stays `copying`).
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// One line of `watch`: the snapshot that answers it (its `result`), and each event after it,
+/// written as a line of its own. Every key is always there (null when it does not apply).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// The line's number on this watch connection: 0 for the snapshot, then 1, 2, ... (a
+    /// watcher that falls behind gets `lagged` and is closed, never a gap).
+    pub seq: u64,
+    /// Unix time, seconds.
+    pub time: f64,
+    /// `snapshot`, `paused`, `unpaused`, `mirror-active`, `mirror-failed`, `mirror-stopped`,
+    /// `copy-progress` (at most once a second while copying), `copy-ready`, `copy-ended`
+    /// (failed or cancelled), `lagged` (the last line before a watcher that does not read is
+    /// dropped).
+    pub event: String,
+    /// The device's state (`info.state`): in the snapshot, `paused` and `unpaused`.
+    pub state: Option<String>,
+    /// The mirror's state (`stats.mirror.state`): in the snapshot and `mirror-*`.
+    pub mirror: Option<String>,
+    /// Why: a failure's reason (`mirror-failed`), how a copy ended (`copy-ended`), `lagged`'s.
+    pub reason: Option<String>,
+    /// The copy, as in `stats.mirror.copy`: in the snapshot and `copy-*`.
+    pub copy: Option<CopyReport>,
 }
 
 /// `pause`.
@@ -372,6 +399,10 @@ pub enum Response {
     MirrorWaitReady(CopyReport),
     MirrorStop(MirrorStopReply),
     DirtyMap(DirtyMapReply),
+    /// `mirror-set-speed`, `mirror-copy-pause`, `mirror-copy-resume`: the copy afterwards.
+    CopyControl(CopyReport),
+    /// `watch`: the snapshot; events follow as lines of their own.
+    Watch(Box<Event>),
 }
 
 impl Response {
@@ -392,6 +423,10 @@ impl Response {
             Command::MirrorWaitReady { .. } => Response::MirrorWaitReady(of(result)?),
             Command::MirrorStop => Response::MirrorStop(of(result)?),
             Command::DirtyMap => Response::DirtyMap(of(result)?),
+            Command::MirrorSetSpeed { .. }
+            | Command::MirrorCopyPause
+            | Command::MirrorCopyResume => Response::CopyControl(of(result)?),
+            Command::Watch => Response::Watch(Box::new(of(result)?)),
         })
     }
 }

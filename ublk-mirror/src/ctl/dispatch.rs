@@ -76,8 +76,9 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, daemon: &Arc<Daemon>, info: &Devi
             resync,
             speed,
             allow_no_flush,
+            target_is_zero,
         } => {
-            let plan = handlers::copy_plan(copy, resync, speed)?;
+            let plan = handlers::copy_plan((copy, resync), speed, target_is_zero)?;
             // `--allow-no-flush` is implied in tapdisk mode, as xapi's targets lack FLUSH.
             let need_flush = !allow_no_flush && !daemon.tapdisk_mode();
             handlers::mirror_start(
@@ -92,6 +93,10 @@ fn dispatch(cmd: Command, fd: Option<OwnedFd>, daemon: &Arc<Daemon>, info: &Devi
         Command::MirrorStop => Ok(handlers::mirror_stop(daemon)),
         Command::MirrorWaitReady { timeout } => handlers::mirror_wait_ready(daemon, timeout),
         Command::DirtyMap => Ok(report::dirty_map_json(daemon)),
+        Command::MirrorSetSpeed { speed } => handlers::mirror_set_speed(daemon, speed),
+        Command::MirrorCopyPause => handlers::mirror_copy_hold(daemon, true),
+        Command::MirrorCopyResume => handlers::mirror_copy_hold(daemon, false),
+        Command::Watch => handlers::watch(daemon),
         Command::Shutdown { keep } => Ok(handlers::shutdown(daemon, keep)),
         other => Err((
             code::UNKNOWN_COMMAND,

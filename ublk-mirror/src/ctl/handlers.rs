@@ -151,11 +151,12 @@ pub(super) fn wait_idle(daemon: &Daemon, timeout: Option<f64>) -> Answer {
 }
 
 /// What `mirror-start` copies: `copy` and `resync` exclude each other; a speed of 0 is no
-/// limit, as an absent one.
+/// limit, as an absent one; `target_is_zero` only goes with `copy` (a resync's target holds
+/// older data, not zeros).
 pub(super) fn copy_plan(
-    copy: bool,
-    resync: bool,
+    (copy, resync): (bool, bool),
     speed: Option<u64>,
+    target_is_zero: bool,
 ) -> std::result::Result<CopyPlan, (&'static str, String)> {
     if copy && resync {
         return Err((
@@ -163,9 +164,18 @@ pub(super) fn copy_plan(
             "copy and resync exclude each other".into(),
         ));
     }
+    if target_is_zero && !copy {
+        return Err((
+            code::BAD_REQUEST,
+            "target_is_zero goes with copy only (a resync's target is not zero)".into(),
+        ));
+    }
     let speed = speed.filter(|&s| s > 0);
     Ok(match (copy, resync) {
-        (true, _) => CopyPlan::Copy { speed },
+        (true, _) => CopyPlan::Copy {
+            speed,
+            target_is_zero,
+        },
         (_, true) => CopyPlan::Resync { speed },
         _ => CopyPlan::None,
     })
@@ -211,6 +221,35 @@ pub(super) fn mirror_stop(daemon: &Daemon) -> Value {
     json!({ "stopped": daemon.stop_mirror() })
 }
 
+/// The running copy or resync, for the commands that steer it.
+fn running_copy(
+    daemon: &Daemon,
+) -> std::result::Result<std::sync::Arc<crate::mirror::copy::CopyJob>, (&'static str, String)> {
+    match daemon.mirroring.copy.load_full() {
+        Some(job) if job.state() == CopyState::Copying => Ok(job),
+        Some(job) => Err((
+            code::BAD_STATE,
+            format!("the {} already ended {}", job.kind, job.state().name()),
+        )),
+        None => Err((code::BAD_STATE, "no copy or resync is running".into())),
+    }
+}
+
+/// `mirror-set-speed`: a new rate limit for the running copy (0 or absent: none).
+pub(super) fn mirror_set_speed(daemon: &Daemon, speed: Option<u64>) -> Answer {
+    let job = running_copy(daemon)?;
+    job.set_speed(speed);
+    Ok(report::copy_json(&job))
+}
+
+/// `mirror-copy-pause` (true) and `mirror-copy-resume` (false): hold or release the copy's
+/// workers; guest I/O and the mirror go on.
+pub(super) fn mirror_copy_hold(daemon: &Daemon, hold: bool) -> Answer {
+    let job = running_copy(daemon)?;
+    job.set_paused(hold);
+    Ok(report::copy_json(&job))
+}
+
 /// Waits until the copy or resync is ready; fails at once if none runs or it ended otherwise.
 pub(super) fn mirror_wait_ready(daemon: &Daemon, timeout: Option<f64>) -> Answer {
     let limit = timeout_of(timeout, defaults::MIRROR_WAIT_READY_TIMEOUT)?;
@@ -234,6 +273,33 @@ pub(super) fn mirror_wait_ready(daemon: &Daemon, timeout: Option<f64>) -> Answer
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+std::thread_local! {
+    /// A `watch` that answered: its connection becomes a watcher once the reply is written.
+    static WATCH_AFTER_REPLY: std::cell::RefCell<Option<crate::events::Subscription>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `watch`: subscribes (before the snapshot is taken, so no change falls between them) and
+/// answers with the snapshot; the connection is handed to `watch::serve` after the reply.
+pub(super) fn watch(daemon: &Daemon) -> Answer {
+    let sub = daemon.events.subscribe().ok_or_else(|| {
+        (
+            code::FAILED,
+            format!(
+                "too many watchers (at most {}); close one",
+                crate::events::MAX_WATCHERS
+            ),
+        )
+    })?;
+    WATCH_AFTER_REPLY.with(|w| *w.borrow_mut() = Some(sub));
+    Ok(serde_json::to_value(super::watch::snapshot(daemon)).unwrap_or_default())
+}
+
+/// After a reply is written: the watch its command started, if any.
+pub(super) fn take_watch() -> Option<crate::events::Subscription> {
+    WATCH_AFTER_REPLY.with(|w| w.borrow_mut().take())
 }
 
 std::thread_local! {

@@ -22,6 +22,7 @@ pub mod socket;
 pub mod tapdisk_fds;
 #[cfg(test)]
 pub(crate) mod tests;
+mod watch;
 
 /// Where the control socket goes.
 #[derive(Debug, Clone)]

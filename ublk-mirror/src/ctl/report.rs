@@ -88,7 +88,7 @@ pub(super) fn stats_json(daemon: &Daemon) -> Value {
     })
 }
 
-fn mirror_report(daemon: &Daemon) -> MirrorReport {
+pub(super) fn mirror_report(daemon: &Daemon) -> MirrorReport {
     let requested = lock(&daemon.mirroring.request).clone();
     let dirty = &daemon.io.dirty;
     let Some(m) = daemon.io.mirror() else {
@@ -145,7 +145,7 @@ fn attached_report(daemon: &Daemon, m: &Mirror, requested: Option<String>) -> Mi
     }
 }
 
-fn copy_report(job: &CopyJob) -> CopyReport {
+pub(super) fn copy_report(job: &CopyJob) -> CopyReport {
     let done = job.bytes_done();
     let rate = job.rate();
     let left = job.bytes_total.saturating_sub(done);
@@ -157,7 +157,8 @@ fn copy_report(job: &CopyJob) -> CopyReport {
         rate: rate.round(),
         eta: (rate > 0.0).then(|| (left as f64 / rate).round()),
         elapsed: job.elapsed().as_secs_f64(),
-        speed_limit: job.speed,
+        speed_limit: job.speed(),
+        paused: job.paused(),
     }
 }
 

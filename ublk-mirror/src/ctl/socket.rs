@@ -17,6 +17,7 @@ use control::protocol::{code, Reply, MAX_LINE};
 use crate::ctl::dispatch::handle_line;
 use crate::ctl::DeviceInfo;
 use crate::daemon::Daemon;
+use crate::events::Subscription;
 
 /// Control clients connected at once; more are told so and closed.
 const MAX_CLIENTS: usize = 16;
@@ -103,8 +104,12 @@ fn accept_loop(
         let spawned = std::thread::Builder::new()
             .name("control-client".into())
             .spawn(move || {
-                serve_client(conn, &daemon, &info);
+                let watcher = serve_client(conn, &daemon, &info);
+                // A watcher leaves the clients' count: it never locks out `stats`.
                 clients.fetch_sub(1, Ordering::SeqCst);
+                if let Some((conn, sub)) = watcher {
+                    super::watch::serve(conn, &daemon, sub);
+                }
             });
         if let Err(e) = spawned {
             log::error!("control: no thread for a client: {e}");
@@ -148,17 +153,23 @@ fn send(conn: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
     conn.write_all(line.as_bytes())
 }
 
-pub(crate) fn serve_client(mut conn: UnixStream, daemon: &Arc<Daemon>, info: &DeviceInfo) {
+/// Serves one client's lines until it closes; a `watch` ends it early and hands back the
+/// connection with its subscription.
+pub(crate) fn serve_client(
+    mut conn: UnixStream,
+    daemon: &Arc<Daemon>,
+    info: &DeviceInfo,
+) -> Option<(UnixStream, Subscription)> {
     let mut buf = vec![0u8; MAX_LINE];
     let mut pending: Vec<u8> = Vec::new();
     let mut discarding = false;
     loop {
         let got = match recv_with_fd(&conn, &mut buf) {
-            Ok(r) if r.len == 0 => return,
+            Ok(r) if r.len == 0 => return None,
             Ok(r) => r,
             Err(e) => {
                 log::debug!("control client: {e}");
-                return;
+                return None;
             }
         };
         let mut fd = got.fd;
@@ -184,7 +195,7 @@ pub(crate) fn serve_client(mut conn: UnixStream, daemon: &Arc<Daemon>, info: &De
                     format!("line longer than {MAX_LINE} bytes"),
                 );
                 if send(&mut conn, &r).is_err() {
-                    return;
+                    return None;
                 }
                 continue;
             }
@@ -198,8 +209,12 @@ pub(crate) fn serve_client(mut conn: UnixStream, daemon: &Arc<Daemon>, info: &De
             );
             let sent = send(&mut conn, &reply);
             super::handlers::send_stop_after_reply(daemon);
+            let watch = super::handlers::take_watch();
             if sent.is_err() {
-                return;
+                return None;
+            }
+            if let Some(sub) = watch {
+                return Some((conn, sub));
             }
         }
         if fd.take().is_some() || excess_fds {
@@ -216,7 +231,7 @@ pub(crate) fn serve_client(mut conn: UnixStream, daemon: &Arc<Daemon>, info: &De
                     format!("line longer than {MAX_LINE} bytes"),
                 );
                 if send(&mut conn, &r).is_err() {
-                    return;
+                    return None;
                 }
             }
         }

@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use control::fdpass::recv_with_fd;
 
 use crate::ctl::socket::peer_allowed;
 use crate::daemon::Daemon;
-use crate::fd_store::StoredFd;
+use crate::fd_store::{HandoffCounters as Counters, StoredFd};
 
 /// Where tapdisk's control sockets live, and so where xapi looks for `nbdclient<pid>`.
 pub const DEFAULT_DIR: &str = "/run/blktap-control";
@@ -34,13 +34,6 @@ const MESSAGE_BUF: usize = 16 * 1024;
 /// How long a connected client may take to send its one message: the receiver serves one
 /// client at a time, as tapdisk's does, so a silent one must not hold it.
 const CLIENT_WAIT: Duration = Duration::from_secs(5);
-
-/// What the receiver did, for `stats`.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub received: AtomicU64,
-    pub refused: AtomicU64,
-}
 
 /// The listening socket and its counters; the socket is removed when dropped (if it is
 /// still the one this daemon bound).

@@ -349,3 +349,63 @@ fn a_failed_reopen_gives_the_attached_connection_back() {
         "the connection is back, negotiated"
     );
 }
+
+/// `watch`: the reply is the snapshot (seq 0); then one line per event, numbered, as the
+/// accept loop serves a watcher; a closed watcher frees its place.
+#[test]
+fn watch_pushes_a_snapshot_then_numbered_events() {
+    let (_f, daemon) = crate::daemon::tests::daemon_with(1 << 20, 1);
+    let (mut c, theirs) = UnixStream::pair().expect("pair");
+    let (d2, info) = (daemon.clone(), test_info());
+    let served = std::thread::spawn(move || {
+        if let Some((conn, sub)) = serve_client(theirs, &d2, &info) {
+            crate::ctl::watch::serve(conn, &d2, sub);
+        }
+    });
+    let mut r = BufReader::new(c.try_clone().expect("clone"));
+    let rep = call(&mut c, &mut r, r#"{"v":1,"id":1,"cmd":"watch"}"#);
+    let snap = rep.result.expect("snapshot");
+    assert_eq!(
+        (
+            &snap["event"],
+            &snap["seq"],
+            &snap["state"],
+            &snap["mirror"]
+        ),
+        (
+            &serde_json::json!("snapshot"),
+            &serde_json::json!(0),
+            &serde_json::json!("running"),
+            &serde_json::json!("off")
+        )
+    );
+    daemon.device.pause(Duration::from_secs(5)).expect("pause");
+    daemon.unpause(None).expect("unpause");
+    daemon
+        .mirroring
+        .fail_unlinked("the target went away".into());
+    let mut events = Vec::new();
+    for _ in 0..3 {
+        let mut line = String::new();
+        r.read_line(&mut line).expect("event");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+        events.push((v["seq"].as_u64(), v["event"].as_str().map(str::to_owned)));
+        if v["event"] == "mirror-failed" {
+            assert_eq!(v["reason"], "the target went away");
+        }
+    }
+    let want: Vec<_> = [(1, "paused"), (2, "unpaused"), (3, "mirror-failed")]
+        .iter()
+        .map(|(s, e)| (Some(*s), Some((*e).to_owned())))
+        .collect();
+    assert_eq!(events, want);
+    drop((c, r));
+    served.join().expect("watcher ends when the client closes");
+    let subs: Vec<_> = (0..crate::events::MAX_WATCHERS)
+        .map(|_| daemon.events.subscribe())
+        .collect();
+    assert!(
+        subs.iter().all(Option::is_some),
+        "the closed watcher freed its place"
+    );
+}

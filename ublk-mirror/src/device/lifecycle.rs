@@ -10,13 +10,14 @@
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use control::protocol::code;
 
 use crate::datapath::io_path::{DeviceSwitches, Gate};
 use crate::device::image::{DirectMode, Image};
+use crate::events::Events;
 use crate::lock::lock;
 
 /// The device's state as the orchestrator sees it.
@@ -82,12 +83,20 @@ pub struct Lifecycle {
     state: Mutex<DeviceState>,
     /// Serializes pause, unpause, mirror start and stop, and the stop of the device.
     admin: Mutex<()>,
+    /// Told of every pause and unpause (`watch`).
+    events: Arc<Events>,
 }
 
 impl Lifecycle {
     /// The lifecycle of a device serving `image` through `io` (whose gate matches
     /// `start_paused`).
-    pub fn new(io: DeviceSwitches, image: Image, direct: DirectMode, start_paused: bool) -> Self {
+    pub fn new(
+        io: DeviceSwitches,
+        image: Image,
+        direct: DirectMode,
+        start_paused: bool,
+        events: Arc<Events>,
+    ) -> Self {
         let state = if start_paused {
             DeviceState::Attached
         } else {
@@ -102,6 +111,7 @@ impl Lifecycle {
             image: Mutex::new(Some(image)),
             state: Mutex::new(state),
             admin: Mutex::new(()),
+            events,
         }
     }
 
@@ -174,6 +184,9 @@ impl Lifecycle {
         *lock(&self.state) = DeviceState::Paused;
         let took = start.elapsed();
         log::info!("paused in {} ms: image closed", took.as_millis());
+        self.events.publish("paused", |e| {
+            e.state = Some(DeviceState::Paused.name().into())
+        });
         Ok(took)
     }
 
@@ -242,6 +255,9 @@ impl Lifecycle {
         self.io.set_gate(Gate::Open);
         self.io.ring_doorbells();
         log::info!("unpaused on {}", self.image_path().display());
+        self.events.publish("unpaused", |e| {
+            e.state = Some(DeviceState::Running.name().into())
+        });
         Ok(())
     }
 

@@ -64,7 +64,18 @@ pub struct CopyJob {
     state: AtomicState<CopyState>,
     pub bytes_total: u64,
     bytes_done: AtomicU64,
-    pub speed: Option<u64>,
+    /// Bytes per second, 0 for no limit; `mirror-set-speed` changes it while the job runs.
+    speed: AtomicU64,
+    /// Bytes of the chunks workers have taken (done or in flight): what the rate limit paces,
+    /// so four workers starting at once do not make a burst.
+    bytes_taken: AtomicU64,
+    /// The rate limit counts from here: (when, bytes_taken then). Reset by a speed change and
+    /// a resume, so neither makes up for time gone by with a burst.
+    pace_from: Mutex<(Instant, u64)>,
+    /// Held by `mirror-copy-pause`: workers take no new chunk (the guest is not paused).
+    paused: AtomicBool,
+    /// `--target-is-zero`: the target reads zeros, so holes are not sent.
+    pub target_is_zero: bool,
     started: Instant,
     /// Nanoseconds from `started` to the end (ready, failed or cancelled); 0 while copying, so
     /// `elapsed` and `rate` stop moving once the copy is over.
@@ -81,6 +92,51 @@ impl CopyJob {
 
     pub fn bytes_done(&self) -> u64 {
         self.bytes_done.load(Ordering::Relaxed)
+    }
+
+    /// The rate limit in bytes per second (None: no limit).
+    pub fn speed(&self) -> Option<u64> {
+        Some(self.speed.load(Ordering::Relaxed)).filter(|&s| s > 0)
+    }
+
+    /// Changes the rate limit from now on (None or 0: no limit).
+    pub fn set_speed(&self, speed: Option<u64>) {
+        self.speed.store(speed.unwrap_or(0), Ordering::Relaxed);
+        self.repace();
+        log::info!(
+            "{}: speed {}",
+            self.kind,
+            speed
+                .filter(|&s| s > 0)
+                .map_or("unlimited".into(), |s| format!("{s} bytes/s"))
+        );
+    }
+
+    /// Holds (true) or releases (false) the workers; chunks in flight finish. False if the job
+    /// was already so.
+    pub fn set_paused(&self, paused: bool) -> bool {
+        let changed = self.paused.swap(paused, Ordering::SeqCst) != paused;
+        if changed {
+            if !paused {
+                self.repace();
+            }
+            log::info!(
+                "{}: {} at {} of {} bytes",
+                self.kind,
+                if paused { "paused" } else { "resumed" },
+                self.bytes_done(),
+                self.bytes_total
+            );
+        }
+        changed
+    }
+
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    fn repace(&self) {
+        *lock(&self.pace_from) = (Instant::now(), self.bytes_taken.load(Ordering::SeqCst));
     }
 
     pub fn cancel(&self) {
@@ -122,14 +178,24 @@ impl CopyJob {
     }
 }
 
+/// How a copy job runs.
+#[derive(Debug, Clone, Copy)]
+pub struct CopyOptions {
+    pub speed: Option<u64>,
+    /// Skip holes (only for a full copy to a target known to read zeros).
+    pub target_is_zero: bool,
+    /// Bytes per chunk (one NBD WRITE each).
+    pub chunk: u64,
+}
+
 /// Starts copying what is out of sync to `mirror`, on `WORKERS` threads.
 pub fn start(
     io: Arc<IoPath>,
     mirror: Arc<Mirror>,
     kind: CopyKind,
-    speed: Option<u64>,
-    chunk: u64,
+    opts: CopyOptions,
 ) -> Arc<CopyJob> {
+    let (speed, chunk) = (opts.speed, opts.chunk);
     let chunks: Vec<(u64, u64)> = io
         .dirty
         .extents()
@@ -143,17 +209,26 @@ pub fn start(
         state: AtomicState::new(CopyState::Copying),
         bytes_total: chunks.iter().map(|c| c.1).sum(),
         bytes_done: AtomicU64::new(0),
-        speed,
+        bytes_taken: AtomicU64::new(0),
+        speed: AtomicU64::new(speed.unwrap_or(0)),
+        pace_from: Mutex::new((Instant::now(), 0)),
+        paused: AtomicBool::new(false),
+        target_is_zero: opts.target_is_zero,
         started: Instant::now(),
         ended_ns: AtomicU64::new(0),
         cancel: AtomicBool::new(false),
         samples: Mutex::new(Vec::new()),
     });
     log::info!(
-        "{kind}: {} bytes in {} chunks to copy{}",
+        "{kind}: {} bytes in {} chunks to copy{}{}",
         job.bytes_total,
         chunks.len(),
-        speed.map_or(String::new(), |s| format!(", at most {s} bytes/s"))
+        speed.map_or(String::new(), |s| format!(", at most {s} bytes/s")),
+        if opts.target_is_zero {
+            ", holes skipped (the target reads zeros)"
+        } else {
+            ""
+        }
     );
     let chunks = Arc::new(chunks);
     let next = Arc::new(AtomicUsize::new(0));
@@ -233,10 +308,13 @@ fn worker(
         let Some(&(off, len)) = chunks.get(index) else {
             return;
         };
-        if job.cancel.load(Ordering::SeqCst) || !mirror.takes_io() {
+        if !wait_while_paused(job, mirror) {
             return;
         }
-        throttle(job);
+        throttle(job, len);
+        if !wait_while_paused(job, mirror) {
+            return;
+        }
         // Count first, then look at the gate (the pause handshake, as the queues do).
         // The chunk is outstanding until `in_flight` drops.
         let in_flight = loop {
@@ -250,6 +328,14 @@ fn worker(
             io.wait_doorbell(slot, Duration::from_millis(100));
         }
         let op = match read_chunk(io.image_raw_fd(), off, &mut buf[..len as usize]) {
+            Ok(false) if job.target_is_zero => {
+                // A hole on a target that reads zeros: nothing to send.
+                release(io, &ticket);
+                drop(in_flight);
+                io.dirty.clear(off, len);
+                job.bytes_done.fetch_add(len, Ordering::Relaxed);
+                continue;
+            }
             Ok(true) => MirrorOp::Write {
                 offset: off,
                 data: buf[..len as usize].to_vec(),
@@ -289,15 +375,37 @@ fn release(io: &IoPath, ticket: &crate::mirror::range_lock::Ticket) {
     }
 }
 
-/// Sleeps so that bytes done stay within the rate limit.
-fn throttle(job: &CopyJob) {
-    let Some(speed) = job.speed.filter(|s| *s > 0) else {
-        return;
-    };
-    let allowed_at = Duration::from_secs_f64(job.bytes_done() as f64 / speed as f64);
-    let elapsed = job.elapsed();
-    if allowed_at > elapsed {
-        std::thread::sleep(allowed_at - elapsed);
+/// Waits while the job is paused; false when the worker should stop instead (cancelled, or
+/// the mirror no longer takes writes).
+fn wait_while_paused(job: &CopyJob, mirror: &Mirror) -> bool {
+    loop {
+        if job.cancel.load(Ordering::SeqCst) || !mirror.takes_io() {
+            return false;
+        }
+        if !job.paused() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Takes `len` bytes for a chunk, then sleeps until the bytes taken before it since the last
+/// speed change fit the rate limit (in steps of at most 100 ms, so a speed change or a pause
+/// takes effect soon).
+fn throttle(job: &CopyJob, len: u64) {
+    let before = job.bytes_taken.fetch_add(len, Ordering::SeqCst);
+    loop {
+        let Some(speed) = job.speed() else {
+            return;
+        };
+        let (since, base) = *lock(&job.pace_from);
+        let taken = before.saturating_sub(base);
+        let allowed_at = Duration::from_secs_f64(taken as f64 / speed as f64);
+        let elapsed = since.elapsed();
+        if allowed_at <= elapsed || job.paused() || job.cancel.load(Ordering::SeqCst) {
+            return;
+        }
+        std::thread::sleep((allowed_at - elapsed).min(Duration::from_millis(100)));
     }
 }
 

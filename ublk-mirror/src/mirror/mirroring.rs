@@ -14,6 +14,7 @@ use nbd_proxy::client::Export;
 use nbd_proxy::proto::tx_flags;
 
 use crate::datapath::io_path::{IoPath, MirrorSwitches};
+use crate::events::Events;
 use crate::fd_store::{FdStore, StoredFd};
 use crate::lock::lock;
 use crate::mirror::attach::{self, DeviceNeeds};
@@ -25,8 +26,12 @@ use crate::mirror::link::{Mirror, MirrorState};
 pub enum CopyPlan {
     /// New writes only.
     None,
-    /// Everything: the whole device is marked out of sync, then copied (sparse-aware).
-    Copy { speed: Option<u64> },
+    /// Everything: the whole device is marked out of sync, then copied (sparse-aware; with
+    /// `target_is_zero` holes are not sent at all).
+    Copy {
+        speed: Option<u64>,
+        target_is_zero: bool,
+    },
     /// What the out-of-sync map holds (since a failure, plus what a copy had not reached).
     Resync { speed: Option<u64> },
 }
@@ -110,6 +115,8 @@ impl Attached {
 
 pub struct Mirroring {
     io: MirrorSwitches,
+    /// Told when a mirror becomes active, fails or stops (`watch`).
+    events: Arc<Events>,
     /// Serializes telling the activity log whether a mirror takes writes (`mirror_changed`).
     al_mode: Arc<Mutex<()>>,
     /// The background copy or resync of the current mirror, if any.
@@ -126,9 +133,10 @@ pub struct Mirroring {
 }
 
 impl Mirroring {
-    pub fn new(io: MirrorSwitches) -> Mirroring {
+    pub fn new(io: MirrorSwitches, events: Arc<Events>) -> Mirroring {
         Mirroring {
             io,
+            events,
             al_mode: Arc::new(Mutex::new(())),
             copy: ArcSwapOption::empty(),
             request: Mutex::new(None),
@@ -172,7 +180,8 @@ impl Mirroring {
     /// rings from their first request.
     pub fn begin(&self, attached: Attached, target: MirrorTarget<'_>) -> Arc<Mirror> {
         let (io, al_mode) = (Arc::downgrade(&self.io), self.al_mode.clone());
-        let on_failure = Box::new(move || on_mirror_failure(&io, &al_mode));
+        let events = self.events.clone();
+        let on_failure = Box::new(move || on_mirror_failure(&io, &al_mode, &events));
         let mirror = Mirror::new(
             attached.conns,
             attached.export,
@@ -208,6 +217,9 @@ impl Mirroring {
         }
         mirror.set_active();
         self.clear_unlinked();
+        self.events.publish("mirror-active", |e| {
+            e.mirror = Some(mirror.state().name().into())
+        });
     }
 
     /// Cancels the previous copy job, if any, and starts the one `plan` asks for.
@@ -217,18 +229,26 @@ impl Mirroring {
         }
         let job = match plan {
             CopyPlan::None => None,
-            CopyPlan::Copy { speed } => {
+            CopyPlan::Copy {
+                speed,
+                target_is_zero,
+            } => {
                 // A full copy is a resync of everything.
                 self.io.dirty.mark_all();
-                Some((copy::CopyKind::Copy, speed))
+                Some((copy::CopyKind::Copy, speed, target_is_zero))
             }
-            CopyPlan::Resync { speed } => Some((copy::CopyKind::Resync, speed)),
+            CopyPlan::Resync { speed } => Some((copy::CopyKind::Resync, speed, false)),
         };
-        if let Some((kind, speed)) = job {
+        if let Some((kind, speed, target_is_zero)) = job {
             // Each chunk is one NBD WRITE: no larger than the export takes.
             let max = u64::from(mirror.export.block_size.maximum);
             let chunk = copy::DEFAULT_CHUNK.min(if max == 0 { u64::MAX } else { max });
-            let job = copy::start(self.io.clone(), mirror.clone(), kind, speed, chunk);
+            let opts = copy::CopyOptions {
+                speed,
+                target_is_zero,
+                chunk,
+            };
+            let job = copy::start(self.io.clone(), mirror.clone(), kind, opts);
             self.copy.store(Some(job));
         }
     }
@@ -253,6 +273,8 @@ impl Mirroring {
         self.io.set_mirror(None);
         self.mirror_changed();
         self.clear_unlinked();
+        self.events
+            .publish("mirror-stopped", |e| e.mirror = Some("off".into()));
         Stopped::Mirror(m.name.clone())
     }
 
@@ -274,6 +296,10 @@ impl Mirroring {
     /// target): from now on writes are tracked as out of sync, as after a link failure.
     pub fn fail_unlinked(&self, why: String) {
         log::warn!("nbd_mirror_failed=1: {why}");
+        self.events.publish("mirror-failed", |e| {
+            e.mirror = Some("failed".into());
+            e.reason = Some(why.clone());
+        });
         *lock(&self.unlinked_failure) = Some(why);
         self.io.start_tracking();
     }
@@ -339,9 +365,14 @@ fn attach_all(
 }
 
 /// The link's `on_failure`: weak, so a link outliving the daemon's data path does nothing.
-fn on_mirror_failure(io: &Weak<IoPath>, al_mode: &Mutex<()>) {
+fn on_mirror_failure(io: &Weak<IoPath>, al_mode: &Mutex<()>, events: &Events) {
     if let Some(io) = io.upgrade() {
         mirror_changed(&io, al_mode);
+        let reason = io.mirror().and_then(|m| m.failure()).map(|f| f.0);
+        events.publish("mirror-failed", |e| {
+            e.mirror = Some("failed".into());
+            e.reason = reason;
+        });
     }
 }
 

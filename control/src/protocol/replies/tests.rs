@@ -146,6 +146,7 @@ fn copy_ready() -> CopyReport {
         eta: Some(0.0),
         elapsed: 0.2,
         speed_limit: None,
+        paused: false,
     }
 }
 
@@ -404,6 +405,7 @@ fn mirror_start(name: &str, copy: bool) -> Command {
         resync: false,
         speed: None,
         allow_no_flush: false,
+        target_is_zero: false,
     }
 }
 
@@ -482,7 +484,7 @@ fn a_daemon_stats_line_parses_and_prints_back_the_same() {
         "refused":1},"mirror":{"activity_log_bound":1024,"activity_log_extents":0,
         "activity_log_retired":0,"activity_log_waits":0,"activity_log_writes":0,"bitmap_persistent":false,
         "bytes_mirrored":4096,"copy":{"bytes_done":4096,"bytes_total":8192,"elapsed":1.5,
-        "eta":2.0,"kind":"resync","rate":2731.0,"speed_limit":null,"state":"copying"},
+        "eta":2.0,"kind":"resync","paused":false,"rate":2731.0,"speed_limit":null,"state":"copying"},
         "connections":1,"dirty_bytes":4096,"durable":true,"export":"","export_size":8192,"failed_at":null,
         "in_flight":1,"last_error":null,"ops":1,"range_locks":1,"requested":"m",
         "state":"active","target":"m","targets":["m"],"timeout":null},"name":"l","nbd_mirror_failed":0,"ops":{"discard":
