@@ -135,3 +135,30 @@ fill_scattered() {
         dd if=/dev/urandom of="$1" bs=1M seek="$slot" count=1 conv=notrunc status=none
     done
 }
+
+# start_tapdisk_like_target IMAGE SIZE_BYTES: a target like tapdisk's nbdserver<pid>.<minor> on
+# 127.0.0.1:10809: nbdkit's oldstyle handshake (-o) and an export of IMAGE offering nothing but
+# reads and writes (an eval plugin saying so; $3 is each request's count, $4 its offset,
+# pwrite's data arrives on stdin). nbdkit advertises WRITE_ZEROES whatever the plugin says
+# unless the nozero filter hides it (and 1.32's oldstyle mode answers it, FLUSH and FUA with
+# EINVAL). Every request is logged to $WORK/target.log; sets NBDKIT_PID.
+start_tapdisk_like_target() {
+    local img=$1 size=$2
+    nbdkit -f -o -i 127.0.0.1 -p 10809 --filter=log --filter=nozero eval \
+        get_size="echo $size" \
+        pread="dd if=$img iflag=skip_bytes,count_bytes skip=\$4 count=\$3 bs=64K status=none" \
+        pwrite="dd of=$img oflag=seek_bytes seek=\$4 iflag=count_bytes,fullblock count=\$3 bs=64K conv=notrunc status=none" \
+        can_write='exit 0' can_flush='exit 3' can_trim='exit 3' can_zero='exit 3' \
+        can_fua='echo none' can_multi_conn='exit 3' \
+        logfile="$WORK/target.log" 2> "$WORK/nbdkit.stderr" &
+    NBDKIT_PID=$!
+    wait_port 10809 "$WORK/nbdkit.stderr"
+}
+
+# sent_unoffered: how many commands in $WORK/target.log a reads-and-writes export did not
+# offer (FLUSH, TRIM, WRITE_ZEROES, CACHE, or the FUA flag); prints the first few to stderr.
+sent_unoffered() {
+    local re=" (Flush|Trim|Zero|Cache) id=| fua=1"
+    grep -E "$re" "$WORK/target.log" | head -n 5 >&2 || true
+    grep -cE "$re" "$WORK/target.log" || true
+}

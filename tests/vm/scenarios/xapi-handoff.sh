@@ -19,19 +19,6 @@ local_img=$WORK/local.img leaf=$WORK/leaf.img remote=$WORK/remote.img
 make_image "$local_img" 32M; make_image "$remote" 32M
 tapctl() { ublk-tap-ctl "$@"; }
 
-# tapdisk's server: oldstyle, and nothing offered but reads and writes (see mirror-oldstyle).
-start_tapdisk_like_target() {
-    nbdkit -f -o -i 127.0.0.1 -p 10809 --filter=log --filter=nozero eval \
-        get_size="echo $SIZE" \
-        pread="dd if=$remote iflag=skip_bytes,count_bytes skip=\$4 count=\$3 bs=64K status=none" \
-        pwrite="dd of=$remote oflag=seek_bytes seek=\$4 iflag=count_bytes,fullblock count=\$3 bs=64K conv=notrunc status=none" \
-        can_write='exit 0' can_flush='exit 3' can_trim='exit 3' can_zero='exit 3' \
-        can_fua='echo none' can_multi_conn='exit 3' \
-        logfile="$WORK/target.log" 2> "$WORK/nbdkit.stderr" &
-    nbdkit_pid=$!
-    wait_port 10809 "$WORK/nbdkit.stderr"
-}
-
 # Unsafe directories are refused before any device exists.
 mkdir -m 0777 "$WORK/open"; chmod 0777 "$WORK/open"
 mkdir -m 0755 "$WORK/real"; ln -s "$WORK/real" "$WORK/link"
@@ -42,7 +29,8 @@ for bad in open link; do
     log "refused: ${out##*$'\n'}"
 done
 
-start_tapdisk_like_target
+start_tapdisk_like_target "$remote" $SIZE
+nbdkit_pid=$NBDKIT_PID
 start_daemon "$local_img" --tapdisk-compat
 pid=$DAEMON_PID minor=$DEV_ID sock=$DIR/nbdclient$DAEMON_PID
 [ -S "$sock" ] || fail "no $sock"
@@ -103,7 +91,7 @@ ctl pause > /dev/null
 rc=0; blkcmp "$leaf" "$remote" > "$WORK/cmp.out" || rc=$?
 [ $rc = 0 ] || { cat "$WORK/cmp.out"; fail "remote differs from the local leaf"; }
 ctl unpause > /dev/null
-offered=$(grep -cE " (Flush|Trim|Zero|Cache) id=| fua=1" "$WORK/target.log" || true)
+offered=$(sent_unoffered)
 [ "$offered" = 0 ] || fail "$offered commands tapdisk's server does not offer were sent"
 log "mirrored through tap-ctl verbs: $(ctl_get stats mirror.ops) ops, remote == local leaf"
 
