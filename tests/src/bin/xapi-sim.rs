@@ -6,6 +6,12 @@
 //!   reading anything.
 //! - `pass-garbage SOCKET NAME`: the same hand-off of a socket whose peer answers garbage
 //!   (an HTTP error, then EOF), as a wrong server behind the address would.
+//! - `serve-oldstyle PORT IMAGE`: an NBD server that greets exactly as tapdisk's
+//!   `nbdserver<pid>.<minor>` (oldstyle, transmission flags 0: nothing optional offered, not even
+//!   HAS_FLAGS) and serves READ, WRITE and DISC on IMAGE, one thread per connection. Every
+//!   request is logged on stdout as nbdkit's log filter names them (`Read id=..`, `Write id=..
+//!   fua=0|1`, `Flush id=..`, `Trim id=..`, `Zero id=..`, `Cache id=..`); anything but READ,
+//!   WRITE and DISC is answered EINVAL, as a server that never offered it.
 //! - `stats`: reads `tap-ctl stats` output on stdin and parses it as xapi's `Tapctl.Stats`
 //!   does (ocaml/tapctl/tapctl.ml): `name` string, `secs` [int, int], `images` [{`name`,
 //!   `hits` [int, int], `fail` [int, int], `driver` {`type` int, `name` string}}],
@@ -31,11 +37,12 @@ fn main() {
     let res = match argv.as_slice() {
         ["pass-fd", socket, name, addr] => pass_fd(socket, name, addr).map_err(|e| (2, e)),
         ["pass-garbage", socket, name] => pass_garbage(socket, name).map_err(|e| (2, e)),
+        ["serve-oldstyle", port, image] => serve_oldstyle(port, image).map_err(|e| (2, e)),
         ["stats"] => stdin().and_then(|s| stats(&s).map_err(|e| (1, e))),
         ["list", pid, minor] => stdin().and_then(|s| list(&s, pid, minor).map_err(|e| (1, e))),
         _ => Err((
             2,
-            "usage: xapi-sim pass-fd SOCKET NAME HOST:PORT | pass-garbage SOCKET NAME | stats | \
+            "usage: xapi-sim pass-fd SOCKET NAME HOST:PORT | pass-garbage SOCKET NAME | serve-oldstyle PORT IMAGE | stats | \
              list PID MINOR"
                 .into(),
         )),
@@ -75,6 +82,90 @@ fn pass_garbage(socket: &str, name: &str) -> Result<String, String> {
     control::fdpass::send_with_fd(&sock, name.as_bytes(), ours.as_fd())
         .map_err(|e| format!("sendmsg: {e}"))?;
     Ok(format!("passed a garbage peer as {name:?}"))
+}
+
+fn serve_oldstyle(port: &str, image: &str) -> Result<String, String> {
+    use std::sync::Arc;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .map_err(|e| format!("{image}: {e}"))?;
+    let size = file.metadata().map_err(|e| format!("{image}: {e}"))?.len();
+    let file = Arc::new(file);
+    let listener =
+        std::net::TcpListener::bind(("127.0.0.1", port.parse::<u16>().map_err(|e| e.to_string())?))
+            .map_err(|e| format!("bind {port}: {e}"))?;
+    println!("listening on 127.0.0.1:{port}, {size} bytes, flags 0");
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        let file = file.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = serve_conn(conn, &file, size) {
+                println!("connection ended: {e}");
+            }
+        });
+    }
+    Ok(String::new())
+}
+
+/// One oldstyle connection: the greeting, then requests until DISC or EOF.
+fn serve_conn(mut c: TcpStream, file: &std::fs::File, size: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let mut greeting = Vec::with_capacity(152);
+    greeting.extend_from_slice(b"NBDMAGIC");
+    greeting.extend_from_slice(&0x0000_4202_8186_1253_u64.to_be_bytes());
+    greeting.extend_from_slice(&size.to_be_bytes());
+    greeting.extend_from_slice(&0u32.to_be_bytes()); // tapdisk's flags: none
+    greeting.extend_from_slice(&[0u8; 124]);
+    c.write_all(&greeting)?;
+    let mut hdr = [0u8; 28];
+    loop {
+        if c.read_exact(&mut hdr).is_err() {
+            return Ok(());
+        }
+        let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        let flags = u16::from_be_bytes([hdr[4], hdr[5]]);
+        let ty = u16::from_be_bytes([hdr[6], hdr[7]]);
+        let handle = &hdr[8..16];
+        let offset = u64::from_be_bytes(hdr[16..24].try_into().unwrap_or([0; 8]));
+        let len = be32(&hdr[24..28]);
+        if be32(&hdr[0..4]) != 0x2560_9513 {
+            return Err(std::io::Error::other("bad request magic"));
+        }
+        let id = u64::from_be_bytes(handle.try_into().unwrap_or([0; 8]));
+        let name = ["Read", "Write", "Disc", "Flush", "Trim", "Cache", "Zero"]
+            .get(usize::from(ty))
+            .copied()
+            .unwrap_or("Other");
+        println!(
+            "{name} id={id} offset={offset:#x} count={len:#x} fua={}",
+            flags & 1
+        );
+        let mut reply = Vec::with_capacity(16);
+        reply.extend_from_slice(&0x6744_6698u32.to_be_bytes());
+        let mut data = Vec::new();
+        let error: u32 = match ty {
+            0 => {
+                data.resize(len as usize, 0);
+                file.read_exact_at(&mut data, offset).map_or(5, |()| 0)
+            }
+            1 => {
+                let mut buf = vec![0u8; len as usize];
+                c.read_exact(&mut buf)?;
+                file.write_all_at(&buf, offset).map_or(5, |()| 0)
+            }
+            2 => return Ok(()),
+            _ => 22, // EINVAL: never offered
+        };
+        reply.extend_from_slice(&error.to_be_bytes());
+        reply.extend_from_slice(handle);
+        if error == 0 {
+            reply.extend_from_slice(&data);
+        }
+        c.write_all(&reply)?;
+    }
 }
 
 fn field<'a>(v: &'a Value, key: &str, at: &str) -> Result<&'a Value, String> {

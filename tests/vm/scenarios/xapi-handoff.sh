@@ -1,6 +1,7 @@
 #!/bin/bash
 # xapi's storage migration, as xapi and SM drive tapdisk, against a daemon in tapdisk mode
-# (serve --tapdisk-compat) and a destination like tapdisk's (oldstyle, reads and writes only):
+# (serve --tapdisk-compat) and a destination that greets as tapdisk's (oldstyle, flags 0:
+# nothing but reads and writes; xapi-sim serve-oldstyle logs every request):
 # - the fd hand-off exactly as mirror_pass_fds does it (xapi-sim pass-fd: connect to
 #   nbdclient<pid>, one sendmsg with the name and the fd, close without reading);
 # - ublk-tap-ctl pause, list (state=0x2a, parsed as xapi's Tapctl.list), unpause -a aio:PATH
@@ -29,8 +30,10 @@ for bad in open link; do
     log "refused: ${out##*$'\n'}"
 done
 
-start_tapdisk_like_target "$remote" $SIZE
-nbdkit_pid=$NBDKIT_PID
+# The destination as tapdisk's nbdserver greets: oldstyle, flags 0 (not even HAS_FLAGS).
+xapi-sim serve-oldstyle 10809 "$remote" > "$WORK/target.log" 2>&1 &
+target_pid=$!
+wait_port 10809 "$WORK/target.log"
 start_daemon "$local_img" --tapdisk-compat
 pid=$DAEMON_PID minor=$DEV_ID sock=$DIR/nbdclient$DAEMON_PID
 [ -S "$sock" ] || fail "no $sock"
@@ -93,10 +96,12 @@ rc=0; blkcmp "$leaf" "$remote" > "$WORK/cmp.out" || rc=$?
 ctl unpause > /dev/null
 offered=$(sent_unoffered)
 [ "$offered" = 0 ] || fail "$offered commands tapdisk's server does not offer were sent"
-log "mirrored through tap-ctl verbs: $(ctl_get stats mirror.ops) ops, remote == local leaf"
+writes=$(grep -c "^Write id=" "$WORK/target.log" || true)
+[ "$writes" -gt 0 ] || fail "no WRITE reached the target"
+log "mirrored through tap-ctl verbs to a flags-0 oldstyle target: $(ctl_get stats mirror.ops) ops, $writes WRITEs and nothing else; remote == local leaf"
 
 # The target dies: the guest carries on, the flag says so, unpause -2 null clears it.
-stop_pid $nbdkit_pid KILL
+stop_pid $target_pid KILL
 dd if=/dev/urandom of="$DEV" bs=64k count=4 seek=10 oflag=direct status=none || fail "guest write failed"
 for _ in $(seq 100); do [[ $(watchdog) == "nbd_mirror_failed=1 "* ]] && break; sleep 0.2; done
 [[ $(watchdog) == "nbd_mirror_failed=1 "* ]] || fail "a killed target is not reported"
