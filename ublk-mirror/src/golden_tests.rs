@@ -166,6 +166,14 @@ fn no_mirror_commands(d: &mut Driver) {
         None,
     );
     d.call("mirror-stop(none)", "mirror-stop", none.clone(), None);
+    d.call(
+        "error(mirror-set-speed-no-copy)",
+        "mirror-set-speed",
+        serde_json::json!({"speed": 1}),
+        None,
+    );
+    // The snapshot only: the events that follow are lines of their own (ctl/watch.rs).
+    d.call("watch", "watch", none.clone(), None);
     d.daemon.io.dirty.mark(64 << 10, 4096);
     d.call("dirty-map(marked)", "dirty-map", none.clone(), None);
     d.call(

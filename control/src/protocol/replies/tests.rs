@@ -392,6 +392,19 @@ fn mirror_samples() -> Vec<Sample> {
                 extents: vec![[65536, 65536]],
             }),
         ),
+        (
+            "watch",
+            Command::Watch,
+            Response::Watch(Box::new(Event {
+                seq: 0,
+                time: 1.5e9,
+                event: "snapshot".into(),
+                state: Some("running".into()),
+                mirror: Some("off".into()),
+                reason: None,
+                copy: None,
+            })),
+        ),
     ]
 }
 
@@ -435,6 +448,11 @@ fn every_reply_has_the_golden_keys_and_kinds() {
         ("error(close-fd-missing)", code::NO_SUCH_FD, "no fd"),
         (
             "error(mirror-wait-ready-no-copy)",
+            code::BAD_STATE,
+            "no copy",
+        ),
+        (
+            "error(mirror-set-speed-no-copy)",
             code::BAD_STATE,
             "no copy",
         ),
