@@ -187,7 +187,30 @@ type Sample = (&'static str, Command, Response);
 
 /// One sample per golden label: the command it answers and its result.
 fn samples() -> Vec<Sample> {
-    [device_samples(), fd_samples(), mirror_samples()].concat()
+    [
+        device_samples(),
+        fd_samples(),
+        mirror_samples(),
+        watch_samples(),
+    ]
+    .concat()
+}
+
+/// `watch`'s reply: the snapshot.
+fn watch_samples() -> Vec<Sample> {
+    vec![(
+        "watch",
+        Command::Watch,
+        Response::Watch(Box::new(Event {
+            seq: 0,
+            time: 1.5e9,
+            event: "snapshot".into(),
+            state: Some("running".into()),
+            mirror: Some("off".into()),
+            reason: None,
+            copy: None,
+        })),
+    )]
 }
 
 /// `info`, `stats` in each mirror shape, `pause`, `unpause`.
@@ -391,19 +414,6 @@ fn mirror_samples() -> Vec<Sample> {
                 dirty_bytes: 65536,
                 extents: vec![[65536, 65536]],
             }),
-        ),
-        (
-            "watch",
-            Command::Watch,
-            Response::Watch(Box::new(Event {
-                seq: 0,
-                time: 1.5e9,
-                event: "snapshot".into(),
-                state: Some("running".into()),
-                mirror: Some("off".into()),
-                reason: None,
-                copy: None,
-            })),
         ),
     ]
 }
