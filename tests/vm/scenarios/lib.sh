@@ -162,3 +162,28 @@ sent_unoffered() {
     grep -E "$re" "$WORK/target.log" | head -n 5 >&2 || true
     grep -cE "$re" "$WORK/target.log" || true
 }
+
+# make_tls_files DIR NAME...: a fresh test CA and a server certificate for the NAMEs (DNS names
+# or IPv4 addresses, the first also its CN) in DIR: ca-cert.pem, server-cert.pem, server-key.pem
+# (as bench/tls-files makes on the host). openssl gets a config file of its own, so nothing of
+# the machine's openssl.cnf is needed (the guest has none).
+make_tls_files() {
+    local dir=$1 n san=""; shift
+    mkdir -p "$dir"
+    printf '[req]\ndistinguished_name = dn\n[dn]\n' > "$dir/openssl.cnf"
+    for n in "$@"; do
+        if [[ $n =~ ^[0-9.]+$ ]]; then san+="IP:$n,"; else san+="DNS:$n,"; fi
+    done
+    printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n' \
+        "${san%,}" > "$dir/server.ext"
+    local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+    (
+        cd "$dir" && export OPENSSL_CONF=$PWD/openssl.cnf
+        openssl req -x509 "${ec[@]}" -keyout ca-key.pem -out ca-cert.pem -days 2 -subj /CN=test-ca \
+            -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign &&
+        openssl req "${ec[@]}" -keyout server-key.pem -out server.csr -subj "/CN=$1" &&
+        openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+            -out server-cert.pem -days 2 -extfile server.ext &&
+        chmod 600 ca-key.pem server-key.pem
+    ) > "$dir/openssl.log" 2>&1 || { cat "$dir/openssl.log" >&2; fail "openssl could not make the test certificates"; }
+}
