@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard};
 
-use control::protocol::{NegotiatedNbd, MAX_FDS, MAX_FD_NAME};
+use control::protocol::{code, NegotiatedNbd, MAX_FDS, MAX_FD_NAME};
 
 use crate::lock::lock;
 
@@ -34,6 +34,17 @@ pub enum StoreError {
     Full,
     #[error("{0}")]
     NotAStreamSocket(String),
+}
+
+impl StoreError {
+    /// The control protocol's error code (`control/PROTOCOL.md`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::BadName => code::BAD_REQUEST,
+            StoreError::Full => code::TOO_MANY_FDS,
+            StoreError::NotAStreamSocket(_) => code::BAD_FD,
+        }
+    }
 }
 
 /// The stored fds, by name.

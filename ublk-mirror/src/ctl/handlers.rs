@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::ctl::{report, DeviceInfo};
 use crate::daemon::{Daemon, UnpausedMirror};
-use crate::fd_store::{StoreError, StoredFd};
+use crate::fd_store::StoredFd;
 use crate::lock::lock;
 use crate::mirror::copy::CopyState;
 use crate::mirror::mirroring::{CopyPlan, MirrorTarget};
@@ -103,14 +103,10 @@ pub(super) fn pass_fd(
     nbd: Option<NegotiatedNbd>,
 ) -> Answer {
     let fd = fd.ok_or((code::BAD_FD, "pass-fd without an fd".to_string()))?;
-    let replaced = daemon.fds.store(&name, StoredFd { fd, nbd }).map_err(|e| {
-        let c = match e {
-            StoreError::BadName => code::BAD_REQUEST,
-            StoreError::Full => code::TOO_MANY_FDS,
-            StoreError::NotAStreamSocket(_) => code::BAD_FD,
-        };
-        (c, e.to_string())
-    })?;
+    let replaced = daemon
+        .fds
+        .store(&name, StoredFd { fd, nbd })
+        .map_err(|e| (e.code(), e.to_string()))?;
     log::info!(
         "pass-fd {name:?} stored{}",
         if replaced {

@@ -10,7 +10,6 @@
 //! or this user may hand over fds (as the control socket), and a socket somebody still
 //! listens on is never unlinked.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -105,7 +104,8 @@ pub fn remove_previous(dir: &Path, pid: u32) {
 /// Refuses a directory another user could swap the socket in: a symlink, not a directory,
 /// owned by someone other than root or us, or writable by group or others.
 fn check_dir(dir: &Path) -> Result<()> {
-    if !dir.exists() && std::fs::symlink_metadata(dir).is_err() {
+    // Nothing there at all (a dangling symlink is something, refused below).
+    if std::fs::symlink_metadata(dir).is_err() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
             .with_context(|| format!("chmod 0755 {}", dir.display()))?;
@@ -199,7 +199,7 @@ fn receive_one(conn: &UnixStream, daemon: &Daemon) -> std::result::Result<String
     let replaced = daemon
         .fds
         .store(name, StoredFd { fd, nbd: None })
-        .map_err(|e| format!("fd {name:?} (fd {}): {e}", conn.as_raw_fd()))?;
+        .map_err(|e| format!("fd {name:?}: {e}"))?;
     Ok(if replaced {
         format!("{name} (replaced the old one)")
     } else {
