@@ -15,11 +15,13 @@ pub struct TlsClient {
     pub ca: PathBuf,
     pub identity: Option<(PathBuf, PathBuf)>,
     pub hostname: Option<String>,
+    /// Relay through a thread here even where the kernel could carry the session (kTLS).
+    pub relay: bool,
 }
 
 /// `connect --connections N`: N connections, each handed over as NAME.i (or NAME when N is
-/// 1). With TLS every connection gets its own relay, so this runs them on threads and
-/// returns when all have ended.
+/// 1). With TLS each is set up on a thread of its own; one relayed in user space keeps its
+/// thread, and this returns when all have ended.
 pub fn connect_n(
     to: &Address,
     export: &str,
@@ -167,8 +169,9 @@ fn precheck(to: &Address, export: &str) -> Result<()> {
     Ok(())
 }
 
-/// With TLS: negotiate here (STARTTLS, then GO), hand the daemon the plain end of a socketpair
-/// in the transmission phase, and relay until either side closes.
+/// With TLS: negotiate here (STARTTLS, then GO), then hand the daemon the TCP socket with the
+/// session moved into the kernel (kTLS) and return; or, where the kernel cannot carry it (or
+/// with `relay`), the plain end of a socketpair, relaying until either side closes.
 fn connect_tls(
     to: &Address,
     export: &str,
@@ -195,15 +198,36 @@ fn connect_tls(
     let (wire, flags) = Negotiator::start(wire)
         .and_then(|n| n.starttls())
         .with_context(|| format!("NBD_OPT_STARTTLS with {to}"))?;
+    // The handshake and GO have the same bound as the daemon's own handshake.
+    wire.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let session = nbd_proxy::tls::client_session(&cfg, nbd_proxy::tls::server_name(&host)?)?;
-    let (plain, pump) = nbd_proxy::tls::spawn_pump(session, wire, format!("relay to {to}"))?;
-    let (plain, e) = Negotiator::with_flags(plain, flags)
+    let verifying = || format!("TLS handshake with {to} (verifying {host:?})");
+    let session = nbd_proxy::tls::Session::handshake(session, wire).with_context(verifying)?;
+    let (session, e) = Negotiator::with_flags(session, flags)
         .go(export)
         .with_context(|| format!("NBD handshake over TLS with {to} (verifying {host:?})"))?;
+    let label = format!("relay to {to}");
+    let (stream, carrier) = session
+        .into_transmission(tls.relay, &label)
+        .with_context(|| format!("TLS with {to}: moving the session into the kernel"))?;
+    stream.set_read_timeout(None)?;
     let nbd = describe(e);
-    pass(handoff, name, &plain, Some(nbd.clone()))?;
-    // The daemon holds its own copy of the fd now; ours would keep the pair open after it.
-    drop(plain);
+    pass(handoff, name, &stream, Some(nbd.clone()))?;
+    // The daemon holds its own copy of the fd now; ours would keep the socket open after it.
+    drop(stream);
+    let pump = match carrier {
+        nbd_proxy::tls::Carrier::Kernel => {
+            println!(
+                "handed off {to} export {:?} ({} bytes, TLS in the kernel, negotiated) to {} \
+                 as {name:?}",
+                nbd.export,
+                nbd.size,
+                handoff.display()
+            );
+            return Ok(());
+        }
+        nbd_proxy::tls::Carrier::Relay(pump) => pump,
+    };
     println!(
         "handed off {to} export {:?} ({} bytes, TLS, negotiated) to {} as {name:?}; relaying",
         nbd.export,
@@ -215,3 +239,6 @@ fn connect_tls(
     log::info!("relay to {to} ended");
     Ok(())
 }
+
+/// How long the server has, after STARTTLS, to finish the TLS handshake and answer GO.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);

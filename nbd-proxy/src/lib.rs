@@ -7,12 +7,15 @@
 //! - [`address`]: `tcp:HOST:PORT` and `unix:PATH` endpoints.
 //! - [`file_lock`]: the lock that keeps two servers (ours, the daemon) off one image.
 //! - `server`: exports image files to many concurrent, pipelined clients.
-//! - `tls`: STARTTLS with rustls, bridged to plain sockets.
+//! - `tls`: STARTTLS with rustls; then the session moves into the kernel (`ktls`) or is
+//!   bridged to a plain socketpair.
 
 pub mod address;
 pub mod client;
 pub mod file_lock;
 pub mod inflight;
+#[cfg(feature = "server")]
+pub mod ktls;
 pub mod proto;
 #[cfg(feature = "server")]
 pub mod server;

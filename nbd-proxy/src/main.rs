@@ -86,6 +86,12 @@ struct ServeArgs {
     /// is refused during the TLS handshake [default: none, clients are not verified].
     #[arg(long, value_name = "PATH", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Keep each TLS session in this process, relayed by a thread per connection. By default,
+    /// once a client has chosen its export, the session moves into the kernel (kTLS: the
+    /// socket is served as a plain one and the kernel encrypts), where the kernel has TLS;
+    /// where it has not, the relay is used anyway and the log says why.
+    #[arg(long, requires = "tls_cert")]
+    tls_relay: bool,
     /// Unix socket for adding and removing exports at run time, one command per line:
     /// `add NAME=PATH [ro]`, `remove NAME` (flushes, drains and closes its connections, then
     /// releases the image), `list`. Each is answered with one line, `ok ...` or `error ...`
@@ -140,11 +146,17 @@ struct ConnectArgs {
     #[arg(long)]
     negotiate: bool,
     /// CA (PEM) to verify the server with. Turns TLS on: the proxy negotiates (STARTTLS, then
-    /// GO), hands the daemon one end of a socketpair in the transmission phase, and stays
-    /// running to relay between it and the TLS session until either side closes [default:
-    /// none, plain NBD].
+    /// GO) and then moves the session into the kernel (kTLS) and hands the daemon the TCP
+    /// socket itself, in the transmission phase, and exits. Where the kernel has no TLS (or
+    /// with --tls-relay) it hands over one end of a socketpair instead and stays running to
+    /// relay between it and the TLS session until either side closes [default: none, plain
+    /// NBD].
     #[arg(long, value_name = "PATH")]
     tls_ca: Option<PathBuf>,
+    /// With --tls-ca: always relay through this process (a thread per connection), never
+    /// kTLS.
+    #[arg(long, requires = "tls_ca")]
+    tls_relay: bool,
     /// Client certificate (PEM), for servers that verify clients [default: none].
     #[arg(long, value_name = "PATH", requires = "tls_key", requires = "tls_ca")]
     tls_cert: Option<PathBuf>,
@@ -167,6 +179,7 @@ fn main() {
                 ca: ca.clone(),
                 identity: a.tls_cert.clone().zip(a.tls_key.clone()),
                 hostname: a.tls_hostname.clone(),
+                relay: a.tls_relay,
             });
             handoff::connect_n(
                 &a.to,
@@ -290,6 +303,7 @@ fn server_config(args: &ServeArgs) -> Result<ServerConfig> {
     }
     Ok(ServerConfig {
         tls,
+        tls_relay: args.tls_relay,
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         max_connections: args.max_connections,
         workers_per_connection: usize::from(args.workers),

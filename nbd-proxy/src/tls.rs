@@ -1,9 +1,12 @@
 //! TLS for the migration link (NBD_OPT_STARTTLS), with rustls.
 //!
-//! A TLS session is bridged to a plain socketpair by [`spawn_pump`]: after STARTTLS, the rest of
-//! the handshake and the whole transmission phase run unchanged on the plain end, on the server
-//! and in `nbd-proxy connect`'s relay alike (a TLS session cannot be handed to the daemon as an
-//! fd, but the plain end of the pair can).
+//! After STARTTLS, rustls runs the TLS handshake and the rest of the option haggling on the
+//! socket itself ([`Session`]). For the transmission phase the session then moves into the
+//! kernel (kTLS, `ktls.rs`) where it can, and the socket is plain to its user again: the server
+//! serves it as any connection, and `nbd-proxy connect` hands the socket itself to the daemon
+//! and exits. Where it cannot (no kTLS in the kernel, `--tls-relay`), the session is bridged to
+//! a plain socketpair by [`spawn_pump`], a thread per connection, and the plain end is what is
+//! served or handed over.
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -94,9 +97,10 @@ pub fn server_config(
         }
         None => builder.with_no_client_auth(),
     };
-    Ok(Arc::new(
-        builder.with_single_cert(load_certs(cert)?, load_key(key)?)?,
-    ))
+    let mut cfg = builder.with_single_cert(load_certs(cert)?, load_key(key)?)?;
+    // So the session's keys can move into the kernel after the handshake (kTLS).
+    cfg.enable_secret_extraction = true;
+    Ok(Arc::new(cfg))
 }
 
 /// Client side: trust `ca`; present `cert`/`key` if given.
@@ -107,10 +111,12 @@ pub fn client_config(
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots(ca)?);
-    let cfg = match identity {
+    let mut cfg = match identity {
         Some((cert, key)) => builder.with_client_auth_cert(load_certs(cert)?, load_key(key)?)?,
         None => builder.with_no_client_auth(),
     };
+    // So the session's keys can move into the kernel after the handshake (kTLS).
+    cfg.enable_secret_extraction = true;
     Ok(Arc::new(cfg))
 }
 
@@ -127,6 +133,134 @@ pub fn client_session(
     name: ServerName<'static>,
 ) -> Result<rustls::Connection, TlsError> {
     Ok(ClientConnection::new(cfg.clone(), name)?.into())
+}
+
+/// A TLS session on a blocking socket, from the end of its handshake to the transmission
+/// phase: reads and writes go through rustls, record by record.
+pub struct Session {
+    tls: rustls::Connection,
+    wire: Stream,
+}
+
+/// How the transmission phase's stream carries TLS.
+pub enum Carrier {
+    /// The kernel (kTLS): the stream is the TCP socket itself.
+    Kernel,
+    /// A pump thread between the session and the stream, a plain socketpair end; it ends when
+    /// either side closes.
+    Relay(std::thread::JoinHandle<()>),
+}
+
+impl Session {
+    /// Runs the TLS handshake on `wire` to its end (the socket's read timeout applies).
+    pub fn handshake(mut tls: rustls::Connection, mut wire: Stream) -> io::Result<Session> {
+        while tls.is_handshaking() {
+            tls.complete_io(&mut wire)?;
+        }
+        let mut s = Session { tls, wire };
+        s.send_records()?;
+        Ok(s)
+    }
+
+    /// The stream for the transmission phase: the socket with the session moved into the
+    /// kernel, unless `relay` or the kernel cannot (no kTLS, not TCP, bytes already read
+    /// ahead), in which case the session is pumped to a socketpair. Why it was relayed is
+    /// logged under `label`.
+    pub fn into_transmission(mut self, relay: bool, label: &str) -> io::Result<(Stream, Carrier)> {
+        self.flush()?;
+        let why_not = if relay {
+            Some("--tls-relay".to_owned())
+        } else {
+            self.kernel_refusal()
+        };
+        if let Some(why) = why_not {
+            log::info!("{label}: TLS relayed by a thread ({why})");
+            let (plain, pump) = spawn_pump(self.tls, self.wire, label.to_owned())?;
+            return Ok((plain, Carrier::Relay(pump)));
+        }
+        let fd = self.wire.as_raw_fd();
+        let version = self.tls.protocol_version();
+        let suite = self.tls.negotiated_cipher_suite();
+        let secrets = self
+            .tls
+            .dangerous_extract_secrets()
+            .map_err(|e| io::Error::other(format!("kernel TLS: extracting the keys: {e}")))?;
+        let version = version.ok_or_else(|| io::Error::other("kernel TLS: no protocol version"))?;
+        let (seq, keys) = &secrets.tx;
+        crate::ktls::install(fd, crate::ktls::Direction::Send, version, *seq, keys)?;
+        let (seq, keys) = &secrets.rx;
+        crate::ktls::install(fd, crate::ktls::Direction::Receive, version, *seq, keys)?;
+        log::info!(
+            "{label}: TLS in the kernel ({version:?}, {:?})",
+            suite.map(|s| s.suite())
+        );
+        Ok((self.wire, Carrier::Kernel))
+    }
+
+    /// Why the session cannot move into the kernel; None when it can, and then the socket has
+    /// the "tls" upper-layer protocol already (the one step that fails where kTLS is missing).
+    fn kernel_refusal(&mut self) -> Option<String> {
+        let Stream::Tcp(_) = &self.wire else {
+            return Some("not a TCP socket".to_owned());
+        };
+        // Data rustls read ahead would be lost with its state: there should be none, as the
+        // peer waits for our first request now (and sends nothing unasked), but look.
+        match self.tls.process_new_packets() {
+            Ok(io) if io.plaintext_bytes_to_read() == 0 => {}
+            Ok(_) => return Some("data already read ahead".to_owned()),
+            Err(e) => return Some(format!("TLS state: {e}")),
+        }
+        match crate::ktls::attach(self.wire.as_raw_fd()) {
+            Ok(()) => None,
+            Err(e) => Some(format!("the kernel has no TLS for this socket: {e}")),
+        }
+    }
+}
+
+impl Session {
+    /// Sends every TLS record rustls has ready.
+    fn send_records(&mut self) -> io::Result<()> {
+        while self.tls.wants_write() {
+            self.tls.write_tls(&mut self.wire)?;
+        }
+        Ok(())
+    }
+}
+
+impl Read for Session {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.tls.reader().read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // Ok(0) after close_notify; UnexpectedEof when the peer closed without one.
+                other => return other,
+            }
+            let n = self.tls.read_tls(&mut self.wire)?;
+            if let Err(e) = self.tls.process_new_packets() {
+                let _ = self.send_records(); // the alert rustls queued says why
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+            self.send_records()?;
+            if n == 0 {
+                return match self.tls.reader().read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                    other => other,
+                };
+            }
+        }
+    }
+}
+
+impl Write for Session {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.tls.writer().write(buf)?;
+        self.send_records()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.tls.writer().flush()?;
+        self.send_records()
+    }
 }
 
 /// Bridges `tls` over the socket `wire` to a new plain socketpair, on a thread. Returns the

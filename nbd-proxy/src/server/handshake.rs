@@ -36,13 +36,45 @@ enum Step {
     StartTls,
 }
 
-/// Runs the handshake. `Ok(None)`: the client aborted or went away cleanly.
+/// The handshake's stream: plain, or after STARTTLS a TLS session run by rustls.
+enum Wire {
+    Plain(Stream),
+    Tls(Box<crate::tls::Session>),
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Wire::Plain(s) => s.read(buf),
+            Wire::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Wire::Plain(s) => s.write(buf),
+            Wire::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Wire::Plain(s) => s.flush(),
+            Wire::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Runs the handshake. `Ok(None)`: the client aborted or went away cleanly. With TLS, the
+/// stream returned is the socket with the session in the kernel, or a relay's plain end.
 pub(super) fn negotiate(
     server: &Arc<Server>,
-    mut stream: Stream,
+    stream: Stream,
     id: u64,
 ) -> Result<Option<(Stream, Arc<Export>)>, HandshakeError> {
     stream.set_read_timeout(Some(server.config.handshake_timeout))?;
+    let mut stream = Wire::Plain(stream);
     let cflags = greet(&mut stream)?;
     let mut session = Session {
         server,
@@ -58,7 +90,17 @@ pub(super) fn negotiate(
         match session.option(&mut stream, &hdr, &data)? {
             Step::Next => {}
             Step::Close => return Ok(None),
-            Step::Export(export) => return Ok(Some((stream, export))),
+            Step::Export(export) => {
+                let stream = match stream {
+                    Wire::Plain(s) => s,
+                    Wire::Tls(tls) => {
+                        let relay = server.config.tls_relay;
+                        // A relay's thread ends with the connection: not joined.
+                        tls.into_transmission(relay, &format!("conn {id}"))?.0
+                    }
+                };
+                return Ok(Some((stream, export)));
+            }
             Step::StartTls => stream = session.start_tls(stream)?,
         }
     }
@@ -66,7 +108,7 @@ pub(super) fn negotiate(
 }
 
 /// Sends the fixed-newstyle greeting and reads the client's flags.
-fn greet(stream: &mut Stream) -> Result<u32, HandshakeError> {
+fn greet(stream: &mut Wire) -> Result<u32, HandshakeError> {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
     greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
@@ -85,7 +127,7 @@ fn greet(stream: &mut Stream) -> Result<u32, HandshakeError> {
 
 /// The next option and its data; `None` if the client went away before sending one.
 fn read_option(
-    stream: &mut Stream,
+    stream: &mut Wire,
     id: u64,
 ) -> Result<Option<(OptionHeader, Vec<u8>)>, HandshakeError> {
     let mut h = [0u8; OptionHeader::LEN];
@@ -102,7 +144,7 @@ fn read_option(
 }
 
 /// One option reply (header and payload in one write).
-fn reply(stream: &mut Stream, option: u32, kind: u32, payload: &[u8]) -> io::Result<()> {
+fn reply(stream: &mut Wire, option: u32, kind: u32, payload: &[u8]) -> io::Result<()> {
     let mut m = OptionReplyHeader {
         option,
         reply: kind,
@@ -128,7 +170,7 @@ impl Session<'_> {
     /// Answers one option: the TLS gate first, then one handler per option.
     fn option(
         &mut self,
-        stream: &mut Stream,
+        stream: &mut Wire,
         hdr: &OptionHeader,
         data: &[u8],
     ) -> Result<Step, HandshakeError> {
@@ -168,7 +210,7 @@ impl Session<'_> {
 
     /// NBD_OPT_EXPORT_NAME: the export's size and flags, then transmission; an unknown name
     /// cannot be answered, so it ends the session with an error.
-    fn export_name(&self, stream: &mut Stream, data: &[u8]) -> Result<Step, HandshakeError> {
+    fn export_name(&self, stream: &mut Wire, data: &[u8]) -> Result<Step, HandshakeError> {
         let name = decode_string(data)?;
         let export = self
             .server
@@ -185,7 +227,7 @@ impl Session<'_> {
     }
 
     /// NBD_OPT_LIST: one SERVER reply per export, then ACK.
-    fn list(&self, stream: &mut Stream, data: &[u8]) -> Result<Step, HandshakeError> {
+    fn list(&self, stream: &mut Wire, data: &[u8]) -> Result<Step, HandshakeError> {
         if !data.is_empty() {
             reply(
                 stream,
@@ -207,7 +249,7 @@ impl Session<'_> {
     /// NBD_OPT_INFO and NBD_OPT_GO: the export's INFO replies and ACK; GO then transmits.
     fn info_or_go(
         &self,
-        stream: &mut Stream,
+        stream: &mut Wire,
         option: u32,
         data: &[u8],
     ) -> Result<Step, HandshakeError> {
@@ -248,7 +290,7 @@ impl Session<'_> {
 
     /// NBD_OPT_STARTTLS: refused without a TLS configuration, once TLS runs, or with data;
     /// otherwise acknowledged, and the caller switches the stream ([`Session::start_tls`]).
-    fn starttls(&self, stream: &mut Stream, data: &[u8]) -> Result<Step, HandshakeError> {
+    fn starttls(&self, stream: &mut Wire, data: &[u8]) -> Result<Step, HandshakeError> {
         if self.server.config.tls.is_none() {
             let msg = b"TLS is not configured on this server";
             reply(stream, opt::STARTTLS, rep::ERR_UNSUP, msg)?;
@@ -263,19 +305,21 @@ impl Session<'_> {
         Ok(Step::StartTls)
     }
 
-    /// Runs TLS over `stream` (acknowledged STARTTLS): the rest of the haggling goes through
-    /// the returned plain end of the TLS pump.
-    fn start_tls(&mut self, stream: Stream) -> Result<Stream, HandshakeError> {
+    /// Runs the TLS handshake over `stream` (acknowledged STARTTLS); the rest of the haggling
+    /// goes through the session.
+    fn start_tls(&mut self, stream: Wire) -> Result<Wire, HandshakeError> {
         let id = self.id;
         let cfg =
             self.server.config.tls.as_ref().ok_or_else(|| {
                 io::Error::other("STARTTLS acknowledged without a TLS configuration")
             })?;
+        let Wire::Plain(plain) = stream else {
+            return Err(io::Error::other("STARTTLS inside TLS").into());
+        };
         let session = crate::tls::server_session(cfg).map_err(io::Error::other)?;
-        let (plain, _pump) = crate::tls::spawn_pump(session, stream, format!("conn {id}"))?;
-        plain.set_read_timeout(Some(self.server.config.handshake_timeout))?;
+        let session = crate::tls::Session::handshake(session, plain)?;
         self.tls_active = true;
         log::info!("conn {id}: TLS started");
-        Ok(plain)
+        Ok(Wire::Tls(Box::new(session)))
     }
 }

@@ -40,6 +40,9 @@ pub struct ServerConfig {
     pub reorder_jitter_ms: u64,
     /// With TLS configured, clients must STARTTLS before anything else.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// With TLS: keep every session in user space, relayed by a thread per connection,
+    /// instead of moving it into the kernel (kTLS) for the transmission phase.
+    pub tls_relay: bool,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +54,7 @@ impl Default for ServerConfig {
             connection_budget: 128 << 20,
             reorder_jitter_ms: 0,
             tls: None,
+            tls_relay: false,
         }
     }
 }

@@ -4,15 +4,16 @@
 #
 #   netns demo-src (192.168.77.1)                   netns demo-dst (192.168.77.2)
 #   ublk-mirror on source.img                        nbd-proxy serve dest.img (--control, TLS)
-#   nbd-proxy connect (TLS relay) ==veth + netem==>  tcp:192.168.77.2:10809
+#   nbd-proxy connect (kTLS)      ==veth + netem==>  tcp:192.168.77.2:10809
 #   (guest fio runs on /dev/ublkbN, a device of the one kernel both share)
 #
 # 1. source.img has data (scattered extents); dest.img is garbage, so every byte must be copied.
 #    The link's round-trip time (ping) and the device's 4k QD1 write latency before mirroring.
 # 2. A guest-like fio workload (4k random writes with crc32c, rate-limited) runs on the device.
-# 3. nbd-proxy connect dials the export across the link over TLS, hands the daemon its end of the
-#    relay; mirror-start --copy mirrors every new write and copies what was there before, with a
-#    progress display. Then the mirrored 4k QD1 write latency, next to the link's RTT.
+# 3. nbd-proxy connect dials the export across the link over TLS, moves the session into the
+#    kernel (kTLS) and hands the daemon the socket itself; mirror-start --copy mirrors every new
+#    write and copies what was there before, with a progress display. Then the mirrored 4k QD1
+#    write latency, next to the link's RTT.
 # 4. Ready: pause (drains in-flight I/O), compare the destination's bytes with the source's,
 #    print stats, stop mirroring and the source daemon.
 # 5. Cutover: remove the export (flushes, releases the image), start ublk-mirror on dest.img in the
@@ -120,7 +121,8 @@ FIO=$!
 sleep 2
 
 step "3. connect across the link over TLS, hand off the socket, mirror with background copy"
-# With --tls-ca, connect negotiates STARTTLS and stays running as the relay of the daemon's socket.
+# With --tls-ca, connect negotiates STARTTLS and GO, moves the TLS session into the kernel and hands
+# the daemon the TCP socket itself; where the kernel had no TLS it would stay running as a relay.
 in_src nbd-proxy connect --to "tcp:$DST_IP:$PORT" --export disk --tls-ca "$TLS/ca-cert.pem" \
     --handoff "$CTL" --name dest > "$WORK/relay.out" 2> "$WORK/relay.log" &
 RELAY_PID=$!
@@ -132,6 +134,8 @@ done
 grep -q "handed off" "$WORK/relay.out" \
     || { cat "$WORK/relay.log" "$WORK/target.log" >&2; fail "nbd-proxy connect over TLS did not hand off a socket"; }
 sed 's/^/  /' "$WORK/relay.out"
+grep -q "TLS in the kernel" "$WORK/relay.out" || { cat "$WORK/relay.log" >&2; fail "the TLS session did not move into the kernel"; }
+echo "  kernel TLS sessions in $NS_SRC: $(ip netns exec "$NS_SRC" awk '$1 ~ /^TlsCurr(Tx|Rx)Sw$/ { printf "%s %s ", $1, $2 }' /proc/net/tls_stat)"
 ctl list-fds | sed 's/^/  /'
 ctl mirror-start dest --export disk --copy --timeout 10 | sed 's/^/  /'
 script -qec "ublk-mirror-ctl --socket $CTL mirror-wait-ready --progress" /dev/null | tr '\r' '\n' \
@@ -169,7 +173,7 @@ ctl stats | grep -E '^(state|reqs_|nbd_mirror_failed|ops\.(write|flush|errors)|m
 ctl mirror-stop > /dev/null
 stop_daemon; DAEMON_PID=""
 log "source daemon stopped (the VM has moved)"
-# The daemon closed its end of the relay: connect ends its TLS session and exits.
+# connect exited after the hand-off (kTLS); had it relayed, it ends with the daemon's socket.
 for _ in $(seq 50); do kill -0 "$RELAY_PID" 2>/dev/null || break; sleep 0.1; done
 if kill -0 "$RELAY_PID" 2>/dev/null; then
     cat "$WORK/relay.log" >&2; fail "the TLS relay (nbd-proxy connect) outlived the daemon"

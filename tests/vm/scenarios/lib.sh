@@ -165,8 +165,8 @@ sent_unoffered() {
 
 # make_tls_files DIR NAME...: a fresh test CA and a server certificate for the NAMEs (DNS names
 # or IPv4 addresses, the first also its CN) in DIR: ca-cert.pem, server-cert.pem, server-key.pem
-# (as bench/tls-files makes on the host). openssl gets a config file of its own, so nothing of
-# the machine's openssl.cnf is needed (the guest has none).
+# (the names qemu's tls-creds-x509 dir= expects). openssl gets a config file of its own, so
+# nothing of the machine's openssl.cnf is needed (the guest has none).
 make_tls_files() {
     local dir=$1 n san=""; shift
     mkdir -p "$dir"
