@@ -98,7 +98,10 @@ async fn mirrored(
             }
         }
     }
-    if remote == Outcome::Failed {
+    // The legs may differ: the target lacks the write, or it took a write whose local leg
+    // failed (the guest sees the error, and reads what the image holds now). Either way a
+    // resync must copy the local range over.
+    if remote == Outcome::Failed || local.is_err() {
         mark_dirty(t.io, &req);
     }
     if let Some((off, len)) = logged {
