@@ -71,7 +71,8 @@ add_module() {
     [ -n "${seen[$name]:-}" ] && return
     seen[$name]=1
     if grep -q "/${name//_/[_-]}.ko" "$mods/modules.builtin" 2>/dev/null; then return; fi
-    ko=$(find "$mods/kernel" -name "$name.ko.xz" -o -name "${name//_/-}.ko.xz" | head -n 1)
+    # A module's file may spell its name with - or _, even both (chacha-x86_64.ko.xz).
+    ko=$(find "$mods/kernel" -regex ".*/${name//_/[_-]}\.ko\.xz" | head -n 1)
     [ -n "$ko" ] || { echo "initramfs.sh: module $name not in $kver" >&2; exit 1; }
     deps=$(modinfo -F depends "$ko")
     for d in ${deps//,/ }; do add_module "$d"; done
