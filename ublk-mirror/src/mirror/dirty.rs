@@ -365,7 +365,7 @@ impl DirtyMap {
     /// must wait until the log is on disk up to `seq` ([`DirtyMap::al_is_durable`]); the caller
     /// writes it ([`DirtyMap::al_sync_range`], then [`DirtyMap::al_synced`]) or waits for
     /// another's write. A cold extent is logged after retiring the least recently used idle
-    /// extents if the hot set is full.
+    /// extents (down to 3/4 of the bound) if the hot set is full.
     pub fn al_log(&self, offset: u64, len: u64) -> Option<u64> {
         let now = self.al_clock.load(Ordering::Relaxed);
         let mut cold = 0usize;
@@ -385,10 +385,15 @@ impl DirtyMap {
             return (!self.al_is_durable(set)).then_some(set);
         }
         let _g = lock(&self.al_lock);
-        let over = (self.al_hot.load(Ordering::SeqCst) + cold)
-            .saturating_sub(self.al_bound.load(Ordering::Relaxed));
-        if over > 0 {
-            self.retire_lru_locked(over);
+        let bound = self.al_bound.load(Ordering::Relaxed);
+        let wanted = self.al_hot.load(Ordering::SeqCst) + cold;
+        if wanted > bound {
+            // Over the bound (the cleaner did not keep up): retire down to 3/4 of it, as the
+            // cleaner does, not just the `cold` extents needed now. Retiring scans every
+            // extent (and writes the bitmap back if marks came since the last write-back), so
+            // under random writes over a disk larger than the hot set this runs once per
+            // bound/4 cold extents rather than for each one.
+            self.retire_lru_locked(wanted - bound * 3 / 4);
         }
         // Numbered before the bits are set: whoever sees one of them set (the hot path above)
         // then reads this number or a later one. Whether this call sets a bit or another set

@@ -299,10 +299,19 @@ fn the_hot_set_keeps_its_bound_and_retires_the_least_recently_used_idle_extents(
         writes,
         "a hot extent costs no log write"
     );
-    // A fifth extent: the least recently used idle one (extent 0) retires first.
+    // A fifth extent: the least recently used idle ones (extents 0 and 1) retire, down to 3/4
+    // of the bound with the new one, so the next cold extent needs no retiring.
     write(10);
+    assert_eq!(m.activity_extents(), 3);
+    assert!(!m.al_bit(0) && !m.al_bit(1) && m.al_bit(2) && m.al_bit(3) && m.al_bit(10));
+    let retired = m.al_retired.load(Ordering::Relaxed);
+    write(11);
     assert_eq!(m.activity_extents(), 4);
-    assert!(!m.al_bit(0) && m.al_bit(1) && m.al_bit(2) && m.al_bit(10));
+    assert_eq!(
+        m.al_retired.load(Ordering::Relaxed),
+        retired,
+        "retired again at once"
+    );
     // An extent with a write in flight never retires, even when it is the oldest.
     m.al_begin(AL_EXTENT, 4096); // extent 1, in flight
     for e in 20..30 {
