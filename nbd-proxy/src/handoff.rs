@@ -209,8 +209,10 @@ fn connect_tls(
     let label = format!("relay to {to}");
     let (stream, carrier) = session
         .into_transmission(tls.relay, &label)
-        .with_context(|| format!("TLS with {to}: moving the session into the kernel"))?;
-    stream.set_read_timeout(None)?;
+        .with_context(|| format!("TLS with {to}: setting up the transmission phase"))?;
+    stream
+        .set_read_timeout(None)
+        .context("clearing the handshake's read timeout")?;
     let nbd = describe(e);
     pass(handoff, name, &stream, Some(nbd.clone()))?;
     // The daemon holds its own copy of the fd now; ours would keep the socket open after it.

@@ -10,11 +10,19 @@
 //! rustls session, so any failure there is the connection's end.
 //!
 //! What the kernel does not do: only application data passes through `recv`. A record of
-//! another type arriving later (a TLS 1.3 KeyUpdate, a late NewSessionTicket) makes `recv`
-//! fail with EIO, which both our ends treat as the connection's end (for the daemon: the
-//! mirror fails, the guest does not notice). Neither rustls nor GnuTLS sends a KeyUpdate
-//! unprompted, and a server's tickets follow its handshake at once, so they are read (by
-//! rustls, before the switch) ahead of the reply to NBD_OPT_GO that the switch waits for.
+//! another type arriving later (a TLS 1.3 KeyUpdate, a late NewSessionTicket, a close_notify)
+//! makes `recv` fail with EIO, which both our ends treat as the connection's end (for the
+//! daemon: the mirror fails, the guest does not notice). A server's tickets follow its
+//! handshake at once, so rustls reads them before the reply to NBD_OPT_GO that the switch
+//! waits for. A KeyUpdate comes only from a peer that keeps TLS in user space (a relay, or
+//! another implementation) and rekeys, as rustls does before AES-GCM's limit of 2^24 records
+//! in TLS 1.3 (64 GiB of 4 KiB writes on one connection): then that connection ends there.
+//! Nor does the kernel send a close_notify: our ends close with NBD_CMD_DISC and a TCP FIN.
+//!
+//! TLS 1.2 with AES-GCM is not moved (the caller relays it): rustls makes each record's
+//! explicit nonce as the key block's value XOR the record number, the kernel as that value
+//! plus the records it has sent, so the kernel's first records would reuse the nonces of the
+//! handshake's last ones under the same key.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -63,6 +71,21 @@ pub fn install(
         ProtocolVersion::TLSv1_3 => libc::TLS_1_3_VERSION,
         other => return Err(unsupported(format!("protocol version {other:?}"))),
     };
+    let what = match direction {
+        Direction::Send => "send (TLS_TX)",
+        Direction::Receive => "receive (TLS_RX)",
+    };
+    let context = |module: &'static str| {
+        move |e: io::Error| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "kernel TLS: installing the {what} keys: {e} (is the kernel's {module} \
+                     module loaded? --tls-relay keeps TLS in user space)"
+                ),
+            )
+        }
+    };
     let rec_seq = seq.to_be_bytes();
     let info = |cipher_type| libc::tls_crypto_info {
         version,
@@ -87,7 +110,7 @@ pub fn install(
             copy(&mut c.iv, iv)?;
             copy(&mut c.key, key.as_ref())?;
             copy(&mut c.salt, salt)?;
-            set(fd, dir, &c)
+            set(fd, dir, &c).map_err(context("gcm"))
         }
         ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
             let (salt, iv) = iv.as_ref().split_at(libc::TLS_CIPHER_AES_GCM_256_SALT_SIZE);
@@ -101,7 +124,7 @@ pub fn install(
             copy(&mut c.iv, iv)?;
             copy(&mut c.key, key.as_ref())?;
             copy(&mut c.salt, salt)?;
-            set(fd, dir, &c)
+            set(fd, dir, &c).map_err(context("gcm"))
         }
         ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
             let mut c = libc::tls12_crypto_info_chacha20_poly1305 {
@@ -113,7 +136,7 @@ pub fn install(
             };
             copy(&mut c.iv, iv.as_ref())?;
             copy(&mut c.key, key.as_ref())?;
-            set(fd, dir, &c)
+            set(fd, dir, &c).map_err(context("chacha20poly1305"))
         }
         _ => Err(unsupported("a cipher suite kTLS has no mode for".into())),
     }
@@ -135,9 +158,15 @@ fn copy(to: &mut [u8], from: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn set<T>(fd: RawFd, dir: libc::c_int, info: &T) -> io::Result<()> {
+/// The kernel's crypto_info structs (libc's definitions: the kernel's layout, no padding).
+trait CryptoInfo {}
+impl CryptoInfo for libc::tls12_crypto_info_aes_gcm_128 {}
+impl CryptoInfo for libc::tls12_crypto_info_aes_gcm_256 {}
+impl CryptoInfo for libc::tls12_crypto_info_chacha20_poly1305 {}
+
+fn set<T: CryptoInfo>(fd: RawFd, dir: libc::c_int, info: &T) -> io::Result<()> {
     // SAFETY: setsockopt reads size_of::<T>() bytes from `info`, a live reference to one of the
-    // kernel's tls12_crypto_info_* structs (libc's definitions, same layout).
+    // kernel's tls12_crypto_info_* structs (CryptoInfo: libc's definitions, same layout).
     let rc = unsafe {
         libc::setsockopt(
             fd,

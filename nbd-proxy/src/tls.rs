@@ -140,6 +140,62 @@ pub fn client_session(
 pub struct Session {
     tls: rustls::Connection,
     wire: Stream,
+    cut: RecordCut,
+}
+
+/// Where the socket's byte stream is in its TLS records, for [`RecordIo`].
+#[derive(Default)]
+struct RecordCut {
+    header: [u8; 5],
+    header_have: usize,
+    body_left: usize,
+}
+
+impl RecordCut {
+    /// Some of a record is read, not all of it.
+    fn inside_a_record(&self) -> bool {
+        self.header_have > 0 || self.body_left > 0
+    }
+}
+
+/// The socket for rustls, read one TLS record at a time and never past the end of the record
+/// it is in: what rustls has taken from the socket is then whole records, so when the session
+/// moves into the kernel nothing of a following record is stranded in rustls' buffer (the
+/// kernel reads it from the socket). Writes go straight through.
+struct RecordIo<'a> {
+    wire: &'a mut Stream,
+    cut: &'a mut RecordCut,
+}
+
+impl Read for RecordIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let c = &mut *self.cut;
+        if c.body_left == 0 {
+            // In a record's 5-byte header: read only what is left of it.
+            let want = (c.header.len() - c.header_have).min(buf.len());
+            let n = self.wire.read(&mut buf[..want])?;
+            c.header[c.header_have..c.header_have + n].copy_from_slice(&buf[..n]);
+            c.header_have += n;
+            if c.header_have == c.header.len() {
+                c.header_have = 0;
+                c.body_left = usize::from(u16::from_be_bytes([c.header[3], c.header[4]]));
+            }
+            return Ok(n);
+        }
+        let want = c.body_left.min(buf.len());
+        let n = self.wire.read(&mut buf[..want])?;
+        c.body_left -= n;
+        Ok(n)
+    }
+}
+
+impl Write for RecordIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.wire.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.wire.flush()
+    }
 }
 
 /// How the transmission phase's stream carries TLS.
@@ -154,10 +210,14 @@ pub enum Carrier {
 impl Session {
     /// Runs the TLS handshake on `wire` to its end (the socket's read timeout applies).
     pub fn handshake(mut tls: rustls::Connection, mut wire: Stream) -> io::Result<Session> {
+        let mut cut = RecordCut::default();
         while tls.is_handshaking() {
-            tls.complete_io(&mut wire)?;
+            tls.complete_io(&mut RecordIo {
+                wire: &mut wire,
+                cut: &mut cut,
+            })?;
         }
-        let mut s = Session { tls, wire };
+        let mut s = Session { tls, wire, cut };
         s.send_records()?;
         Ok(s)
     }
@@ -203,8 +263,24 @@ impl Session {
         let Stream::Tcp(_) = &self.wire else {
             return Some("not a TCP socket".to_owned());
         };
-        // Data rustls read ahead would be lost with its state: there should be none, as the
-        // peer waits for our first request now (and sends nothing unasked), but look.
+        let chacha = matches!(
+            self.tls.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(
+                rustls::CipherSuite::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256
+                    | rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+            )
+        );
+        if self.tls.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2) && !chacha {
+            // See ktls.rs: the kernel would reuse the handshake's last nonces.
+            return Some(
+                "TLS 1.2 with AES-GCM, which the kernel counts nonces for differently".into(),
+            );
+        }
+        // Data rustls holds would be lost with its state: records are read whole (RecordIo)
+        // and the peer waits for our first request now, so there should be none, but look.
+        if self.cut.inside_a_record() {
+            return Some("a TLS record is half read".to_owned());
+        }
         match self.tls.process_new_packets() {
             Ok(io) if io.plaintext_bytes_to_read() == 0 => {}
             Ok(_) => return Some("data already read ahead".to_owned()),
@@ -235,7 +311,10 @@ impl Read for Session {
                 // Ok(0) after close_notify; UnexpectedEof when the peer closed without one.
                 other => return other,
             }
-            let n = self.tls.read_tls(&mut self.wire)?;
+            let n = self.tls.read_tls(&mut RecordIo {
+                wire: &mut self.wire,
+                cut: &mut self.cut,
+            })?;
             if let Err(e) = self.tls.process_new_packets() {
                 let _ = self.send_records(); // the alert rustls queued says why
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e));
@@ -443,5 +522,41 @@ impl Pump {
             Err(e) => return Err(e),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_read_one_at_a_time_and_never_past_their_end() {
+        let (mut peer, ours) = UnixStream::pair().expect("socketpair");
+        // Two records back to back (type 23, version 3.3, length, body), then half a header.
+        peer.write_all(b"\x17\x03\x03\x00\x03abc\x17\x03\x03\x00\x00\x17\x03")
+            .expect("write");
+        let mut wire = Stream::Unix(ours);
+        let mut cut = RecordCut::default();
+        let mut io = RecordIo {
+            wire: &mut wire,
+            cut: &mut cut,
+        };
+        let mut buf = [0u8; 64];
+        let mut reads = Vec::new();
+        for _ in 0..4 {
+            let n = io.read(&mut buf).expect("read");
+            reads.push(buf[..n].to_vec());
+        }
+        assert_eq!(
+            reads,
+            [
+                b"\x17\x03\x03\x00\x03".to_vec(),
+                b"abc".to_vec(),
+                b"\x17\x03\x03\x00\x00".to_vec(), // an empty record ends at its header
+                b"\x17\x03".to_vec(),
+            ]
+        );
+        assert!(cut.inside_a_record(), "half a header is inside a record");
+        drop(peer);
     }
 }
