@@ -71,9 +71,9 @@ pub fn install(
         ProtocolVersion::TLSv1_3 => libc::TLS_1_3_VERSION,
         other => return Err(unsupported(format!("protocol version {other:?}"))),
     };
-    let what = match direction {
-        Direction::Send => "send (TLS_TX)",
-        Direction::Receive => "receive (TLS_RX)",
+    let (dir, what) = match direction {
+        Direction::Send => (libc::TLS_TX, "send (TLS_TX)"),
+        Direction::Receive => (libc::TLS_RX, "receive (TLS_RX)"),
     };
     let context = |module: &'static str| {
         move |e: io::Error| {
@@ -90,10 +90,6 @@ pub fn install(
     let info = |cipher_type| libc::tls_crypto_info {
         version,
         cipher_type,
-    };
-    let dir = match direction {
-        Direction::Send => libc::TLS_TX,
-        Direction::Receive => libc::TLS_RX,
     };
     // The 12-byte nonce base of the GCM suites is split as the kernel wants it: a 4-byte salt
     // and 8 bytes of IV (for TLS 1.2, the implicit salt and the first explicit nonce).

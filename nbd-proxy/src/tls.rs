@@ -223,9 +223,8 @@ impl Session {
     }
 
     /// The stream for the transmission phase: the socket with the session moved into the
-    /// kernel, unless `relay` or the kernel cannot (no kTLS, not TCP, bytes already read
-    /// ahead), in which case the session is pumped to a socketpair. Why it was relayed is
-    /// logged under `label`.
+    /// kernel, unless `relay` or the kernel cannot ([`Session::kernel_refusal`]), in which case
+    /// the session is pumped to a socketpair. Why it was relayed is logged under `label`.
     pub fn into_transmission(mut self, relay: bool, label: &str) -> io::Result<(Stream, Carrier)> {
         self.flush()?;
         let why_not = if relay {

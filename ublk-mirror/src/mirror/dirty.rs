@@ -385,15 +385,14 @@ impl DirtyMap {
             return (!self.al_is_durable(set)).then_some(set);
         }
         let _g = lock(&self.al_lock);
-        let bound = self.al_bound.load(Ordering::Relaxed);
         let wanted = self.al_hot.load(Ordering::SeqCst) + cold;
-        if wanted > bound {
+        if wanted > self.al_bound() {
             // Over the bound (the cleaner did not keep up): retire down to 3/4 of it, as the
             // cleaner does, not just the `cold` extents needed now. Retiring scans every
             // extent (and writes the bitmap back if marks came since the last write-back), so
             // under random writes over a disk larger than the hot set this runs once per
             // bound/4 cold extents rather than for each one.
-            self.retire_lru_locked(wanted - bound * 3 / 4);
+            self.retire_lru_locked(wanted - self.al_low_water());
         }
         // Numbered before the bits are set: whoever sees one of them set (the hot path above)
         // then reads this number or a later one. Whether this call sets a bit or another set
@@ -457,6 +456,12 @@ impl DirtyMap {
         self.al_bound.load(Ordering::Relaxed)
     }
 
+    /// What retiring brings the hot set down to, once it is (nearly) full: 3/4 of the bound, so
+    /// that the next bound/4 cold extents need none.
+    fn al_low_water(&self) -> usize {
+        self.al_bound() * 3 / 4
+    }
+
     /// About once a second while a mirror takes writes: moves the clock and, when the hot set
     /// is nearly full (over 7/8 of the bound), retires the least recently used idle extents
     /// down to 3/4 of it, so that a cold write rarely has to. Returns how many retired.
@@ -469,7 +474,7 @@ impl DirtyMap {
         }
         let _g = lock(&self.al_lock);
         let hot = self.al_hot.load(Ordering::SeqCst);
-        let n = self.retire_lru_locked(hot.saturating_sub(bound * 3 / 4));
+        let n = self.retire_lru_locked(hot.saturating_sub(self.al_low_water()));
         if n > 0 {
             if let Err(e) = self.al_sync() {
                 log::warn!("activity log: writing it to disk failed: {e}");
