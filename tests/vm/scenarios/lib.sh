@@ -82,6 +82,10 @@ start_target() {
     cat "$WORK/target.log"; fail "nbd-proxy serve did not start"
 }
 
+# socket_fds PID: how many of PID's fds are sockets (a socket closed by its peer and shut down
+# here leaves the kernel's TCP tables, so /proc/net/tcp cannot show one still held open).
+socket_fds() { ls -l "/proc/$1/fd" 2>/dev/null | grep -c 'socket:' || true; }
+
 # wait_port PORT [LOG]: until something listens on 127.0.0.1:PORT; on failure shows the end of
 # the server's LOG.
 wait_port() {

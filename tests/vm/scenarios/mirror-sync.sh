@@ -15,7 +15,10 @@ nbdkit -f -i 127.0.0.1 -p 10809 --filter=log file "$remote" logfile="$WORK/targe
 nbdkit_pid=$!
 wait_port 10809
 start_daemon "$local_img" --queues 2
+idle_sockets=$(socket_fds "$DAEMON_PID")
 mirror_to target
+[ "$(socket_fds "$DAEMON_PID")" = $((idle_sockets + 1)) ] \
+    || fail "mirroring over 1 connection: $(socket_fds "$DAEMON_PID") sockets, $idle_sockets before"
 fio --name=mix --filename="$DEV" --direct=1 --ioengine=io_uring --iodepth=32 --rw=randwrite \
     --bsrange=4k-64k --size=512M --io_size=96M --fsync=64 --verify=crc32c --verify_backlog=256 \
     --verify_fatal=1 --randseed=11 > "$WORK/fio1.out" || { cat "$WORK/fio1.out"; fail "fio (mirrored) failed"; }
@@ -54,6 +57,10 @@ grep -q "err= 0" "$WORK/fio3.out" || fail "fio errors across mirror-stop"
 after=$(grep -c " Write id=" "$WORK/target.log")
 [ "$after" = "$before" ] || fail "writes reached the target after mirror-stop ($before -> $after)"
 grep -q "Disconnect" "$WORK/target.log" || fail "the target saw no disconnect"
+# The stopped mirror's socket is closed, not held by the queue that drove it.
+for _ in $(seq 50); do [ "$(socket_fds "$DAEMON_PID")" = "$idle_sockets" ] && break; sleep 0.1; done
+[ "$(socket_fds "$DAEMON_PID")" = "$idle_sockets" ] \
+    || fail "after mirror-stop the daemon holds $(socket_fds "$DAEMON_PID") sockets, $idle_sockets before the mirror"
 log "mirror-stop: clean, flag clear, later writes local-only"
 stop_pid $nbdkit_pid
 

@@ -4,7 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
 use crate::datapath::waiters::Waiters;
@@ -14,8 +14,12 @@ use crate::mirror::ring_conn::RingConn;
 pub struct QueueMirror {
     qid: u16,
     exe: Rc<smol::LocalExecutor<'static>>,
-    /// The connection this queue drives, for the mirror it was made for.
-    conn: RefCell<Option<Rc<RingConn>>>,
+    /// The connection this queue drives, for the mirror (generation) it was made for. Weak:
+    /// its own tasks and the requests on it keep it alive, so once it has died and they have
+    /// ended it goes, and with it its hold on the mirror and so on the sockets (a strong
+    /// reference here kept a stopped or failed mirror's sockets open until the next
+    /// mirror-start).
+    conn: RefCell<Option<(u64, Weak<RingConn>)>>,
     /// Forwarded operations this queue took and has not answered yet, by a local id: if the
     /// queue stops first, [`QueueMirror::abandon`] answers them.
     forwarded: RefCell<HashMap<u64, Taken>>,
@@ -41,15 +45,18 @@ impl QueueMirror {
         }
     }
 
-    /// This queue's connection `conn` of `m`, started on this ring at first use.
-    fn own(&self, m: &Arc<Mirror>, conn: usize) -> Rc<RingConn> {
+    /// This queue's connection `conn` of `m`, started on this ring at first use; None once it
+    /// has ended (the mirror failed or stopped: it is never started twice).
+    fn own(&self, m: &Arc<Mirror>, conn: usize) -> Option<Rc<RingConn>> {
         let mut cur = self.conn.borrow_mut();
-        if let Some(c) = cur.as_ref().filter(|c| c.generation() == m.generation) {
-            return c.clone();
+        if let Some((generation, c)) = cur.as_ref() {
+            if *generation == m.generation {
+                return c.upgrade();
+            }
         }
         let c = RingConn::start(m.clone(), conn, &self.exe);
-        *cur = Some(c.clone());
-        c
+        *cur = Some((m.generation, Rc::downgrade(&c)));
+        Some(c)
     }
 
     /// The target's part of `op` for this queue's `tag`: on this queue's own connection
@@ -63,7 +70,9 @@ impl QueueMirror {
     ) -> Outcome {
         match m.route(self.qid) {
             Route::Own(c) => {
-                let conn = self.own(m, c);
+                let Some(conn) = self.own(m, c) else {
+                    return Outcome::Failed;
+                };
                 if !m.begin_job() {
                     return Outcome::Failed;
                 }
@@ -86,7 +95,11 @@ impl QueueMirror {
             return;
         };
         while let Some(f) = m.take_forwarded(c) {
-            let conn = self.own(m, c);
+            let Some(conn) = self.own(m, c) else {
+                // Never sent: its data can go.
+                m.finish_forwarded(f.reply_to, f.tag, Outcome::Failed);
+                continue;
+            };
             let id = self.next_id.get();
             self.next_id.set(id + 1);
             let op = Rc::new(f.op);
@@ -120,7 +133,12 @@ impl QueueMirror {
                 .finish_forwarded(t.reply_to, t.tag, Outcome::Failed);
             std::mem::forget(t.op);
         }
-        let older = self.conn.borrow_mut().take().map(|c| c.mirror().clone());
+        let older = self
+            .conn
+            .borrow_mut()
+            .take()
+            .and_then(|(_, c)| c.upgrade())
+            .map(|c| c.mirror().clone());
         for m in current.iter().chain(older.iter()) {
             if let Route::Own(c) = m.route(self.qid) {
                 m.orphan(c);

@@ -129,11 +129,6 @@ impl RingConn {
         &self.mirror
     }
 
-    /// Which mirror this drives.
-    pub fn generation(&self) -> u64 {
-        self.mirror.generation
-    }
-
     fn name(&self) -> &str {
         self.mirror
             .connections()
@@ -413,10 +408,13 @@ impl RingConn {
     }
 
     async fn recv_loop(self: Rc<Self>) {
-        // Leaked on purpose: a receive may still be in flight when this thread's ring is torn
-        // down at exit, and the kernel must never write into freed memory. 16 KiB per
-        // connection per mirror-start.
-        let buf: &'static mut [u8] = Box::leak(vec![0u8; RECV_BUF].into_boxed_slice());
+        // Freed below only once the loop has ended, which it does only between receives
+        // (after one's completion was reaped). If instead this task is dropped with a receive
+        // in flight (the thread's ring torn down at exit), the buffer stays leaked, so the
+        // kernel never writes into freed memory.
+        let raw: *mut [u8] = Box::into_raw(vec![0u8; RECV_BUF].into_boxed_slice());
+        // SAFETY: raw is a live allocation nothing else refers to until it is freed below.
+        let buf: &mut [u8] = unsafe { &mut *raw };
         let mut have = 0usize;
         let why = loop {
             if self.dead.get() {
@@ -445,6 +443,10 @@ impl RingConn {
                 Err(why) => break Some(why),
             }
         };
+        // SAFETY: every break above comes before a receive is submitted or after its
+        // completion was reaped, so the kernel holds no pointer into the buffer, and `buf` is
+        // not used again.
+        drop(unsafe { Box::from_raw(raw) });
         if let Some(why) = why {
             if !self.mirror.stopped() {
                 self.mirror
