@@ -47,31 +47,33 @@ if [ "${BENCH_PLACEMENT:-}" = mirror ]; then
                     || fail "dmsetup create failed"
                 CLEANUP+=("dmsetup remove --noudevsync place-raid1")
                 for s in /sys/block/dm-*; do [ "$(cat "$s/dm/name")" = place-raid1 ] && DEVS[$d]=/dev/${s##*/}; done
-                port=$((port + 1)); continue ;;
+                [ -n "${DEVS[$d]:-}" ] || fail "no dm device named place-raid1" ;;
         esac
-        DEVS[$d]=$DEV; CLEANUP+=("kill $DAEMON_PID")
-        n=1; names=p; [ "${d#m2}" != "$d" ] && { n=2; names="p.0 p.1"; }
-        nbd-proxy connect --to "tcp:127.0.0.1:$port" --export disk --handoff "$CTL" --name p \
-            --connections "$n" > /dev/null || fail "$d: nbd-proxy connect failed"
-        # shellcheck disable=SC2086
-        ctl mirror-start $names --export disk --timeout 30 > /dev/null || fail "$d: mirror-start failed"
-        grep "served on CPUs" "$DAEMON_LOG" | sed "s/^.*INFO/  $d:/" || true
+        if [ "$d" != dm-raid1 ]; then
+            DEVS[$d]=$DEV; CLEANUP+=("kill $DAEMON_PID")
+            n=1; names=p; [ "${d#m2}" != "$d" ] && { n=2; names="p.0 p.1"; }
+            nbd-proxy connect --to "tcp:127.0.0.1:$port" --export disk --handoff "$CTL" --name p \
+                --connections "$n" > /dev/null || fail "$d: nbd-proxy connect failed"
+            # shellcheck disable=SC2086
+            ctl mirror-start $names --export disk --timeout 30 > /dev/null || fail "$d: mirror-start failed"
+            grep "served on CPUs" "$DAEMON_LOG" | sed "s/^.*INFO/  $d:/" || true
+        fi
         port=$((port + 1))
     done
+else
+    for d in "${PLACES[@]}"; do
+        make_image "$WORK/$d.img" 256M
+        case ${BENCH_PLACEMENT:-}:$d in
+            *:q1) start_daemon "$WORK/$d.img" --queues 1 ;;
+            1q:own) start_daemon "$WORK/$d.img" --queues 1 --queue-cpus own ;;
+            1q:cpu0) UBLK_MIRROR="taskset -c 0 ublk-mirror" start_daemon "$WORK/$d.img" --queues 1 ;;
+            1q:cpu1) UBLK_MIRROR="taskset -c 1 ublk-mirror" start_daemon "$WORK/$d.img" --queues 1 ;;
+            *) start_daemon "$WORK/$d.img" --queues 2 --queue-cpus "$d" ;;
+        esac
+        DEVS[$d]=$DEV PIDS[$d]=$DAEMON_PID
+        grep "served on CPUs" "$DAEMON_LOG" | sed 's/^.*INFO/  /' || true
+    done
 fi
-for d in "${PLACES[@]}"; do
-    [ "${BENCH_PLACEMENT:-}" = mirror ] && break
-    make_image "$WORK/$d.img" 256M
-    case ${BENCH_PLACEMENT:-}:$d in
-        *:q1) start_daemon "$WORK/$d.img" --queues 1 ;;
-        1q:own) start_daemon "$WORK/$d.img" --queues 1 --queue-cpus own ;;
-        1q:cpu0) UBLK_MIRROR="taskset -c 0 ublk-mirror" start_daemon "$WORK/$d.img" --queues 1 ;;
-        1q:cpu1) UBLK_MIRROR="taskset -c 1 ublk-mirror" start_daemon "$WORK/$d.img" --queues 1 ;;
-        *) start_daemon "$WORK/$d.img" --queues 2 --queue-cpus "$d" ;;
-    esac
-    DEVS[$d]=$DEV PIDS[$d]=$DAEMON_PID
-    grep "served on CPUs" "$DAEMON_LOG" | sed 's/^.*INFO/  /' || true
-done
 declare -A R
 run() { # DEV JOB -> IOPS
     local args
