@@ -30,10 +30,18 @@ fn machine_line(m: &Matrix, host: &str) -> String {
         .as_f64()
         .unwrap_or(f64::NAN)
         / 1e3;
+    // Runs before 2026-12-02 name no storage: their images were all on tmpfs.
+    let storage = match m.machine.get("storage").and_then(|v| v.as_str()) {
+        Some("ext4") => {
+            "the devices' images on ext4 on a memory-backed null_blk device completing every \
+             I/O inline, the target's exports on the guest's tmpfs"
+        }
+        _ => "images on the guest's tmpfs",
+    };
     format!(
         "Guest: Linux {}, {} vCPUs ({}), {mem_gib:.1} GiB; host: {host}. {} reps of {} s \
-         (after 1 s ramp) per device and job, devices interleaved; {} MiB images on the guest's \
-         tmpfs; `mirrored-bitmap` keeps its bitmap on ext4 on a memory-backed null_blk device \
+         (after 1 s ramp) per device and job, devices interleaved; {} MiB {storage}; \
+         `mirrored-bitmap` keeps its bitmap on ext4 on a memory-backed null_blk device \
          with a write cache and {nullb_us:.0} µs per I/O; {}, {}, {}.",
         g("kernel"),
         g("cpus"),

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Benchmark (run by bench/run, not by the test command): the fio matrix of issues 7 and 13.
 #
-# Devices, each on its own identical image on the guest's tmpfs (the same backing storage):
+# Devices, each on its own identical image (zeros) on the same storage: ext4 on a memory-backed
+# null_blk device (BENCH_STORAGE=tmpfs: the guest's tmpfs; lib-bench.sh bench_store says why not):
 #   loop        kernel loop, --direct-io=on (the reference)
 #   loop2       a second kernel loop device: loop against itself is the noise floor
 #   ublk        ublk-mirror, 1 queue, unmirrored
@@ -17,8 +18,8 @@
 #   dm-raid1-c2 a second dm mirror, its own loop device and /dev/nbd1 attached with
 #               nbd-client -C 2 (2 connections) to its own export "dmr2"
 #   mirrored-bitmap  ublk-mirror, 1 queue, mirrored over 1 connection to its own export "bm",
-#               with --bitmap on ext4 on a memory-backed null_blk device whose every I/O
-#               (flushes included: it has a volatile write cache) completes after
+#               with --bitmap on ext4 on another memory-backed null_blk device whose every
+#               I/O (flushes included: it has a volatile write cache) completes after
 #               BENCH_NULLB_NSEC ns (200 us), so the activity log's writes cost something
 #   nbd-direct  fio's nbd engine (libnbd) against that server (export "tgt"): the target's own
 #               QD1 latency
@@ -36,20 +37,22 @@
 # devices interleaved (loop ublk ... loop ublk ...) after one warm-up per device, so rep i of
 # one device pairs with rep i of another.
 #
+# The NBD target's exports are images on the guest's tmpfs.
+#
 # Scale row (after the matrix, its devices gone): 16 ublk-mirror daemons (1 queue, unmirrored,
-# 64 MiB images); per rep, 4k randread QD32 on the first alone (1 job, CPU 0), then on all 16 at
+# 64 MiB images on a store of their own); per rep, 4k randread QD32 on the first alone (1 job, CPU 0), then on all 16 at
 # once (one fio, 16 jobs, one per device, split over CPUs 0-1); VmRSS of every daemon right
 # after it is ready (idle) and after the last rep.
 #
 # The raw fio JSON of every run is packed into the console between @@ARCHIVE markers for
 # bench/run to unpack. Any device that cannot be set up fails the scenario: no partial matrix.
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
+. /scenarios/lib-bench.sh 2>/dev/null || . "$(dirname "$0")/lib-bench.sh"
 REPS=${BENCH_REPS:-5} SECS=${BENCH_SECS:-4} SIZE=${BENCH_SIZE_MIB:-512}
 NULLB_NSEC=${BENCH_NULLB_NSEC:-200000} SCALE_N=16 SCALE_MIB=64
 OUT=$WORK/results RAW=$WORK/results/raw
 mkdir -p "$RAW"
-LOSETUP=$(command -v losetup)
-"$LOSETUP" --help | grep -q -- --direct-io || fail "$LOSETUP is not util-linux losetup (no --direct-io)"
+losetup --help | grep -q -- --direct-io || fail "$(command -v losetup) is not util-linux losetup (no --direct-io)"
 command -v rublk > /dev/null || fail "rublk is not in the guest: run the matrix through bench/run"
 command -v mkfs.ext4 > /dev/null || fail "mkfs.ext4 is not in the guest (tests/vm/guest-tools.txt)"
 [ "$(nproc)" -ge 2 ] || fail "the matrix pins jobs to CPUs 0-1: the guest has $(nproc) CPU(s)"
@@ -63,15 +66,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# img NAME: a target-side image on tmpfs (local images: store_image, lib-bench.sh).
 img() { make_image "$WORK/$1.img" "${SIZE}M"; echo "$WORK/$1.img"; }
-# loop_dev IMAGE: sets LOOP to a new /dev/loopN with direct I/O on IMAGE, or fails. (No command
-# substitution: the CLEANUP entry must reach this shell.)
-loop_dev() {
-    LOOP=$("$LOSETUP" --direct-io=on --show -f "$1") || fail "losetup --direct-io=on $1 failed"
-    CLEANUP+=("$LOSETUP -d $LOOP")
-    [ "$(cat "/sys/block/${LOOP#/dev/}/loop/dio")" = 1 ] || fail "$LOOP does not use direct I/O"
-}
-
 # mirror_export NAME EXPORT CONNECTIONS: CONNECTIONS sockets to EXPORT of the target, handed to
 # the current daemon ($CTL) as NAME (1) or NAME.0 ... (more), and a mirror over all of them.
 mirror_export() {
@@ -89,68 +85,20 @@ mirror_export() {
     MIRROR_CTLS+=("$CTL")
 }
 
-# dm_mirror NAME LOCAL NBD: sets DM to the block device of a new dm mirror NAME over LOCAL and
-# NBD. Core log in memory, 512 KiB regions, nosync: both legs start identical (zeroed images).
-dm_mirror() {
-    local name=$1 sectors=$((SIZE * 2048)) s
-    dmsetup create "$name" --noudevsync \
-        --table "0 $sectors mirror core 2 1024 nosync 2 $2 0 $3 0 1 handle_errors" \
-        || fail "dmsetup create $name (over $2 and $3) failed"
-    CLEANUP+=("dmsetup remove --noudevsync $name")
-    for s in /sys/block/dm-*; do
-        if [ "$(cat "$s/dm/name" 2>/dev/null)" = "$name" ]; then DM=/dev/${s##*/}; return; fi
-    done
-    fail "no dm block device named $name after dmsetup create"
-}
+log "setting up devices (${SIZE} MiB images)"
+# 10 local images and the filesystem's own blocks.
+bench_store benchstore $((SIZE * 10 + 256))
+store_image loop "$SIZE"; loop_dev "$IMG"; DEVS[loop]=$LOOP
+store_image loop2 "$SIZE"; loop_dev "$IMG"; DEVS[loop2]=$LOOP
 
-# nbd_attach DEV EXPORT CONNECTIONS: the kernel nbd client on DEV, straight to the target.
-nbd_attach() {
-    nbd-client 127.0.0.1 10809 "$1" -N "$2" -b 4096 -C "$3" > "$WORK/nbd-client.$2.out" 2>&1 \
-        || { cat "$WORK/nbd-client.$2.out"; fail "nbd-client could not attach $1 to $2 ($3 connections)"; }
-    CLEANUP+=("nbd-client -d $1")
-}
-
-# nullb_ext4 NAME MIB MOUNTPOINT: a memory-backed null_blk device (configfs) of MIB MiB with a
-# volatile write cache (so flushes reach it) and every I/O completing after NULLB_NSEC ns on a
-# timer, ext4 on it, mounted at MOUNTPOINT.
-nullb_ext4() {
-    local name=$1 mib=$2 mnt=$3 cfg=/sys/kernel/config kv i dev=""
-    [ -d "$cfg/nullb" ] || mount -t configfs configfs "$cfg" || fail "cannot mount configfs"
-    [ -d "$cfg/nullb" ] || fail "no $cfg/nullb: null_blk is not loaded (tests/vm/guest-modules.txt)"
-    mkdir "$cfg/nullb/$name" || fail "cannot create the null_blk device $name"
-    CLEANUP+=("rmdir $cfg/nullb/$name")
-    for kv in memory_backed=1 size="$mib" blocksize=4096 cache_size=16 irqmode=2 \
-              completion_nsec="$NULLB_NSEC"; do
-        echo "${kv#*=}" > "$cfg/nullb/$name/${kv%%=*}" || fail "null_blk $name refused ${kv}"
-    done
-    echo 1 > "$cfg/nullb/$name/power" || fail "null_blk $name did not power on"
-    CLEANUP+=("echo 0 > $cfg/nullb/$name/power")
-    for _ in $(seq 50); do
-        [ -b "/dev/$name" ] && { dev=/dev/$name; break; }   # named after its configfs directory
-        i=$(cat "$cfg/nullb/$name/index" 2>/dev/null || true)   # or after its index (older kernels)
-        [ -n "$i" ] && [ -b "/dev/nullb$i" ] && { dev=/dev/nullb$i; break; }
-        sleep 0.1
-    done
-    [ -n "$dev" ] || fail "null_blk $name powered on but no block device appeared"
-    mkfs.ext4 -F -q -t ext4 -E lazy_itable_init=0,lazy_journal_init=0 "$dev" > "$WORK/mkfs.out" 2>&1 \
-        || { cat "$WORK/mkfs.out"; fail "mkfs.ext4 on $dev failed"; }
-    mkdir -p "$mnt"
-    mount -t ext4 "$dev" "$mnt" || { dmesg | tail -n 5; fail "mounting ext4 on $dev failed"; }
-    CLEANUP+=("umount $mnt")
-    log "  ext4 on $dev (null_blk, memory-backed, ${NULLB_NSEC} ns per I/O) at $mnt"
-}
-
-log "setting up devices (${SIZE} MiB images on tmpfs)"
-loop_dev "$(img loop)"; DEVS[loop]=$LOOP
-loop_dev "$(img loop2)"; DEVS[loop2]=$LOOP
-
-start_daemon "$(img ublk)" --queues 1 --label bench-ublk
+store_image ublk "$SIZE"; start_daemon "$IMG" --queues 1 --label bench-ublk
 DEVS[ublk]=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
-start_daemon "$(img ublk-q2)" --queues 2 --label bench-ublk-q2
+store_image ublk-q2 "$SIZE"; start_daemon "$IMG" --queues 2 --label bench-ublk-q2
 DEVS[ublk-q2]=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
 
 # --foreground: rublk's own daemonizing fails in this initramfs ("not recieved device id").
-rublk add loop -n 40 -f "$(img rublk)" --quiet --foreground > "$WORK/rublk.out" 2>&1 &
+store_image rublk "$SIZE"
+rublk add loop -n 40 -f "$IMG" --quiet --foreground > "$WORK/rublk.out" 2>&1 &
 RUBLK_PID=$!
 CLEANUP+=("rublk del -n 40; wait $RUBLK_PID")
 for _ in $(seq 100); do [ -b /dev/ublkb40 ] && break; kill -0 $RUBLK_PID 2>/dev/null || break; sleep 0.1; done
@@ -164,22 +112,22 @@ start_target "$(img mir-remote)" --export "dmr=$(img dmr-remote)" --export "tgt=
     --export "mq2=$(img mq2-remote)" --export "dmr2=$(img dmr2-remote)" --export "bm=$(img bm-remote)"
 CLEANUP+=("kill $TARGET_PID; wait $TARGET_PID")
 
-start_daemon "$(img mir-local)" --queues 1 --label bench-mirrored
+store_image mir-local "$SIZE"; start_daemon "$IMG" --queues 1 --label bench-mirrored
 DEVS[mirrored]=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
 mirror_export bench disk 1
 
 nbd_attach /dev/nbd0 dmr 1
-loop_dev "$(img dmr-local)"; dm_mirror bench-raid1 "$LOOP" /dev/nbd0; DEVS[dm-raid1]=$DM
+store_image dmr-local "$SIZE"; loop_dev "$IMG"; dm_mirror bench-raid1 "$LOOP" /dev/nbd0; DEVS[dm-raid1]=$DM
 
-start_daemon "$(img mq2-local)" --queues 2 --label bench-mirrored-q2
+store_image mq2-local "$SIZE"; start_daemon "$IMG" --queues 2 --label bench-mirrored-q2
 DEVS[mirrored-q2]=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
 mirror_export mq2 mq2 2
 
 nbd_attach /dev/nbd1 dmr2 2
-loop_dev "$(img dmr2-local)"; dm_mirror bench-raid1-c2 "$LOOP" /dev/nbd1; DEVS[dm-raid1-c2]=$DM
+store_image dmr2-local "$SIZE"; loop_dev "$IMG"; dm_mirror bench-raid1-c2 "$LOOP" /dev/nbd1; DEVS[dm-raid1-c2]=$DM
 
-nullb_ext4 benchbm 256 "$WORK/bm-fs"
-start_daemon "$(img bm-local)" --queues 1 --bitmap "$WORK/bm-fs/bench.bitmap" --label bench-mirrored-bitmap
+nullb_ext4 benchbm 256 "$WORK/bm-fs" "$NULLB_NSEC"
+store_image bm-local "$SIZE"; start_daemon "$IMG" --queues 1 --bitmap "$WORK/bm-fs/bench.bitmap" --label bench-mirrored-bitmap
 DEVS[mirrored-bitmap]=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
 mirror_export bm bm 1
 [ "$(ctl_get stats mirror.bitmap_persistent)" = true ] || fail "mirrored-bitmap: the bitmap is not persistent"
@@ -272,9 +220,10 @@ scale_row() {
     local i devs=() pids=() idle=() after=() all=() p
     log "scale: $SCALE_N daemons, ${SCALE_MIB} MiB images, 1 queue each, unmirrored"
     mkdir -p "$OUT/scale"
+    bench_store scalestore $((SCALE_N * SCALE_MIB + 128))
     for i in $(seq "$SCALE_N"); do
-        make_image "$WORK/scale$i.img" "${SCALE_MIB}M"
-        start_daemon "$WORK/scale$i.img" --queues 1 --label "bench-scale-$i" > /dev/null
+        store_image "scale$i" "$SCALE_MIB"
+        start_daemon "$IMG" --queues 1 --label "bench-scale-$i" > /dev/null
         CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
         vm_rss "$DAEMON_PID"
         devs+=("$DEV"); pids+=("$DAEMON_PID"); idle+=("$RSS_KB")
@@ -330,7 +279,7 @@ cat > "$OUT/machine.json" <<EOF
 {"kernel": "$(uname -r)", "cpus": $(nproc), "mem_kb": $(awk '/MemTotal/{print $2}' /proc/meminfo),
  "cpu_model": "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)",
  "reps": $REPS, "secs": $SECS, "size_mib": $SIZE, "fio": "$(fio --version)",
- "nullb_completion_nsec": $NULLB_NSEC, "scale_devices": $SCALE_N,
+ "nullb_completion_nsec": $NULLB_NSEC, "scale_devices": $SCALE_N, "storage": "${BENCH_STORAGE:-ext4}",
  "rublk": "$(rublk --version 2>/dev/null | head -n 1)", "ublk_mirror": "$(ublk-mirror --version)"}
 EOF
 sum=$(tar czf - -C "$OUT" . | tee "$WORK/results.tgz" | sha256sum | cut -d' ' -f1)

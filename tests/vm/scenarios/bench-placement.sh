@@ -15,6 +15,7 @@
 # (2 queues over 2 connections), dm-raid1 (loop + kernel nbd, 1 connection).
 #   SCENARIO_TIMEOUT=1200 tests/vm/run bench-placement   (about 11 min; VM_ENV="BENCH_REPS BENCH_SECS BENCH_PLACEMENT")
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
+. /scenarios/lib-bench.sh 2>/dev/null || . "$(dirname "$0")/lib-bench.sh"
 REPS=${BENCH_REPS:-5} SECS=${BENCH_SECS:-4}
 declare -A DEVS PIDS
 PLACES=(q1 away any own)
@@ -38,16 +39,8 @@ if [ "${BENCH_PLACEMENT:-}" = mirror ]; then
             m2-away) start_daemon "$WORK/$d.img" --queues 2 ;;
             m2-own) start_daemon "$WORK/$d.img" --queues 2 --queue-cpus own ;;
             dm-raid1)
-                loop=$(losetup --direct-io=on --show -f "$WORK/$d.img") || fail "losetup failed"
-                CLEANUP+=("losetup -d $loop")
-                nbd-client 127.0.0.1 "$port" /dev/nbd0 -N disk -b 4096 > /dev/null 2>&1 || fail "nbd-client failed"
-                CLEANUP+=("nbd-client -d /dev/nbd0")
-                dmsetup create place-raid1 --noudevsync \
-                    --table "0 $((256 * 2048)) mirror core 2 1024 nosync 2 $loop 0 /dev/nbd0 0 1 handle_errors" \
-                    || fail "dmsetup create failed"
-                CLEANUP+=("dmsetup remove --noudevsync place-raid1")
-                for s in /sys/block/dm-*; do [ "$(cat "$s/dm/name")" = place-raid1 ] && DEVS[$d]=/dev/${s##*/}; done
-                [ -n "${DEVS[$d]:-}" ] || fail "no dm device named place-raid1" ;;
+                loop_dev "$WORK/$d.img"; nbd_attach /dev/nbd0 disk 1 "$port"
+                dm_mirror place-raid1 "$LOOP" /dev/nbd0; DEVS[$d]=$DM ;;
         esac
         if [ "$d" != dm-raid1 ]; then
             DEVS[$d]=$DEV; CLEANUP+=("kill $DAEMON_PID")

@@ -5,7 +5,9 @@
 #   ublk (1 queue), mirrored (1 queue, 1 connection), mirrored-q2 (2 queues, 2 connections, one
 #   fio job per queue on its own CPU), dm-raid1 (loop + kernel nbd, 1 connection), and the
 #   target alone through fio's nbd engine (QD1 only);
-# jobs: 4k randwrite QD1 and QD32, 4k randread QD32. Prints one QUICK line per job and device
+# jobs: 4k randwrite QD1 and QD32, 4k randread QD32. The devices' images are on ext4 on a
+# memory-backed null_blk device (BENCH_STORAGE=tmpfs: on tmpfs; lib-bench.sh), the target's
+# exports on tmpfs. Prints one QUICK line per job and device
 # (IOPS, mean latency, and where the CPU went: microseconds of CPU per I/O in the device's
 # daemon, in the NBD server, and in the whole VM, with the VM's busy share of its CPUs) and the
 # ratios issue 13 sets targets for.
@@ -13,45 +15,42 @@
 # (bench/ab puts an older build there), ublk-TAG and mirrored-TAG (1 queue, its own export) run
 # interleaved with the others on that build.
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
+. /scenarios/lib-bench.sh 2>/dev/null || . "$(dirname "$0")/lib-bench.sh"
 REPS=${BENCH_REPS:-5} SECS=${BENCH_SECS:-3} SIZE=256 AB=${BENCH_AB:-}
 declare -A DEVS R L PIDS TPIDS CD CT CV BUSY
 CLEANUP=()
 trap 'for ((i = ${#CLEANUP[@]} - 1; i >= 0; i--)); do eval "${CLEANUP[i]}" > /dev/null 2>&1 || true; done' EXIT
+# img NAME: a target-side image on tmpfs (the devices' own: store_image).
 img() { make_image "$WORK/$1.img" "${SIZE}M"; echo "$WORK/$1.img"; }
+# Up to 8 local images (ublk, mirrored, mirrored-q2, dm-raid1, 2 A/B, 2 TLS).
+bench_store quickstore $((SIZE * 8 + 128))
 
 start_target "$(img remote)" --export "mq2=$(img mq2)" --export "dmr=$(img dmr)" --export "tgt=$(img tgt)" \
     --export "ab=$(img ab)"
 CLEANUP+=("kill $TARGET_PID")
-start_daemon "$(img ublk)" --queues 1
+store_image ublk "$SIZE"; start_daemon "$IMG" --queues 1
 DEVS[ublk]=$DEV PIDS[ublk]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
 # Device id 2, even like ublk's 0: a 1-queue thread sits on the CPU counted from the last by
 # device id, so both sit away from fio's CPU 0 (as in bench-matrix); odd ids would share it.
-start_daemon "$(img mir)" --queues 1 --dev-id 2
+store_image mir "$SIZE"; start_daemon "$IMG" --queues 1 --dev-id 2
 DEVS[mirrored]=$DEV PIDS[mirrored]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
 mirror_to q --timeout 30
-start_daemon "$(img mir2)" --queues 2
+store_image mir2 "$SIZE"; start_daemon "$IMG" --queues 2
 DEVS[mirrored-q2]=$DEV PIDS[mirrored-q2]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
 nbd-proxy connect --to tcp:127.0.0.1:10809 --export mq2 --handoff "$CTL" --name q2 --connections 2 > /dev/null \
     || fail "connect --connections 2 failed"
 ctl mirror-start q2.0 q2.1 --export mq2 --timeout 30 > /dev/null || fail "mirror-start over 2 failed"
-loop=$(losetup --direct-io=on --show -f "$(img dmr-local)") || fail "losetup failed"
-CLEANUP+=("losetup -d $loop")
-nbd-client 127.0.0.1 10809 /dev/nbd0 -N dmr -b 4096 > /dev/null 2>&1 || fail "nbd-client failed"
-CLEANUP+=("nbd-client -d /dev/nbd0")
-dmsetup create quick-raid1 --noudevsync \
-    --table "0 $((SIZE * 2048)) mirror core 2 1024 nosync 2 $loop 0 /dev/nbd0 0 1 handle_errors" \
-    || fail "dmsetup create failed"
-CLEANUP+=("dmsetup remove --noudevsync quick-raid1")
-for s in /sys/block/dm-*; do [ "$(cat "$s/dm/name")" = quick-raid1 ] && DEVS[dm-raid1]=/dev/${s##*/}; done
-[ -n "${DEVS[dm-raid1]:-}" ] || fail "no dm device"
+store_image dmr-local "$SIZE"; loop_dev "$IMG"
+nbd_attach /dev/nbd0 dmr 1
+dm_mirror quick-raid1 "$LOOP" /dev/nbd0; DEVS[dm-raid1]=$DM
 ALL=(ublk mirrored mirrored-q2 dm-raid1)
 if [ -n "$AB" ]; then
     command -v "ublk-mirror-$AB" > /dev/null && command -v "ublk-mirror-ctl-$AB" > /dev/null \
         || fail "BENCH_AB=$AB: ublk-mirror-$AB and ublk-mirror-ctl-$AB are not in the guest"
     export UBLK_MIRROR=ublk-mirror-$AB UBLK_MIRROR_CTL=ublk-mirror-ctl-$AB
-    start_daemon "$(img "ublk-$AB")" --queues 1
+    store_image "ublk-$AB" "$SIZE"; start_daemon "$IMG" --queues 1
     DEVS[ublk-$AB]=$DEV PIDS[ublk-$AB]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
-    start_daemon "$(img "mir-$AB")" --queues 1
+    store_image "mir-$AB" "$SIZE"; start_daemon "$IMG" --queues 1
     DEVS[mirrored-$AB]=$DEV PIDS[mirrored-$AB]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
     nbd-proxy connect --to tcp:127.0.0.1:10809 --export ab --handoff "$CTL" --name qa > /dev/null \
         || fail "connect to the A/B export failed"
@@ -75,7 +74,7 @@ if [ "${BENCH_TLS:-1}" = 1 ]; then
             --tls-cert "$tls/server-cert.pem" --tls-key "$tls/server-key.pem" > "$WORK/$name.out" 2> "$WORK/$name.log" &
         TPIDS[$name]=$!; CLEANUP+=("kill $!")
         for _ in $(seq 100); do grep -q listening "$WORK/$name.out" 2>/dev/null && break; sleep 0.1; done
-        start_daemon "$(img "$name")" --queues 1 --dev-id "$id"
+        store_image "$name" "$SIZE"; start_daemon "$IMG" --queues 1 --dev-id "$id"
         DEVS[$name]=$DEV PIDS[$name]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
         # shellcheck disable=SC2086
         nbd-proxy connect --to "tcp:127.0.0.1:$port" --export tls --tls-ca "$tls/ca-cert.pem" $relay \

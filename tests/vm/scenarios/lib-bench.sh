@@ -1,0 +1,98 @@
+# Helpers of the benchmark scenarios (bench-*.sh), sourced after lib.sh: where the devices' local
+# images live, and the kernel's own mirror (dm-raid1 over loop and kernel nbd) to compare with.
+# Each helper that sets something up appends its undo to the scenario's CLEANUP array (the
+# scenario's EXIT trap runs it in reverse), so none is called in a command substitution.
+
+# bench_store NAME MIB: sets STORE to the directory of the devices' local images.
+# BENCH_STORAGE=ext4 (the default): ext4 on a memory-backed null_blk device NAME of MIB MiB that
+# completes every I/O inline (a RAM disk), as a host keeps images on a disk filesystem.
+# BENCH_STORAGE=tmpfs: the guest's tmpfs ($WORK), as before 2026-12-02. Why not tmpfs: shmem
+# files have no FMODE_NOWAIT, so io_uring hands every read and write on them to an io-wq
+# worker (a wake-up and two context switches per I/O that no host pays), while the kernel's
+# loop does its I/O from its own worker either way. The targets' images stay on tmpfs: every
+# device of a pair mirrors to the same kind of export, and the target alone is measured there.
+bench_store() {
+    case ${BENCH_STORAGE:-ext4} in
+        tmpfs) STORE=$WORK ;;
+        ext4) nullb_ext4 "$1" "$2" "$WORK/$1" 0; STORE=$WORK/$1 ;;
+        *) fail "BENCH_STORAGE=${BENCH_STORAGE}: expected ext4 or tmpfs" ;;
+    esac
+    log "  local images in $STORE (BENCH_STORAGE=${BENCH_STORAGE:-ext4})"
+}
+
+# store_image NAME MIB: creates $STORE/NAME.img of MIB MiB and sets IMG to its path. On ext4
+# every block is written (zeros, O_DIRECT), as an image copied onto a host's storage: an
+# O_DIRECT overwrite of written blocks can run inline on the ring, a write into an unwritten
+# (fallocated) extent cannot. On tmpfs it is fallocated (every page allocated).
+store_image() {
+    IMG=$STORE/$1.img
+    if [ "$STORE" = "$WORK" ]; then make_image "$IMG" "$2M"; return; fi
+    rm -f "$IMG"
+    dd if=/dev/zero of="$IMG" bs=1M count="$2" oflag=direct status=none || fail "cannot fill $IMG"
+}
+
+# nullb_ext4 NAME MIB MOUNTPOINT NSEC: a memory-backed null_blk device (configfs) of MIB MiB,
+# ext4 on it, mounted at MOUNTPOINT. NSEC 0: every I/O completes inline, no write cache. NSEC
+# > 0: a volatile write cache (so flushes reach the device) and every I/O completing after NSEC
+# ns on a timer.
+nullb_ext4() {
+    local name=$1 mib=$2 mnt=$3 nsec=$4 cfg=/sys/kernel/config kv i dev="" opts
+    [ -d "$cfg/nullb" ] || mount -t configfs configfs "$cfg" || fail "cannot mount configfs"
+    [ -d "$cfg/nullb" ] || fail "no $cfg/nullb: null_blk is not loaded (tests/vm/guest-modules.txt)"
+    mkdir "$cfg/nullb/$name" || fail "cannot create the null_blk device $name"
+    CLEANUP+=("rmdir $cfg/nullb/$name")
+    opts="memory_backed=1 size=$mib blocksize=4096 irqmode=0"
+    [ "$nsec" -gt 0 ] && opts="memory_backed=1 size=$mib blocksize=4096 cache_size=16 irqmode=2 completion_nsec=$nsec"
+    for kv in $opts; do
+        echo "${kv#*=}" > "$cfg/nullb/$name/${kv%%=*}" || fail "null_blk $name refused ${kv}"
+    done
+    echo 1 > "$cfg/nullb/$name/power" || fail "null_blk $name did not power on"
+    CLEANUP+=("echo 0 > $cfg/nullb/$name/power")
+    for _ in $(seq 50); do
+        [ -b "/dev/$name" ] && { dev=/dev/$name; break; }   # named after its configfs directory
+        i=$(cat "$cfg/nullb/$name/index" 2>/dev/null || true)   # or after its index (older kernels)
+        [ -n "$i" ] && [ -b "/dev/nullb$i" ] && { dev=/dev/nullb$i; break; }
+        sleep 0.1
+    done
+    [ -n "$dev" ] || fail "null_blk $name powered on but no block device appeared"
+    # One inode per MiB: the filesystem holds a few large images, and a smaller inode table is
+    # less to write under TCG.
+    mkfs.ext4 -F -q -t ext4 -i 1048576 -E lazy_itable_init=0,lazy_journal_init=0 "$dev" > "$WORK/mkfs.out" 2>&1 \
+        || { cat "$WORK/mkfs.out"; fail "mkfs.ext4 on $dev failed"; }
+    mkdir -p "$mnt"
+    mount -t ext4 "$dev" "$mnt" || { dmesg | tail -n 5; fail "mounting ext4 on $dev failed"; }
+    CLEANUP+=("umount $mnt")
+    log "  ext4 on $dev (null_blk, memory-backed, ${mib} MiB, ${nsec} ns per I/O) at $mnt"
+}
+
+# loop_dev IMAGE: sets LOOP to a new /dev/loopN with direct I/O on IMAGE, or fails.
+loop_dev() {
+    LOOP=$(losetup --direct-io=on --show -f "$1") || fail "losetup --direct-io=on $1 failed"
+    CLEANUP+=("losetup -d $LOOP")
+    [ "$(cat "/sys/block/${LOOP#/dev/}/loop/dio")" = 1 ] || fail "$LOOP does not use direct I/O"
+}
+
+# nbd_attach DEV EXPORT CONNECTIONS [PORT]: the kernel nbd client on DEV, straight to the
+# target on 127.0.0.1:PORT (10809).
+nbd_attach() {
+    nbd-client 127.0.0.1 "${4:-10809}" "$1" -N "$2" -b 4096 -C "$3" > "$WORK/nbd-client.$2.out" 2>&1 \
+        || { cat "$WORK/nbd-client.$2.out"; fail "nbd-client could not attach $1 to $2 ($3 connections)"; }
+    CLEANUP+=("nbd-client -d $1")
+}
+
+# dm_mirror NAME LOCAL NBD: sets DM to the block device of a new dm mirror NAME over LOCAL and
+# NBD, as large as LOCAL. Core log in memory, 512 KiB regions, nosync: both legs start
+# identical (zeroed images).
+dm_mirror() {
+    local name=$1 sectors s
+    sectors=$(blockdev --getsz "$2") || fail "cannot read the size of $2"
+    dmsetup create "$name" --noudevsync \
+        --table "0 $sectors mirror core 2 1024 nosync 2 $2 0 $3 0 1 handle_errors" \
+        || fail "dmsetup create $name (over $2 and $3) failed"
+    CLEANUP+=("dmsetup remove --noudevsync $name")
+    for s in /sys/block/dm-*; do
+        if [ "$(cat "$s/dm/name" 2>/dev/null)" = "$name" ]; then DM=/dev/${s##*/}; return; fi
+    done
+    fail "no dm block device named $name after dmsetup create"
+}
+
