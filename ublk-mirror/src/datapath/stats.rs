@@ -99,6 +99,13 @@ impl QueueCounters {
         Some(InFlight { counters: self })
     }
 
+    /// Requests of this queue being served now (this one included, for a caller that has
+    /// started one). Exact on the queue's own thread, the only writer.
+    pub fn in_flight(&self) -> u64 {
+        let started = self.started.load(Ordering::Relaxed);
+        started.saturating_sub(self.completed.load(Ordering::Relaxed))
+    }
+
     fn complete(&self) {
         let v = self.completed.load(Ordering::Relaxed);
         self.completed.store(v + 1, Ordering::SeqCst);
