@@ -100,10 +100,13 @@ impl QueueCounters {
     }
 
     /// Requests of this queue being served now (this one included, for a caller that has
-    /// started one). Exact on the queue's own thread, the only writer.
+    /// started one). Exact on the queue's own thread, the only writer; from another thread,
+    /// completed is read before started, so a request between the two loads is counted as
+    /// in flight, never missed.
     pub fn in_flight(&self) -> u64 {
-        let started = self.started.load(Ordering::Relaxed);
-        started.saturating_sub(self.completed.load(Ordering::Relaxed))
+        let completed = self.completed.load(Ordering::SeqCst);
+        let started = self.started.load(Ordering::SeqCst);
+        started.saturating_sub(completed)
     }
 
     fn complete(&self) {
@@ -238,11 +241,7 @@ impl Stats {
             s.write_zeroes += get(&q.write_zeroes);
             s.write_zeroes_bytes += get(&q.write_zeroes_bytes);
             s.errors += get(&q.errors);
-            // Read completed before started: a request between the two loads is counted as
-            // outstanding, never missed.
-            let completed = q.completed.load(Ordering::SeqCst);
-            let started = q.started.load(Ordering::SeqCst);
-            s.outstanding += started.saturating_sub(completed);
+            s.outstanding += q.in_flight();
             s.parked += get(&q.parked);
         }
         s
