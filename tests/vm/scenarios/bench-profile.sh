@@ -1,24 +1,34 @@
 #!/bin/bash
 # Benchmark (run by bench/profile, not by the test command): where a mirrored QD1 write's time
-# goes. A 1-queue mirrored device (nbd-proxy serve in this VM as the target) and, beside it, the
-# same device unmirrored; 4k randwrite QD1 on each for PROFILE_SECS (15) s while
+# goes. A 1-queue mirrored device (nbd-proxy serve in this VM as the target), beside it the same
+# device unmirrored, and the kernel's own mirror (dm-raid1 over a direct-io loop device and
+# kernel nbd to the same target); local images on ext4 over null_blk as in bench-matrix
+# (lib-bench.sh). 4k randwrite QD1 on each for PROFILE_SECS (15) s while
 # `perf record -a -g -e cpu-clock` samples every CPU (needs perf in the guest: bench/profile
 # adds the host's). Prints, per device, fio's IOPS and mean latency, then perf's report: the
 # share of samples per command, and the top symbols (kernel and user, with their callers
-# folded in) of the daemon's queue thread and of the target.
+# folded in) of the daemon's queue thread and of the target; then, from a second run of
+# PROFILE_SECS under `perf stat -a`, context switches and CPU migrations per I/O (under TCG a
+# switch between processes flushes the soft TLB; a switch to a kernel thread keeps the mm).
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
+. /scenarios/lib-bench.sh 2>/dev/null || . "$(dirname "$0")/lib-bench.sh"
 command -v perf > /dev/null || fail "perf is not in the guest: run this through bench/profile"
 SECS=${PROFILE_SECS:-15}
 CLEANUP=()
 trap 'for ((i = ${#CLEANUP[@]} - 1; i >= 0; i--)); do eval "${CLEANUP[i]}" > /dev/null 2>&1 || true; done' EXIT
-make_image "$WORK/remote.img" 256M; make_image "$WORK/mir.img" 256M; make_image "$WORK/ublk.img" 256M
-start_target "$WORK/remote.img"
+make_image "$WORK/remote.img" 256M; make_image "$WORK/dmr-remote.img" 256M
+bench_store profstore $((3 * 256 + 128))
+start_target "$WORK/remote.img" --export "dmr=$WORK/dmr-remote.img"
 CLEANUP+=("kill $TARGET_PID")
-start_daemon "$WORK/ublk.img" --queues 1
-ublk_dev=$DEV; CLEANUP+=("kill $DAEMON_PID")
-start_daemon "$WORK/mir.img" --queues 1
-mir_dev=$DEV; CLEANUP+=("kill $DAEMON_PID")
+# Even device ids: both queue threads on the CPU away from fio's (placement.rs), as in bench-matrix.
+store_image ublk 256; start_daemon "$IMG" --queues 1 --dev-id 0
+ublk_dev=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
+store_image mir 256; start_daemon "$IMG" --queues 1 --dev-id 2
+mir_dev=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
 mirror_to p --timeout 30
+store_image dmr-local 256; loop_dev "$IMG"
+nbd_attach /dev/nbd0 dmr 1
+dm_mirror profile-raid1 "$LOOP" /dev/nbd0
 echo 0 > /proc/sys/kernel/kptr_restrict 2>/dev/null || true
 echo -1 > /proc/sys/kernel/perf_event_paranoid 2>/dev/null || true
 
@@ -36,10 +46,29 @@ profile() { # NAME DEVICE
     echo "PROFILE $name: top symbols (self time, all CPUs, with the command and DSO)"
     perf report -i "$WORK/$name.data" --stdio --no-children -g none --sort comm,dso,sym \
         --percent-limit 0.7 2> /dev/null | grep -v '^#' | grep -v '^$' | sed "s/^/PROFILE $name   /" | head -n 45
+    [ "$name" = dm-raid1 ] && return   # no daemon: the kernel's mirror runs in fio and kworkers
     echo "PROFILE $name: the daemon's own samples, inclusive (callers fold in their callees)"
     perf report -i "$WORK/$name.data" --stdio --children -g none --comm ublk-mirror --sort sym \
         --percent-limit 3 2> /dev/null | grep -v '^#' | grep -v '^$' | sed "s/^/PROFILE $name   /" | head -n 60
 }
+# switches NAME DEVICE: context switches and CPU migrations per I/O, whole VM, the same fio job.
+switches() {
+    local name=$1 dev=$2
+    perf stat -a -x, -e context-switches,cpu-migrations -o "$WORK/$name.stat" -- \
+        fio --name=p --filename="$dev" --ioengine=io_uring --direct=1 --bs=4k --rw=randwrite \
+            --iodepth=1 --numjobs=1 --cpus_allowed=0 --size=256M --time_based --runtime="$SECS" \
+            --output-format=terse --terse-version=3 > "$WORK/$name.sfio" 2> "$WORK/$name.serr" \
+        || { cat "$WORK/$name.serr"; fail "perf stat or fio failed on $name"; }
+    awk -F';' '$1 == 3 {print $49 * s}' s="$SECS" "$WORK/$name.sfio" > "$WORK/$name.ios"
+    awk -F, -v n="$name" -v ios="$(cat "$WORK/$name.ios")" '
+        $3 == "context-switches" {cs = $1} $3 == "cpu-migrations" {mg = $1}
+        END {printf "PROFILE %s: %.1f context switches and %.2f CPU migrations per I/O (%d I/Os)\n", n, cs / ios, mg / ios, ios}
+    ' "$WORK/$name.stat"
+}
 profile ublk "$ublk_dev"
 profile mirrored "$mir_dev"
+profile dm-raid1 "$DM"
+switches ublk "$ublk_dev"
+switches mirrored "$mir_dev"
+switches dm-raid1 "$DM"
 [ "$(ctl_get stats mirror.state)" = active ] || fail "the mirror did not stay active while profiled"
