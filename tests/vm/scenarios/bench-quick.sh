@@ -28,7 +28,7 @@ bench_store quickstore $((SIZE * 8 + 128))
 start_target "$(img remote)" --export "mq2=$(img mq2)" --export "dmr=$(img dmr)" --export "tgt=$(img tgt)" \
     --export "ab=$(img ab)"
 CLEANUP+=("kill $TARGET_PID")
-store_image ublk "$SIZE"; start_daemon "$IMG" --queues 1
+store_image ublk "$SIZE"; start_daemon "$IMG" --queues 1 --dev-id 0
 DEVS[ublk]=$DEV PIDS[ublk]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
 # Device id 2, even like ublk's 0: a 1-queue thread sits on the CPU counted from the last by
 # device id, so both sit away from fio's CPU 0 (as in bench-matrix); odd ids would share it.
@@ -48,9 +48,12 @@ if [ -n "$AB" ]; then
     command -v "ublk-mirror-$AB" > /dev/null && command -v "ublk-mirror-ctl-$AB" > /dev/null \
         || fail "BENCH_AB=$AB: ublk-mirror-$AB and ublk-mirror-ctl-$AB are not in the guest"
     export UBLK_MIRROR=ublk-mirror-$AB UBLK_MIRROR_CTL=ublk-mirror-ctl-$AB
-    store_image "ublk-$AB" "$SIZE"; start_daemon "$IMG" --queues 1
+    # Even device ids (4, 6) like ublk's and mirrored's, so both sit on the same CPU as the
+    # devices they are compared with: ublk-TAG on an odd id shared fio's CPU and came out at
+    # half of ublk (the same code) for its place alone.
+    store_image "ublk-$AB" "$SIZE"; start_daemon "$IMG" --queues 1 --dev-id 4
     DEVS[ublk-$AB]=$DEV PIDS[ublk-$AB]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
-    store_image "mir-$AB" "$SIZE"; start_daemon "$IMG" --queues 1
+    store_image "mir-$AB" "$SIZE"; start_daemon "$IMG" --queues 1 --dev-id 6
     DEVS[mirrored-$AB]=$DEV PIDS[mirrored-$AB]=$DAEMON_PID; CLEANUP+=("kill $DAEMON_PID")
     nbd-proxy connect --to tcp:127.0.0.1:10809 --export ab --handoff "$CTL" --name qa > /dev/null \
         || fail "connect to the A/B export failed"
