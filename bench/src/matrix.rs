@@ -296,6 +296,8 @@ mod tests {
         assert_eq!(m.scale.idle_kb.len(), 16);
         assert_eq!(m.scale.bound_mib(), 64.0, "1 queue x 128 tags x 512 KiB");
         assert!(m.raw.contains_key("scale/all.3.json"));
+        let (lone, lall) = m.scale.loop_ref.as_ref().expect("the loop reference");
+        assert_eq!((lone.iops.median, lall.iops.median), (50_000.0, 40_000.0));
         assert!(m.raw.contains_key("mirrored-q2.randread-4k-qd32.1.json"));
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
@@ -322,6 +324,8 @@ mod tests {
             "scale/one.1.json",
             "scale/all.3.json",
             "scale/rss.json",
+            "scale/loop-one.2.json",
+            "scale/loop-all.3.json",
         ] {
             let err = refused_without(file);
             assert!(err.contains("incomplete"), "{file}: {err}");

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::matrix::{Matrix, Stat};
+use crate::scale::Scale;
 use crate::targets::{self, Goal, Target};
 use crate::{DEVICES, DIRECT, JOBS, MET_RULE, MIRROR_PAIRS, SUBMITTER_RULE};
 
@@ -150,7 +151,7 @@ fn mib(kb: f64) -> String {
     format!("{:.1}", kb / 1024.0)
 }
 
-/// N daemons at once against one alone, and their RSS with its bound.
+/// N daemons at once against one alone (and the same on kernel loop), and their RSS.
 fn scale_section(o: &mut String, m: &Matrix) {
     let s = &m.scale;
     let (one, all) = (&s.one.iops, &s.all.iops);
@@ -175,25 +176,41 @@ fn scale_section(o: &mut String, m: &Matrix) {
         n = s.devices
     );
     let _ = writeln!(o, "| run | IOPS median [min–max] |\n|---|---|");
-    let _ = writeln!(
-        o,
-        "| 1 device alone | {} [{}] |",
-        si(one.median),
-        range(one)
-    );
-    let _ = writeln!(
-        o,
-        "| {} devices at once (sum) | {} [{}] |",
-        s.devices,
-        si(all.median),
-        range(all)
-    );
+    let mut rows = vec![
+        ("1 device alone".to_string(), one),
+        (format!("{} devices at once (sum)", s.devices), all),
+    ];
+    if let Some((lone, lall)) = &s.loop_ref {
+        rows.push(("kernel loop, 1 device alone".to_string(), &lone.iops));
+        rows.push((
+            format!("kernel loop, {} devices at once (sum)", s.devices),
+            &lall.iops,
+        ));
+    }
+    for (label, stat) in rows {
+        let _ = writeln!(o, "| {label} | {} [{}] |", si(stat.median), range(stat));
+    }
     let _ = writeln!(
         o,
         "\nAggregate / 1 device: {:.2} (per rep: {}).",
         all.median / one.median,
         per_rep.join(" ")
     );
+    if let Some((lone, lall)) = &s.loop_ref {
+        let _ = writeln!(
+            o,
+            "The same {n} images on kernel loop devices, the same fio runs after the daemons \
+             stopped: aggregate / 1 device {:.2}, what {n} devices at once cost in this VM \
+             whatever serves them.",
+            lall.iops.median / lone.iops.median,
+            n = s.devices
+        );
+    }
+    rss_paragraph(o, s);
+}
+
+/// The daemons' RSS right after start and after the workload, with its bound.
+fn rss_paragraph(o: &mut String, s: &Scale) {
     let (idle, after) = (Stat::of(s.idle_kb.clone()), Stat::of(s.after_kb.clone()));
     let growth = s
         .after_kb
@@ -464,6 +481,10 @@ mod tests {
         );
         assert!(md.contains("## Scale: 16 daemons at once"));
         assert!(md.contains("= 64 MiB"), "the RSS bound is stated");
+        assert!(
+            md.contains("on kernel loop devices, the same fio runs after the daemons stopped: aggregate / 1 device 0.80"),
+            "the loop reference of the scale row (40k / 50k)"
+        );
         assert!(md.contains("mirrored-q2 vs dm-raid1-c2"));
         let svg = svg(&m, "STAMP");
         assert!(svg.contains("mirrored-bitmap"));

@@ -1,6 +1,8 @@
 //! The scale row: N one-queue daemons serving 4k randread QD32 at once against one of them
 //! alone, and the RSS of every daemon right after start and after the workload
-//! (`scale/one.<rep>.json`, `scale/all.<rep>.json`, `scale/rss.json`).
+//! (`scale/one.<rep>.json`, `scale/all.<rep>.json`, `scale/rss.json`), and the same two runs
+//! on kernel loop devices over the same images (`scale/loop-one.<rep>.json`,
+//! `scale/loop-all.<rep>.json`): what N devices at once cost in that VM whatever serves them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,6 +22,8 @@ pub struct Scale {
     /// One device alone, and all of them at once (fio's sum over its jobs).
     pub one: Cell,
     pub all: Cell,
+    /// The same on kernel loop devices (one alone, all at once); absent in older runs.
+    pub loop_ref: Option<(Cell, Cell)>,
     /// VmRSS of each daemon right after it was ready, and after the last rep, KiB.
     pub idle_kb: Vec<f64>,
     pub after_kb: Vec<f64>,
@@ -76,6 +80,13 @@ impl Scale {
         let devices = field(&v, "devices", &path)? as usize;
         let one = load_runs(dir, "scale", "one", reps, raw)?;
         let all = load_runs(dir, "scale", "all", reps, raw)?;
+        let loop_ref = if dir.join("scale").join("loop-one.1.json").exists() {
+            let one = load_runs(dir, "scale", "loop-one", reps, raw)?;
+            let all = load_runs(dir, "scale", "loop-all", reps, raw)?;
+            Some((Cell::of(&one), Cell::of(&all)))
+        } else {
+            None
+        };
         Ok(Scale {
             devices,
             image_mib: field(&v, "image_mib", &path)?,
@@ -84,6 +95,7 @@ impl Scale {
             max_io: field(&v, "max_io", &path)?,
             one: Cell::of(&one),
             all: Cell::of(&all),
+            loop_ref,
             idle_kb: per_daemon(&v, "idle_kb", devices, &path)?,
             after_kb: per_daemon(&v, "after_kb", devices, &path)?,
         })
@@ -99,6 +111,8 @@ impl Scale {
             "devices": self.devices, "image_mib": self.image_mib, "queues": self.queues,
             "depth": self.depth, "max_io": self.max_io,
             "one_iops": self.one.iops.to_json(), "all_iops": self.all.iops.to_json(),
+            "loop_one_iops": self.loop_ref.as_ref().map(|(one, _)| one.iops.to_json()),
+            "loop_all_iops": self.loop_ref.as_ref().map(|(_, all)| all.iops.to_json()),
             "idle_rss_kb": self.idle_kb, "after_rss_kb": self.after_kb,
             "tag_buffer_bound_mib": self.bound_mib(),
         })

@@ -79,6 +79,14 @@ pub fn complete(tag: &str) -> PathBuf {
             &fio_json(38_000.0 + rep as f64 * 1000.0, 13_000.0),
         );
         write(
+            &dir.join(format!("scale/loop-one.{rep}.json")),
+            &fio_json(50_000.0, 640.0),
+        );
+        write(
+            &dir.join(format!("scale/loop-all.{rep}.json")),
+            &fio_json(40_000.0, 12_800.0),
+        );
+        write(
             &dir.join(format!("copy/ublk-mirror.{rep}.json")),
             r#"{"mirror": {"copy": {"bytes_total": 536870912, "elapsed": 1.5, "state": "ready"}}}"#,
         );

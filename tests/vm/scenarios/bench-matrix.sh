@@ -245,6 +245,22 @@ scale_row() {
  "idle_kb": [$(IFS=,; echo "${idle[*]}")], "after_kb": [$(IFS=,; echo "${after[*]}")]}
 EOF
     log "scale: idle VmRSS kB ${idle[*]}; after ${after[*]}"
+    for p in "${pids[@]}"; do kill "$p"; wait "$p" || true; done
+    # The same runs on kernel loop devices over the same images: what N devices at once cost
+    # in this VM whatever serves them (under TCG every process switch flushes the soft TLB),
+    # the reference the daemons' aggregate is read against.
+    local loops=() lall=()
+    log "scale: the same on $SCALE_N kernel loop devices"
+    for i in $(seq "$SCALE_N"); do
+        loop_dev "$STORE/scale$i.img"; loops+=("$LOOP"); lall+=(--name="scale$i" --filename="$LOOP")
+    done
+    for rep in $(seq "$REPS"); do
+        fio_json "$OUT/scale/loop-one.$rep.json" "scale: 1 loop device" "${one[@]}" --cpus_allowed=0 \
+            --name=scale1 --filename="${loops[0]}"
+        fio_json "$OUT/scale/loop-all.$rep.json" "scale: $SCALE_N loop devices" "${one[@]}" \
+            --cpus_allowed=0-1 --cpus_allowed_policy=split "${lall[@]}"
+        log "scale loop rep $rep of $REPS done"
+    done
     cleanup; CLEANUP=()
     rm -f "$WORK"/scale*.img
 }
