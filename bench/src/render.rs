@@ -200,9 +200,11 @@ fn scale_section(o: &mut String, m: &Matrix) {
         let _ = writeln!(
             o,
             "The same {n} images on kernel loop devices, the same fio runs after the daemons \
-             stopped: aggregate / 1 device {:.2}, what {n} devices at once cost in this VM \
-             whatever serves them.",
+             stopped: aggregate / 1 device {:.2}. Daemons / loop devices: 1 alone {:.2}, {n} at \
+             once {:.2}.",
             lall.iops.median / lone.iops.median,
+            one.median / lone.iops.median,
+            all.median / lall.iops.median,
             n = s.devices
         );
     }
@@ -482,7 +484,7 @@ mod tests {
         assert!(md.contains("## Scale: 16 daemons at once"));
         assert!(md.contains("= 64 MiB"), "the RSS bound is stated");
         assert!(
-            md.contains("on kernel loop devices, the same fio runs after the daemons stopped: aggregate / 1 device 0.80"),
+            md.contains("on kernel loop devices, the same fio runs after the daemons stopped: aggregate / 1 device 0.80."),
             "the loop reference of the scale row (40k / 50k)"
         );
         assert!(md.contains("mirrored-q2 vs dm-raid1-c2"));

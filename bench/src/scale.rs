@@ -2,7 +2,7 @@
 //! alone, and the RSS of every daemon right after start and after the workload
 //! (`scale/one.<rep>.json`, `scale/all.<rep>.json`, `scale/rss.json`), and the same two runs
 //! on kernel loop devices over the same images (`scale/loop-one.<rep>.json`,
-//! `scale/loop-all.<rep>.json`): what N devices at once cost in that VM whatever serves them.
+//! `scale/loop-all.<rep>.json`): the kernel's own per-device cost at the same load.
 
 use std::collections::BTreeMap;
 use std::path::Path;
