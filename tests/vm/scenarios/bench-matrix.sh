@@ -246,9 +246,8 @@ scale_row() {
 EOF
     log "scale: idle VmRSS kB ${idle[*]}; after ${after[*]}"
     for p in "${pids[@]}"; do kill "$p"; wait "$p" || true; done
-    # The same runs on kernel loop devices over the same images: what N devices at once cost
-    # in this VM whatever serves them (under TCG every process switch flushes the soft TLB),
-    # the reference the daemons' aggregate is read against.
+    # The same runs on kernel loop devices over the same images: the kernel's own cost of N
+    # devices at once, the reference the daemons' aggregate is read against.
     local loops=() lall=()
     log "scale: the same on $SCALE_N kernel loop devices"
     for i in $(seq "$SCALE_N"); do
