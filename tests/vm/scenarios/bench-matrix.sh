@@ -215,6 +215,21 @@ vm_rss() {
     [ -n "$RSS_KB" ] || fail "no VmRSS for daemon $1: did it exit?"
 }
 
+# scale_reps PREFIX FIRST FIO-DEVICE-ARGS...: REPS reps of 4k randread QD32 on the device FIRST
+# alone (1 job on CPU 0), then on every device at once (one job each, split over CPUs 0-1), to
+# scale/PREFIXone.REP.json and scale/PREFIXall.REP.json.
+SCALE_JOB=(--ioengine=io_uring --rw=randread --bs=4k --iodepth=32)
+scale_reps() {
+    local prefix=$1 first=$2 rep; shift 2
+    for rep in $(seq "$REPS"); do
+        fio_json "$OUT/scale/${prefix}one.$rep.json" "scale: 1 ${prefix}device" "${SCALE_JOB[@]}" \
+            --cpus_allowed=0 --name=scale1 --filename="$first"
+        fio_json "$OUT/scale/${prefix}all.$rep.json" "scale: $SCALE_N ${prefix}devices" "${SCALE_JOB[@]}" \
+            --cpus_allowed=0-1 --cpus_allowed_policy=split "$@"
+        log "scale ${prefix}rep $rep of $REPS done"
+    done
+}
+
 # The scale row (header): idle RSS, 1 device alone vs all at once, RSS after.
 scale_row() {
     local i devs=() pids=() idle=() after=() all=() p
@@ -229,16 +244,9 @@ scale_row() {
         devs+=("$DEV"); pids+=("$DAEMON_PID"); idle+=("$RSS_KB")
         all+=(--name="scale$i" --filename="$DEV")
     done
-    local one=(--ioengine=io_uring --rw=randread --bs=4k --iodepth=32)
-    fio_json "$WORK/warmup.json" "scale warm-up" "${one[@]}" --cpus_allowed=0-1 \
+    fio_json "$WORK/warmup.json" "scale warm-up" "${SCALE_JOB[@]}" --cpus_allowed=0-1 \
         --cpus_allowed_policy=split --runtime=2 "${all[@]}"
-    for rep in $(seq "$REPS"); do
-        fio_json "$OUT/scale/one.$rep.json" "scale: 1 device" "${one[@]}" --cpus_allowed=0 \
-            --name=scale1 --filename="${devs[0]}"
-        fio_json "$OUT/scale/all.$rep.json" "scale: $SCALE_N devices" "${one[@]}" \
-            --cpus_allowed=0-1 --cpus_allowed_policy=split "${all[@]}"
-        log "scale rep $rep of $REPS done"
-    done
+    scale_reps "" "${devs[0]}" "${all[@]}"
     for p in "${pids[@]}"; do vm_rss "$p"; after+=("$RSS_KB"); done
     cat > "$OUT/scale/rss.json" <<EOF
 {"devices": $SCALE_N, "image_mib": $SCALE_MIB, "queues": 1, "depth": 128, "max_io": 524288,
@@ -253,13 +261,7 @@ EOF
     for i in $(seq "$SCALE_N"); do
         loop_dev "$STORE/scale$i.img"; loops+=("$LOOP"); lall+=(--name="scale$i" --filename="$LOOP")
     done
-    for rep in $(seq "$REPS"); do
-        fio_json "$OUT/scale/loop-one.$rep.json" "scale: 1 loop device" "${one[@]}" --cpus_allowed=0 \
-            --name=scale1 --filename="${loops[0]}"
-        fio_json "$OUT/scale/loop-all.$rep.json" "scale: $SCALE_N loop devices" "${one[@]}" \
-            --cpus_allowed=0-1 --cpus_allowed_policy=split "${lall[@]}"
-        log "scale loop rep $rep of $REPS done"
-    done
+    scale_reps loop- "${loops[0]}" "${lall[@]}"
     cleanup; CLEANUP=()
     rm -f "$WORK"/scale*.img
 }
