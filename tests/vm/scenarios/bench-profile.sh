@@ -8,8 +8,8 @@
 # adds the host's). Prints, per device, fio's IOPS and mean latency, then perf's report: the
 # share of samples per command, and the top symbols (kernel and user, with their callers
 # folded in) of the daemon's queue thread and of the target; then, from a second run of
-# PROFILE_SECS under `perf stat -a`, context switches and CPU migrations per I/O (under TCG a
-# switch between processes flushes the soft TLB; a switch to a kernel thread keeps the mm).
+# PROFILE_SECS under `perf stat -a`, context switches and CPU migrations per I/O (a switch
+# between processes changes the page tables; a switch to a kernel thread keeps the last mm).
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
 . /scenarios/lib-bench.sh 2>/dev/null || . "$(dirname "$0")/lib-bench.sh"
 command -v perf > /dev/null || fail "perf is not in the guest: run this through bench/profile"
