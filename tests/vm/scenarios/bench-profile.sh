@@ -32,12 +32,13 @@ dm_mirror profile-raid1 "$LOOP" /dev/nbd0
 echo 0 > /proc/sys/kernel/kptr_restrict 2>/dev/null || true
 echo -1 > /proc/sys/kernel/perf_event_paranoid 2>/dev/null || true
 
+# The profiled job (fio's arguments but the device): 4k randwrite QD1 for SECS s, a terse line.
+QD1_WRITE=(--name=p --ioengine=io_uring --direct=1 --bs=4k --rw=randwrite --iodepth=1 --numjobs=1
+    --cpus_allowed=0 --size=256M --time_based --runtime="$SECS" --output-format=terse --terse-version=3)
 profile() { # NAME DEVICE
     local name=$1 dev=$2
-    perf record -q -a -g -e cpu-clock -F 499 -o "$WORK/$name.data" -- \
-        fio --name=p --filename="$dev" --ioengine=io_uring --direct=1 --bs=4k --rw=randwrite \
-            --iodepth=1 --numjobs=1 --cpus_allowed=0 --size=256M --time_based --runtime="$SECS" \
-            --output-format=terse --terse-version=3 > "$WORK/$name.fio" 2> "$WORK/$name.perr" \
+    perf record -q -a -g -e cpu-clock -F 499 -o "$WORK/$name.data" -- fio --filename="$dev" "${QD1_WRITE[@]}" \
+        > "$WORK/$name.fio" 2> "$WORK/$name.perr" \
         || { cat "$WORK/$name.perr"; fail "perf record or fio failed on $name"; }
     awk -F';' '$1 == 3 {printf "PROFILE %s: IOPS %d, mean latency %.0f us\n", n, $49, $81}' n="$name" "$WORK/$name.fio"
     echo "PROFILE $name: samples per command (all CPUs; the idle task is the CPUs' idle time)"
@@ -53,17 +54,12 @@ profile() { # NAME DEVICE
 }
 # switches NAME DEVICE: context switches and CPU migrations per I/O, whole VM, the same fio job.
 switches() {
-    local name=$1 dev=$2
-    perf stat -a -x, -e context-switches,cpu-migrations -o "$WORK/$name.stat" -- \
-        fio --name=p --filename="$dev" --ioengine=io_uring --direct=1 --bs=4k --rw=randwrite \
-            --iodepth=1 --numjobs=1 --cpus_allowed=0 --size=256M --time_based --runtime="$SECS" \
-            --output-format=terse --terse-version=3 > "$WORK/$name.sfio" 2> "$WORK/$name.serr" \
+    local name=$1 dev=$2 ios
+    perf stat -a -x, -e context-switches,cpu-migrations -o "$WORK/$name.stat" -- fio --filename="$dev" "${QD1_WRITE[@]}" \
+        > "$WORK/$name.sfio" 2> "$WORK/$name.serr" \
         || { cat "$WORK/$name.serr"; fail "perf stat or fio failed on $name"; }
-    awk -F';' '$1 == 3 {print $49 * s}' s="$SECS" "$WORK/$name.sfio" > "$WORK/$name.ios"
-    awk -F, -v n="$name" -v ios="$(cat "$WORK/$name.ios")" '
-        $3 == "context-switches" {cs = $1} $3 == "cpu-migrations" {mg = $1}
-        END {printf "PROFILE %s: %.1f context switches and %.2f CPU migrations per I/O (%d I/Os)\n", n, cs / ios, mg / ios, ios}
-    ' "$WORK/$name.stat"
+    ios=$(awk -F';' '$1 == 3 {print $49 * s}' s="$SECS" "$WORK/$name.sfio")
+    echo "PROFILE $name: $(switches_per_io "$WORK/$name.stat" "$ios") ($ios I/Os)"
 }
 profile ublk "$ublk_dev"
 profile mirrored "$mir_dev"

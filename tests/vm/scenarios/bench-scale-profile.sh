@@ -26,35 +26,35 @@ done
 # busy_ticks: the VM's busy jiffies so far (every CPU, all but idle and iowait).
 busy_ticks() { awk '$1 == "cpu" {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 
-# measure NAME DEVICE...: the scale row's fio run on the devices given, under perf stat.
+# scale_args DEVICE...: sets FIO_ARGS to the scale row's fio run on the devices given (one
+# device: 1 job on CPU 0; more: one job each, split over CPUs 0-1), a terse line on stdout.
+scale_args() {
+    local i cpus=(--cpus_allowed=0)
+    [ $# -gt 1 ] && cpus=(--cpus_allowed=0-1 --cpus_allowed_policy=split)
+    FIO_ARGS=(--ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=32 --time_based
+        --runtime="$SECS" --group_reporting --output-format=terse --terse-version=3 "${cpus[@]}")
+    for ((i = 1; i <= $#; i++)); do FIO_ARGS+=(--name="j$i" --filename="${!i}"); done
+}
+
+# measure NAME DEVICE...: the scale row's fio run under perf stat, and the VM's busy time around it.
 measure() {
-    local name=$1 jobs=() d n=0 b0 b1 hz; shift
-    for d in "$@"; do n=$((n + 1)); jobs+=(--name="j$n" --filename="$d"); done
-    local cpus=(--cpus_allowed=0)
-    [ "$n" -gt 1 ] && cpus=(--cpus_allowed=0-1 --cpus_allowed_policy=split)
-    hz=100   # USER_HZ: /proc/stat counts in 1/100 s on Linux (no getconf in the guest)
+    local name=$1 b0 b1 ios; shift
+    scale_args "$@"
     b0=$(busy_ticks)
-    perf stat -a -x, -e context-switches,cpu-migrations -o "$WORK/$name.stat" -- \
-        fio --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=32 --time_based \
-            --runtime="$SECS" --group_reporting "${cpus[@]}" "${jobs[@]}" \
-            --output-format=terse --terse-version=3 > "$WORK/$name.fio" 2> "$WORK/$name.err" \
+    perf stat -a -x, -e context-switches,cpu-migrations -o "$WORK/$name.stat" -- fio "${FIO_ARGS[@]}" \
+        > "$WORK/$name.fio" 2> "$WORK/$name.err" \
         || { cat "$WORK/$name.err"; fail "perf stat or fio failed on $name"; }
     b1=$(busy_ticks)
-    awk -F';' '$1 == 3 {print $8 * s}' s="$SECS" "$WORK/$name.fio" > "$WORK/$name.ios"
-    awk -F, -v n="$name" -v ios="$(cat "$WORK/$name.ios")" -v busy=$(((b1 - b0))) -v hz="$hz" -v s="$SECS" '
-        $3 == "context-switches" {cs = $1} $3 == "cpu-migrations" {mg = $1}
-        END {printf "SCALEPROF %s: IOPS %d, VM CPU %.0f us per I/O, %.2f context switches and %.3f CPU migrations per I/O\n",
-                    n, ios / s, busy / hz * 1e6 / ios, cs / ios, mg / ios}
-    ' "$WORK/$name.stat"
+    ios=$(awk -F';' '$1 == 3 {print $8 * s}' s="$SECS" "$WORK/$name.fio")
+    # /proc/stat counts USER_HZ ticks, 1/100 s on Linux (no getconf in the guest).
+    awk -v n="$name" -v ios="$ios" -v busy=$((b1 - b0)) -v s="$SECS" -v sw="$(switches_per_io "$WORK/$name.stat" "$ios")" \
+        'BEGIN {printf "SCALEPROF %s: IOPS %d, VM CPU %.0f us per I/O, %s\n", n, ios / s, busy / 100 * 1e6 / ios, sw}'
 }
 
 measure "1 daemon" "${devs[0]}"
 measure "16 daemons" "${devs[@]}"
-perf record -q -a -e cpu-clock -F 499 -o "$WORK/all.data" -- \
-    fio --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=32 --time_based \
-        --runtime="$SECS" --group_reporting --cpus_allowed=0-1 --cpus_allowed_policy=split \
-        $(for i in $(seq "$N"); do echo "--name=j$i --filename=${devs[i - 1]}"; done) \
-        --output-format=terse --terse-version=3 > /dev/null 2> "$WORK/rec.err" \
+scale_args "${devs[@]}"
+perf record -q -a -e cpu-clock -F 499 -o "$WORK/all.data" -- fio "${FIO_ARGS[@]}" > /dev/null 2> "$WORK/rec.err" \
     || { cat "$WORK/rec.err"; fail "perf record failed"; }
 echo "SCALEPROF 16 daemons: samples per command (the idle task is the CPUs' idle time)"
 perf report -i "$WORK/all.data" --stdio --no-children --sort comm --percent-limit 1 2> /dev/null \

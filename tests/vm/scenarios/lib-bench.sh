@@ -96,3 +96,11 @@ dm_mirror() {
     fail "no dm block device named $name after dmsetup create"
 }
 
+# switches_per_io STATFILE IOS: "X context switches and Y CPU migrations per I/O" from the file
+# of `perf stat -x, -e context-switches,cpu-migrations -o STATFILE` over a run of IOS I/Os.
+switches_per_io() {
+    awk -F, -v ios="$2" '
+        $3 == "context-switches" {cs = $1} $3 == "cpu-migrations" {mg = $1}
+        END {printf "%.2f context switches and %.3f CPU migrations per I/O", cs / ios, mg / ios}
+    ' "$1"
+}
