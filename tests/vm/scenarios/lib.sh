@@ -69,6 +69,17 @@ ctl_get() { ctl "$1" | sed -n "s/^$2: //p"; }
 # now_ms: milliseconds since the epoch.
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
+# wait_mirror_failed SECONDS: waits (polling) until the daemon reports nbd_mirror_failed=1 and
+# prints how many milliseconds that took; returns 1 if it has not after SECONDS.
+wait_mirror_failed() {
+    local t0; t0=$(now_ms)
+    while [ "$(ctl_get stats nbd_mirror_failed)" != 1 ]; do
+        [ $(($(now_ms) - t0)) -le $(($1 * 1000)) ] || return 1
+        sleep 0.05
+    done
+    echo $(($(now_ms) - t0))
+}
+
 # median of the numbers given as arguments.
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
 

@@ -3,6 +3,8 @@
 # (nbdkit's error filter), the target stalled (SIGSTOP) past the mirror timeout. Each time fio
 # verify ends with zero errors, nbd_mirror_failed is 1, and every block where remote differs from
 # local lies inside the daemon's dirty map; a stall releases guest I/O within timeout + 2 s.
+# And the target SIGKILLed while the guest does no I/O at all: nbd_mirror_failed becomes 1 within
+# 5 s without a write to notice it, and the next write is marked out of sync.
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
 L=$WORK/local.img R=$WORK/remote.img
 
@@ -64,3 +66,19 @@ log "a write issued as the target stalled completed after $((t1 - t0)) ms (timeo
 [ $((t1 - t0)) -le 5000 ] || fail "guest I/O stalled $((t1 - t0)) ms, more than timeout + 2 s"
 check_outcome "target SIGSTOP"
 kill -CONT "$TARGET_PID"; stop_pid "$TARGET_PID"
+
+# 4. Target killed while the guest is idle: each queue reads its connection from the moment the
+#    mirror is published, so the failure shows without a write.
+make_image "$L" 64M; make_image "$R" 64M
+start_target "$R"
+start_daemon "$L" --queues 2
+mirror_to t4
+sleep 1
+[ "$(ctl_get stats nbd_mirror_failed)" = 0 ] || fail "idle: the mirror failed before its target did: $(ctl_get stats mirror.last_error)"
+stop_pid "$TARGET_PID" KILL
+ms=$(wait_mirror_failed 5) || fail "idle target SIGKILL: nbd_mirror_failed still 0 after 5 s without guest I/O"
+log "idle target SIGKILL: nbd_mirror_failed=1 after $ms ms without guest I/O ($(ctl_get stats mirror.last_error))"
+dd if=/dev/urandom of="$DEV" bs=4k count=1 seek=10 oflag=direct status=none || fail "a write after the failure failed"
+[ "$(ctl_get dirty-map dirty_bytes)" -ge 4096 ] || fail "the write after the idle failure is not marked out of sync"
+ctl mirror-stop > /dev/null
+stop_daemon

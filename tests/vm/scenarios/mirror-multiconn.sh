@@ -6,7 +6,8 @@
 #     off the legs must diverge (the test has teeth);
 #  2. 1 connection for 2 queues: the same load, remote == local;
 #  3. one of the two connections killed mid-run (its own server SIGKILLed): mirror failed, fio
-#     verify clean, every differing block inside the dirty map;
+#     verify clean, every differing block inside the dirty map; and queue 1's connection killed
+#     while the guest is idle: the mirror fails within 5 s without a write;
 #  4. one connection stalled (its server SIGSTOPped): guest I/O resumes within the timeout + 2 s;
 #  5. a target without CAN_MULTI_CONN: 2 connections are refused with the reason, 1 works;
 #  6. SIGKILL of a daemon mirroring over 2 connections, then `recover`: the state file named both
@@ -103,6 +104,21 @@ ctl mirror-start k.0 k.1 --export disk > /dev/null || fail "mirror-start over tw
 fio_bg 10; sleep 4
 stop_pid "$NKB" KILL
 check_failed "connection 1 of 2 killed"
+stop_pid "$NKA"
+
+# 3b. Queue 1's connection killed while the guest is idle: queue 1 reads it from the start.
+make_image "$L" 64M; make_image "$R" 64M
+two_servers
+start_daemon "$L" --queues 2
+hand_two i
+ctl mirror-start i.0 i.1 --export disk > /dev/null || fail "mirror-start over two servers failed"
+sleep 1
+[ "$(ctl_get stats nbd_mirror_failed)" = 0 ] || fail "idle: the mirror failed before a server did: $(ctl_get stats mirror.last_error)"
+stop_pid "$NKB" KILL
+ms=$(wait_mirror_failed 5) || fail "idle, connection 1 of 2 killed: nbd_mirror_failed still 0 after 5 s"
+log "idle, connection 1 of 2 killed: nbd_mirror_failed=1 after $ms ms without guest I/O ($(ctl_get stats mirror.last_error))"
+ctl mirror-stop > /dev/null
+stop_daemon
 stop_pid "$NKA"
 
 # 4. One connection stalled: a write issued during the stall completes within timeout + 2 s.

@@ -211,9 +211,12 @@ impl DeviceSwitches {
 pub struct MirrorSwitches(Arc<IoPath>);
 
 impl MirrorSwitches {
-    /// Publishes (or, with `None`, withdraws) the mirror every request loads.
+    /// Publishes (or, with `None`, withdraws) the mirror every request loads, and rings every
+    /// doorbell: each queue that owns a connection of a new mirror starts it then, so its
+    /// receive watches the target even while the guest does no writes.
     pub fn set_mirror(&self, mirror: Option<Arc<Mirror>>) {
         self.0.mirror.store(mirror);
+        self.0.mail.ring_all();
     }
 
     /// From now on, for good, writes that no mirror takes mark themselves out of sync.

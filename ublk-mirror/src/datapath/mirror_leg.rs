@@ -1,6 +1,7 @@
-//! A queue's side of the mirror leg: the connection it drives on its own ring (created when
-//! the queue first meets a new mirror), or the forwarding hop to the queue that owns one
-//! (`mirror/link.rs` says who owns what).
+//! A queue's side of the mirror leg: the connection it drives on its own ring (started when
+//! the queue first meets a new mirror: its doorbell or its first write, whichever comes
+//! first), or the forwarding hop to the queue that owns one (`mirror/link.rs` says who owns
+//! what).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -88,14 +89,18 @@ impl QueueMirror {
         }
     }
 
-    /// On the doorbell: sends what other queues and the copy workers forwarded to this
-    /// queue's connection, each as its own task; its outcome goes back to the forwarder.
+    /// On the doorbell: starts this queue's connection if it has not met the mirror yet
+    /// (publishing a mirror rings every doorbell, so its receive watches the target from the
+    /// start: a target that dies or misbehaves while the guest is idle, or only reads, fails
+    /// the mirror at once, not at the next write), then sends what other queues and the copy
+    /// workers forwarded to it, each as its own task; its outcome goes back to the forwarder.
     pub(super) fn serve_forwarded(self: &Rc<Self>, m: &Arc<Mirror>) {
         let Route::Own(c) = m.route(self.qid) else {
             return;
         };
+        let own = self.own(m, c);
         while let Some(f) = m.take_forwarded(c) {
-            let Some(conn) = self.own(m, c) else {
+            let Some(conn) = own.clone() else {
                 // Never sent: its data can go.
                 m.finish_forwarded(f.reply_to, f.tag, Outcome::Failed);
                 continue;

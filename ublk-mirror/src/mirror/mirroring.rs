@@ -176,8 +176,8 @@ impl Mirroring {
 
     /// Publishes an attached target and starts the copy `target.plan` asks for; returns once
     /// the mirror is active (every write that started local-only has completed and marked
-    /// itself out of sync, or 30 s have passed). The connections are driven by the queues'
-    /// rings from their first request.
+    /// itself out of sync, or 30 s have passed). Each connection is driven by its owner
+    /// queue's ring, started when the publish rings that queue's doorbell.
     pub fn begin(&self, attached: Attached, target: MirrorTarget<'_>) -> Arc<Mirror> {
         let (io, al_mode) = (Arc::downgrade(&self.io), self.al_mode.clone());
         let events = self.events.clone();
