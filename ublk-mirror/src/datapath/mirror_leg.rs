@@ -94,7 +94,7 @@ impl QueueMirror {
     /// start: a target that dies or misbehaves while the guest is idle, or only reads, fails
     /// the mirror at once, not at the next write), then sends what other queues and the copy
     /// workers forwarded to it, each as its own task; its outcome goes back to the forwarder.
-    pub(super) fn serve_forwarded(self: &Rc<Self>, m: &Arc<Mirror>) {
+    pub(super) fn on_doorbell(self: &Rc<Self>, m: &Arc<Mirror>) {
         let Route::Own(c) = m.route(self.qid) else {
             return;
         };

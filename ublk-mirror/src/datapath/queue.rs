@@ -155,7 +155,7 @@ async fn doorbell(io: Arc<IoPath>, qid: u16, parked: Rc<Waiters>, mirror: Rc<Que
             parked.deliver(tag, outcome);
         }
         if let Some(m) = io.mirror() {
-            mirror.serve_forwarded(&m);
+            mirror.on_doorbell(&m);
         }
         parked.wake_all();
         if res < 0 && res != -libc::EAGAIN && res != -libc::EINTR {
