@@ -73,11 +73,7 @@ make_image "$L" 64M; make_image "$R" 64M
 start_target "$R"
 start_daemon "$L" --queues 2
 mirror_to t4
-sleep 1
-[ "$(ctl_get stats nbd_mirror_failed)" = 0 ] || fail "idle: the mirror failed before its target did: $(ctl_get stats mirror.last_error)"
-stop_pid "$TARGET_PID" KILL
-ms=$(wait_mirror_failed 5) || fail "idle target SIGKILL: nbd_mirror_failed still 0 after 5 s without guest I/O"
-log "idle target SIGKILL: nbd_mirror_failed=1 after $ms ms without guest I/O ($(ctl_get stats mirror.last_error))"
+idle_kill_fails "idle target SIGKILL" "$TARGET_PID"
 dd if=/dev/urandom of="$DEV" bs=4k count=1 seek=10 oflag=direct status=none || fail "a write after the failure failed"
 [ "$(ctl_get dirty-map dirty_bytes)" -ge 4096 ] || fail "the write after the idle failure is not marked out of sync"
 ctl mirror-stop > /dev/null
