@@ -39,6 +39,20 @@ scale_args() {
     for ((i = 1; i <= $#; i++)); do FIO_ARGS+=(--name="j$i" --filename="${!i}"); done
 }
 
+# fio_ios FILE: the I/Os (reads) of the terse fio run in FILE.
+fio_ios() { awk -F';' '$1 == 3 {print $8 * s}' s="$SECS" "$1"; }
+
+# case_devs CASE: sets CASE_DEVS to the devices of CASE (one of CASES).
+case_devs() {
+    case $1 in
+        "1 daemon") CASE_DEVS=("${devs[0]}") ;;
+        "16 daemons") CASE_DEVS=("${devs[@]}") ;;
+        "1 loop") CASE_DEVS=("${loops[0]}") ;;
+        "16 loops") CASE_DEVS=("${loops[@]}") ;;
+        *) fail "unknown case $1" ;;
+    esac
+}
+
 # measure NAME DEVICE...: the scale row's fio run under perf stat, and the VM's busy time around
 # it; sets IOPS.
 measure() {
@@ -49,11 +63,11 @@ measure() {
         > "$WORK/$name.fio" 2> "$WORK/$name.err" \
         || { cat "$WORK/$name.err"; fail "perf stat or fio failed on $name"; }
     b1=$(busy_ticks)
-    ios=$(awk -F';' '$1 == 3 {print $8 * s}' s="$SECS" "$WORK/$name.fio")
+    ios=$(fio_ios "$WORK/$name.fio")
     IOPS=$((ios / SECS))
     # /proc/stat counts USER_HZ ticks, 1/100 s on Linux (no getconf in the guest).
-    awk -v n="$name" -v ios="$ios" -v busy=$((b1 - b0)) -v s="$SECS" -v sw="$(switches_per_io "$WORK/$name.stat" "$ios")" \
-        'BEGIN {printf "SCALEPROF %s: IOPS %d, VM CPU %.0f us per I/O, %s\n", n, ios / s, busy / 100 * 1e6 / ios, sw}'
+    awk -v n="$name" -v ios="$ios" -v iops="$IOPS" -v busy=$((b1 - b0)) -v sw="$(switches_per_io "$WORK/$name.stat" "$ios")" \
+        'BEGIN {printf "SCALEPROF %s: IOPS %d, VM CPU %.0f us per I/O, %s\n", n, iops, busy / 100 * 1e6 / ios, sw}'
 }
 
 loops=()
@@ -67,12 +81,8 @@ r_daemons=() r_loops=() r_vs=()
 for ((rep = 0; rep < REPS; rep++)); do
     for ((k = 0; k < ${#CASES[@]}; k++)); do
         c=${CASES[(k + rep) % ${#CASES[@]}]}
-        case $c in
-            "1 daemon") measure "rep $rep, $c" "${devs[0]}" ;;
-            "16 daemons") measure "rep $rep, $c" "${devs[@]}" ;;
-            "1 loop") measure "rep $rep, $c" "${loops[0]}" ;;
-            "16 loops") measure "rep $rep, $c" "${loops[@]}" ;;
-        esac
+        case_devs "$c"
+        measure "rep $rep, $c" "${CASE_DEVS[@]}"
         iops[$c]=$IOPS
     done
     r_daemons+=("$(ratio "${iops[16 daemons]}" "${iops[1 daemon]}")")
@@ -90,7 +100,7 @@ record() {
     scale_args "$@"
     perf record -q -a -e cpu-clock -F 499 -o "$WORK/rec.data" -- fio "${FIO_ARGS[@]}" > "$WORK/rec.fio" 2> "$WORK/rec.err" \
         || { cat "$WORK/rec.err"; fail "perf record failed on $name"; }
-    ios=$(awk -F';' '$1 == 3 {print $8 * s}' s="$SECS" "$WORK/rec.fio")
+    ios=$(fio_ios "$WORK/rec.fio")
     echo "SCALEPROF $name under perf record: IOPS $((ios / SECS)); CPU us per I/O by command, then by command and symbol (the idle task is idle time)"
     for sort in comm comm,dso,sym; do
         perf report -i "$WORK/rec.data" --stdio --no-children -n --sort "$sort" --percent-limit 0.7 2> /dev/null \
@@ -98,6 +108,4 @@ record() {
             | head -n 18 || true
     done
 }
-record "1 daemon" "${devs[0]}"
-record "16 daemons" "${devs[@]}"
-record "16 loops" "${loops[@]}"
+for c in "1 daemon" "16 daemons" "16 loops"; do case_devs "$c"; record "$c" "${CASE_DEVS[@]}"; done
