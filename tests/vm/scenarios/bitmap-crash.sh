@@ -22,12 +22,8 @@ head -c 16M /dev/urandom | dd of="$DEV" bs=1M seek=100 oflag=direct status=none
 # The mirrored writes (fio's, and any in flight when the target died) logged their extents in
 # the activity log. Once the failed mirror's last write has ended the daemon clears the log:
 # wait for that state, not for a cleaning on a timer, so that the crash adds nothing.
-t0=$(now_ms)
-until [ "$(ctl_get stats mirror.activity_log_extents)" = 0 ]; do
-    [ $(( $(now_ms) - t0 )) -lt 30000 ] || fail "activity log not empty 30 s after the mirror failed"
-    sleep 0.05
-done
-log "activity log empty $(( $(now_ms) - t0 )) ms after the local-only writes"
+ms=$(wait_stat mirror.activity_log_extents 0 30000) || fail "activity log not empty 30 s after the mirror failed"
+log "activity log empty $ms ms after the local-only writes"
 before=$(ctl_get dirty-map dirty_bytes)
 [ "$before" -ge $((16 << 20)) ] || fail "local-only writes not in the bitmap ($before bytes)"
 stop_pid "$DAEMON_PID" KILL

@@ -69,19 +69,26 @@ ctl_get() { ctl "$1" | sed -n "s/^$2: //p"; }
 # now_ms: milliseconds since the epoch.
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
+# wait_stat KEY VALUE MS: polls the daemon's `stats` until KEY reads VALUE and prints how many
+# milliseconds that took; returns 1 if it has not within MS.
+wait_stat() {
+    local t0; t0=$(now_ms)
+    until [ "$(ctl_get stats "$1")" = "$2" ]; do
+        [ $(($(now_ms) - t0)) -lt "$3" ] || return 1
+        sleep 0.05
+    done
+    echo $(($(now_ms) - t0))
+}
+
 # idle_kill_fails WHAT PID: with the mirror active and the guest doing no I/O, SIGKILLs PID (a
 # target's server) and requires nbd_mirror_failed=1 within 5 s, without a write to notice it.
 idle_kill_fails() {
-    local what=$1 t0
+    local what=$1 ms
     sleep 1
     [ "$(ctl_get stats nbd_mirror_failed)" = 0 ] || fail "$what: the mirror failed before its target did: $(ctl_get stats mirror.last_error)"
     stop_pid "$2" KILL
-    t0=$(now_ms)
-    until [ "$(ctl_get stats nbd_mirror_failed)" = 1 ]; do
-        [ $(($(now_ms) - t0)) -le 5000 ] || fail "$what: nbd_mirror_failed still 0 after 5 s without guest I/O"
-        sleep 0.05
-    done
-    log "$what: nbd_mirror_failed=1 after $(($(now_ms) - t0)) ms without guest I/O ($(ctl_get stats mirror.last_error))"
+    ms=$(wait_stat nbd_mirror_failed 1 5000) || fail "$what: nbd_mirror_failed still 0 after 5 s without guest I/O"
+    log "$what: nbd_mirror_failed=1 after $ms ms without guest I/O ($(ctl_get stats mirror.last_error))"
 }
 
 # median of the numbers given as arguments.
