@@ -26,6 +26,7 @@ mod fd_store;
 mod golden_tests;
 mod lock;
 mod mirror;
+mod queue_ring;
 mod run_dir;
 mod stop;
 

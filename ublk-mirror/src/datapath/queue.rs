@@ -34,6 +34,7 @@ use crate::datapath::request::Request;
 use crate::datapath::stats::InFlight;
 use crate::datapath::tag::TagContext;
 use crate::datapath::waiters::{wait_until, Waiters};
+use crate::queue_ring::{init_queue_ring, run_deferred_work, RingMode};
 use crate::stop::StopReason;
 
 /// What every queue thread needs from the daemon: the data path's handle and where to ask
@@ -52,7 +53,7 @@ impl QueueContext {
 
 /// The queue thread's body: serve `qid` until the device stops.
 pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
-    let queue = match UblkQueue::new(qid, dev) {
+    let queue = match open_queue(qid, dev) {
         Ok(q) => Rc::new(q),
         Err(e) => {
             log::error!("queue {qid}: cannot set up: {e}");
@@ -116,10 +117,17 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
 
     let driver = exe.clone();
     smol::block_on(exe.run(async {
-        let run_ready_tasks = || loop {
-            let ran_tag_task = driver.try_tick();
-            if !mirror_exe.try_tick() && !ran_tag_task {
-                break;
+        let run_ready_tasks = || {
+            loop {
+                let ran_tag_task = driver.try_tick();
+                if !mirror_exe.try_tick() && !ran_tag_task {
+                    break;
+                }
+            }
+            // Stopping, libublk's loop no longer waits, and so no longer runs the deferred
+            // completions the last tasks wait for (`queue_ring.rs`).
+            if queue.is_stopping() {
+                run_deferred_work();
             }
         };
         let all_done = || tasks.iter().all(|t| t.is_finished());
@@ -136,6 +144,15 @@ pub fn run_queue(qid: u16, dev: &UblkDev, ctx: &QueueContext) {
     // delete --force`), the daemon must follow: it holds the char device until it exits.
     log::debug!("queue {qid}: stopped");
     ctx.stop(StopReason::QueueStopped(qid));
+}
+
+/// The queue's ring (`queue_ring.rs`), then libublk's queue on it.
+fn open_queue(qid: u16, dev: &UblkDev) -> Result<UblkQueue<'_>, UblkError> {
+    let (sq, cq) = (u32::from(dev.tgt.sq_depth), u32::from(dev.tgt.cq_depth));
+    if init_queue_ring(sq, cq)? == RingMode::Cooperative {
+        log::warn!("queue {qid}: this kernel has no DEFER_TASKRUN io_uring: served without it");
+    }
+    UblkQueue::new(qid, dev)
 }
 
 /// Reads the queue's eventfd on the queue's ring. Each ring: delivers the forwarded mirror

@@ -10,8 +10,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use io_uring::IoUring;
-
 use crate::mirror::link::Mirror;
 use crate::mirror::ring_conn::RingConn;
 
@@ -42,14 +40,8 @@ pub fn own_connections(current: impl Fn() -> Option<Arc<Mirror>> + Send + 'stati
 }
 
 fn drive(current: &dyn Fn() -> Option<Arc<Mirror>>, stop: &AtomicBool) {
-    libublk::io::ublk_init_task_ring(|cell| {
-        let ring = IoUring::builder()
-            .build(256)
-            .map_err(libublk::UblkError::IOError)?;
-        let _ = cell.set(std::cell::RefCell::new(ring));
-        Ok(())
-    })
-    .expect("ring");
+    // The queues' own kind of ring, so the tests drive the connections as the queues do.
+    crate::queue_ring::init_queue_ring(256, 512).expect("ring");
     let exe = smol::LocalExecutor::new();
     let mut conns: HashMap<(u64, usize), Rc<RingConn>> = HashMap::new();
     while !stop.load(Ordering::SeqCst) {
