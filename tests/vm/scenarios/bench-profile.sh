@@ -1,15 +1,16 @@
 #!/bin/bash
-# Benchmark (run by bench/profile, not by the test command): where a mirrored QD1 write's time
+# Benchmark (run by bench/profile, not by the test command): where a mirrored write's time
 # goes. A 1-queue mirrored device (nbd-proxy serve in this VM as the target), beside it the same
 # device unmirrored, and the kernel's own mirror (dm-raid1 over a direct-io loop device and
 # kernel nbd to the same target); local images on ext4 over null_blk as in bench-matrix
-# (lib-bench.sh). 4k randwrite QD1 on each for PROFILE_SECS (15) s while
+# (lib-bench.sh). 4k randwrite QD1 (or PROFILE_JOB) on each for PROFILE_SECS (15) s while
 # `perf record -a -g -e cpu-clock` samples every CPU (needs perf in the guest: bench/profile
-# adds the host's). Prints, per device, fio's IOPS and mean latency, then perf's report: the
-# share of samples per command, and the top symbols (kernel and user, with their callers
-# folded in) of the daemon's queue thread and of the target; then, from a second run of
-# PROFILE_SECS under `perf stat -a`, context switches and CPU migrations per I/O (a switch
-# between processes changes the page tables; a switch to a kernel thread keeps the last mm).
+# adds the host's). Prints, per device, fio's IOPS (reads and writes) and mean write latency,
+# then perf's report: the share of samples per command, and the top symbols (kernel and user,
+# with their callers folded in) of the daemon's queue thread and of the target; then, from a
+# second run of PROFILE_SECS under `perf stat -a`, context switches and CPU migrations per I/O
+# (a switch between processes changes the page tables; a switch to a kernel thread keeps the
+# last mm).
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
 . /scenarios/lib-bench.sh 2>/dev/null || . "$(dirname "$0")/lib-bench.sh"
 command -v perf > /dev/null || fail "perf is not in the guest: run this through bench/profile"
@@ -32,15 +33,24 @@ dm_mirror profile-raid1 "$LOOP" /dev/nbd0
 echo 0 > /proc/sys/kernel/kptr_restrict 2>/dev/null || true
 echo -1 > /proc/sys/kernel/perf_event_paranoid 2>/dev/null || true
 
-# The profiled job (fio's arguments but the device): 4k randwrite QD1 for SECS s, a terse line.
-QD1_WRITE=(--name=p --ioengine=io_uring --direct=1 --bs=4k --rw=randwrite --iodepth=1 --numjobs=1
+# The profiled job (fio's arguments but the device) for SECS s, a terse line: PROFILE_JOB picks
+# one of bench-matrix's write jobs, 4k randwrite QD1 by default.
+case ${PROFILE_JOB:-randwrite-4k-qd1} in
+    randwrite-4k-qd1) shape=(--rw=randwrite --bs=4k --iodepth=1) ;;
+    randwrite-4k-qd32) shape=(--rw=randwrite --bs=4k --iodepth=32) ;;
+    randrw-64k-qd16) shape=(--rw=randrw --bs=64k --iodepth=16) ;;
+    write-1m-qd8) shape=(--rw=write --bs=1M --iodepth=8) ;;
+    *) fail "PROFILE_JOB=$PROFILE_JOB: one of randwrite-4k-qd1, randwrite-4k-qd32, randrw-64k-qd16, write-1m-qd8" ;;
+esac
+echo "PROFILE job: ${PROFILE_JOB:-randwrite-4k-qd1} (${shape[*]}), $SECS s per device"
+JOB=(--name=p --ioengine=io_uring --direct=1 "${shape[@]}" --numjobs=1
     --cpus_allowed=0 --size=256M --time_based --runtime="$SECS" --output-format=terse --terse-version=3)
 profile() { # NAME DEVICE
     local name=$1 dev=$2
-    perf record -q -a -g -e cpu-clock -F 499 -o "$WORK/$name.data" -- fio --filename="$dev" "${QD1_WRITE[@]}" \
+    perf record -q -a -g -e cpu-clock -F 499 -o "$WORK/$name.data" -- fio --filename="$dev" "${JOB[@]}" \
         > "$WORK/$name.fio" 2> "$WORK/$name.perr" \
         || { cat "$WORK/$name.perr"; fail "perf record or fio failed on $name"; }
-    awk -F';' '$1 == 3 {printf "PROFILE %s: IOPS %d, mean latency %.0f us\n", n, $49, $81}' n="$name" "$WORK/$name.fio"
+    awk -F';' '$1 == 3 {printf "PROFILE %s: IOPS %d, mean write latency %.0f us\n", n, $8 + $49, $81}' n="$name" "$WORK/$name.fio"
     echo "PROFILE $name: samples per command (all CPUs; the idle task is the CPUs' idle time)"
     perf report -i "$WORK/$name.data" --stdio --no-children -g none --sort comm --percent-limit 1 2> /dev/null \
         | grep -v '^#' | grep -v '^$' | sed "s/^/PROFILE $name   /" | head -n 12
@@ -55,10 +65,10 @@ profile() { # NAME DEVICE
 # switches NAME DEVICE: context switches and CPU migrations per I/O, whole VM, the same fio job.
 switches() {
     local name=$1 dev=$2 ios
-    perf stat -a -x, -e context-switches,cpu-migrations -o "$WORK/$name.stat" -- fio --filename="$dev" "${QD1_WRITE[@]}" \
+    perf stat -a -x, -e context-switches,cpu-migrations -o "$WORK/$name.stat" -- fio --filename="$dev" "${JOB[@]}" \
         > "$WORK/$name.sfio" 2> "$WORK/$name.serr" \
         || { cat "$WORK/$name.serr"; fail "perf stat or fio failed on $name"; }
-    ios=$(awk -F';' '$1 == 3 {print $49 * s}' s="$SECS" "$WORK/$name.sfio")
+    ios=$(awk -F';' '$1 == 3 {print ($8 + $49) * s}' s="$SECS" "$WORK/$name.sfio")
     echo "PROFILE $name: $(switches_per_io "$WORK/$name.stat" "$ios") ($ios I/Os)"
 }
 profile ublk "$ublk_dev"
