@@ -33,7 +33,7 @@
 #   every other device counts as 1 queue, one submitter (kernel loop and nbd are multi-queue
 #       inside, dm-raid1 and rublk have one submitter here): --numjobs=1 --cpus_allowed=0;
 #   the QD1 job: --numjobs=1 --cpus_allowed=0 on every device.
-# --group_reporting sums the jobs. Jobs: see JOBS below. Every job runs BENCH_REPS times with the
+# --group_reporting sums the jobs. Jobs: see MATRIX_JOBS in lib-bench.sh. Every job runs BENCH_REPS times with the
 # devices interleaved (loop ublk ... loop ublk ...) after one warm-up per device, so rep i of
 # one device pairs with rep i of another.
 #
@@ -141,14 +141,7 @@ for d in "${ORDER[@]}"; do
     log "  $d: ${DEVS[$d]}"
 done
 
-# name -> "rw block-size total-queue-depth"
-declare -A JOBS=(
-    [randread-4k-qd32]="randread 4k 32"
-    [randwrite-4k-qd32]="randwrite 4k 32"
-    [randwrite-4k-qd1]="randwrite 4k 1"
-    [randrw-64k-qd16]="randrw 64k 16"
-    [write-1m-qd8]="write 1M 8"
-)
+# The jobs: MATRIX_JOBS (lib-bench.sh).
 JOB_ORDER=(randread-4k-qd32 randwrite-4k-qd32 randwrite-4k-qd1 randrw-64k-qd16 write-1m-qd8)
 # Queues of each device for the submitter rule (header); every device not named has 1.
 declare -A QUEUES=([ublk-q2]=2 [mirrored-q2]=2)
@@ -156,7 +149,7 @@ declare -A QUEUES=([ublk-q2]=2 [mirrored-q2]=2)
 # job_args DEVICE JOB: the fio arguments of JOB on DEVICE under the submitter rule.
 job_args() {
     local rw bs qd q
-    read -r rw bs qd <<< "${JOBS[$2]}"
+    read -r rw bs qd <<< "${MATRIX_JOBS[$2]}"
     q=${QUEUES[$1]:-1}
     [ "$qd" = 1 ] && q=1
     if [ "$q" = 1 ]; then

@@ -34,15 +34,12 @@ echo 0 > /proc/sys/kernel/kptr_restrict 2>/dev/null || true
 echo -1 > /proc/sys/kernel/perf_event_paranoid 2>/dev/null || true
 
 # The profiled job (fio's arguments but the device) for SECS s, a terse line: PROFILE_JOB picks
-# one of bench-matrix's write jobs, 4k randwrite QD1 by default.
-case ${PROFILE_JOB:-randwrite-4k-qd1} in
-    randwrite-4k-qd1) shape=(--rw=randwrite --bs=4k --iodepth=1) ;;
-    randwrite-4k-qd32) shape=(--rw=randwrite --bs=4k --iodepth=32) ;;
-    randrw-64k-qd16) shape=(--rw=randrw --bs=64k --iodepth=16) ;;
-    write-1m-qd8) shape=(--rw=write --bs=1M --iodepth=8) ;;
-    *) fail "PROFILE_JOB=$PROFILE_JOB: one of randwrite-4k-qd1, randwrite-4k-qd32, randrw-64k-qd16, write-1m-qd8" ;;
-esac
-echo "PROFILE job: ${PROFILE_JOB:-randwrite-4k-qd1} (${shape[*]}), $SECS s per device"
+# one of bench-matrix's jobs (MATRIX_JOBS), 4k randwrite QD1 by default, on one submitter.
+job=${PROFILE_JOB:-randwrite-4k-qd1}
+[ -n "${MATRIX_JOBS[$job]:-}" ] || fail "PROFILE_JOB=$job: one of ${!MATRIX_JOBS[*]}"
+read -r rw bs qd <<< "${MATRIX_JOBS[$job]}"
+shape=(--rw="$rw" --bs="$bs" --iodepth="$qd")
+echo "PROFILE job: $job (${shape[*]}), $SECS s per device"
 JOB=(--name=p --ioengine=io_uring --direct=1 "${shape[@]}" --numjobs=1
     --cpus_allowed=0 --size=256M --time_based --runtime="$SECS" --output-format=terse --terse-version=3)
 profile() { # NAME DEVICE

@@ -1,5 +1,15 @@
 # Helpers of the benchmark scenarios (bench-*.sh), sourced after lib.sh: where the devices' local
 # images live, and the kernel's own mirror (dm-raid1 over loop and kernel nbd) to compare with.
+# The matrix's jobs, name -> "rw block-size total-queue-depth" (bench-matrix runs them all;
+# bench-profile one of the writes).
+declare -A MATRIX_JOBS=(
+    [randread-4k-qd32]="randread 4k 32"
+    [randwrite-4k-qd32]="randwrite 4k 32"
+    [randwrite-4k-qd1]="randwrite 4k 1"
+    [randrw-64k-qd16]="randrw 64k 16"
+    [write-1m-qd8]="write 1M 8"
+)
+
 # Each helper that sets something up appends its undo to the scenario's CLEANUP array (the
 # scenario's EXIT trap runs it in reverse), so none is called in a command substitution.
 
