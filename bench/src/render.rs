@@ -37,6 +37,11 @@ fn machine_line(m: &Matrix, host: &str) -> String {
             "the devices' images on ext4 on a memory-backed null_blk device completing every \
              I/O inline, the target's exports on the guest's tmpfs"
         }
+        Some("ext4-irq") => {
+            "the devices' images on ext4 on a memory-backed null_blk device completing every \
+             I/O from a timer interrupt 20 µs after it was issued (as a disk completes from \
+             its interrupt), the target's exports on the guest's tmpfs"
+        }
         _ => "images on the guest's tmpfs",
     };
     format!(
