@@ -8,7 +8,8 @@
 #   ublk        ublk-mirror, 1 queue, unmirrored
 #   ublk-q2     ublk-mirror, 2 queues, unmirrored
 #   rublk       rublk's loop target (default options: 1 queue, depth 128, direct I/O) (needs
-#               /usr/local/bin/rublk: bench/run puts it there)
+#               /usr/local/bin/rublk: bench/run puts it there), its threads moved to the last
+#               CPU, where ublk-mirror's 1-queue devices serve (placement.rs)
 #   mirrored    ublk-mirror, 1 queue, mirroring over 1 connection to nbd-proxy serve in this VM
 #               (export "disk")
 #   dm-raid1    device-mapper mirror of a direct-io loop device and /dev/nbd0, attached with
@@ -104,6 +105,13 @@ CLEANUP+=("rublk del -n 40; wait $RUBLK_PID")
 for _ in $(seq 100); do [ -b /dev/ublkb40 ] && break; kill -0 $RUBLK_PID 2>/dev/null || break; sleep 0.1; done
 [ -b /dev/ublkb40 ] || { cat "$WORK/rublk.out"; fail "rublk did not create /dev/ublkb40"; }
 DEVS[rublk]=/dev/ublkb40
+# libublk pins rublk's queue thread to a CPU picked at random from the queue's mask (all CPUs
+# for 1 queue), so from one matrix to the next it served on fio's CPU 0 or away from it, and
+# rublk / loop swung from 0.53 to 1.11 on 4k randread. Its threads go where ublk-mirror's
+# 1-queue devices serve (device 0: the last CPU), so ublk / rublk compares the two servers.
+taskset -a -p -c "$(( $(nproc) - 1 ))" "$RUBLK_PID" > "$WORK/rublk-taskset.out" 2>&1 \
+    || { cat "$WORK/rublk-taskset.out"; fail "cannot move rublk's threads to CPU $(( $(nproc) - 1 ))"; }
+log "  rublk's threads: $(for t in /proc/$RUBLK_PID/task/*; do printf '%s ' "$(taskset -c -p "${t##*/}" | sed 's/.*: //')"; done)(CPUs)"
 
 # One nbd-proxy serve (it advertises CAN_MULTI_CONN) with an export per mirror on identical
 # images: "disk" (mirrored), "dmr" (dm-raid1), "mq2" (mirrored-q2), "dmr2" (dm-raid1-c2), "bm"
