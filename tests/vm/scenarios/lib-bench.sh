@@ -29,8 +29,8 @@ declare -A MATRIX_JOBS=(
 # and so through ext4's dio workqueue: a kworker wake-up and 2 context switches per write that
 # loop does not pay here. (Issue 13, stop 30: a daemon built to issue each write alone in its
 # io_uring_enter ran 1.30x and 1.43x the 4k randwrite QD32 IOPS on this store in two VM runs,
-# with 0.12 context switches per write instead of 1.9, and 0.64x on ext4-irq: not a change to
-# make for disks.) From an interrupt, every write of loop and of the daemon takes that hop.
+# with 0.12 context switches per write instead of 1.9, and 0.64x on ext4-irq (there with both
+# builds on fio's CPU): not a change to make for disks.) From an interrupt, every write of loop and of the daemon takes that hop.
 bench_store() {
     case ${BENCH_STORAGE:-ext4} in
         tmpfs) STORE=$WORK ;;
