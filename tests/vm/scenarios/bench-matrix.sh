@@ -109,8 +109,9 @@ DEVS[rublk]=/dev/ublkb40
 # for 1 queue), so from one matrix to the next it served on fio's CPU 0 or away from it, and
 # rublk / loop swung from 0.53 to 1.11 on 4k randread. Its threads go where ublk-mirror's
 # 1-queue devices serve (device 0: the last CPU), so ublk / rublk compares the two servers.
-taskset -a -p -c "$(( $(nproc) - 1 ))" "$RUBLK_PID" > "$WORK/rublk-taskset.out" 2>&1 \
-    || { cat "$WORK/rublk-taskset.out"; fail "cannot move rublk's threads to CPU $(( $(nproc) - 1 ))"; }
+rublk_cpu=$(( $(nproc) - 1 ))
+taskset -a -p -c "$rublk_cpu" "$RUBLK_PID" > "$WORK/rublk-taskset.out" 2>&1 \
+    || { cat "$WORK/rublk-taskset.out"; fail "cannot move rublk's threads to CPU $rublk_cpu"; }
 log "  rublk's threads: $(for t in /proc/$RUBLK_PID/task/*; do printf '%s ' "$(taskset -c -p "${t##*/}" | sed 's/.*: //')"; done)(CPUs)"
 
 # One nbd-proxy serve (it advertises CAN_MULTI_CONN) with an export per mirror on identical

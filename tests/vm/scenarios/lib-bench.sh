@@ -1,7 +1,7 @@
 # Helpers of the benchmark scenarios (bench-*.sh), sourced after lib.sh: where the devices' local
 # images live, and the kernel's own mirror (dm-raid1 over loop and kernel nbd) to compare with.
 # The matrix's jobs, name -> "rw block-size total-queue-depth" (bench-matrix runs them all;
-# bench-profile one of the writes).
+# bench-profile the one PROFILE_JOB names).
 declare -A MATRIX_JOBS=(
     [randread-4k-qd32]="randread 4k 32"
     [randwrite-4k-qd32]="randwrite 4k 32"
@@ -30,7 +30,8 @@ declare -A MATRIX_JOBS=(
 # loop does not pay here. (Issue 13, stop 30: a daemon built to issue each write alone in its
 # io_uring_enter ran 1.30x and 1.43x the 4k randwrite QD32 IOPS on this store in two VM runs,
 # with 0.12 context switches per write instead of 1.9, and 0.64x on ext4-irq (there with both
-# builds on fio's CPU): not a change to make for disks.) From an interrupt, every write of loop and of the daemon takes that hop.
+# builds on fio's CPU): not a change to make for disks.) From an interrupt, every write of
+# loop and of the daemon takes that hop.
 bench_store() {
     case ${BENCH_STORAGE:-ext4} in
         tmpfs) STORE=$WORK ;;
