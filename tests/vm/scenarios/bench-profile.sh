@@ -10,7 +10,9 @@
 # with their callers folded in) of the daemon's queue thread and of the target; then, from a
 # second run of PROFILE_SECS under `perf stat -a`, context switches and CPU migrations per I/O
 # (a switch between processes changes the page tables; a switch to a kernel thread keeps the
-# last mm).
+# last mm). PROFILE_DEVICES names the devices profiled, in order and comma-separated (default
+# ublk,mirrored,dm-raid1); rublk adds rublk's loop target (needs rublk in the guest, as bench/profile
+# adds it) with its threads on the CPU where ublk serves, as in bench-matrix.
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
 . /scenarios/lib-bench.sh 2>/dev/null || . "$(dirname "$0")/lib-bench.sh"
 command -v perf > /dev/null || fail "perf is not in the guest: run this through bench/profile"
@@ -18,7 +20,7 @@ SECS=${PROFILE_SECS:-15}
 CLEANUP=()
 trap 'for ((i = ${#CLEANUP[@]} - 1; i >= 0; i--)); do eval "${CLEANUP[i]}" > /dev/null 2>&1 || true; done' EXIT
 make_image "$WORK/remote.img" 256M; make_image "$WORK/dmr-remote.img" 256M
-bench_store profstore $((3 * 256 + 128))
+bench_store profstore $((4 * 256 + 128))   # ublk, mirrored, dm-raid1 and rublk images
 start_target "$WORK/remote.img" --export "dmr=$WORK/dmr-remote.img"
 CLEANUP+=("kill $TARGET_PID")
 # Even device ids: both queue threads on the CPU away from fio's (placement.rs), as in bench-matrix.
@@ -30,6 +32,21 @@ mirror_to p --timeout 30
 store_image dmr-local 256; loop_dev "$IMG"
 nbd_attach /dev/nbd0 dmr 1
 dm_mirror profile-raid1 "$LOOP" /dev/nbd0
+IFS=, read -r -a DEVICES <<< "${PROFILE_DEVICES:-ublk,mirrored,dm-raid1}"
+declare -A DEV=([ublk]=$ublk_dev [mirrored]=$mir_dev [dm-raid1]=$DM)
+if [[ " ${DEVICES[*]} " == *" rublk "* ]]; then
+    command -v rublk > /dev/null || fail "PROFILE_DEVICES names rublk, which is not in the guest: run this through bench/profile"
+    store_image rublk 256
+    rublk add loop -n 40 -f "$IMG" --quiet --foreground > "$WORK/rublk.out" 2>&1 &
+    RUBLK_PID=$!
+    CLEANUP+=("rublk del -n 40; wait $RUBLK_PID")
+    for _ in $(seq 100); do [ -b /dev/ublkb40 ] && break; kill -0 $RUBLK_PID 2>/dev/null || break; sleep 0.1; done
+    [ -b /dev/ublkb40 ] || { cat "$WORK/rublk.out"; fail "rublk did not create /dev/ublkb40"; }
+    # ublk's device 0 serves on the last CPU (placement.rs); rublk's threads go there too.
+    taskset -a -p -c $(($(nproc) - 1)) "$RUBLK_PID" > /dev/null || fail "cannot move rublk's threads"
+    DEV[rublk]=/dev/ublkb40
+fi
+for d in "${DEVICES[@]}"; do [ -n "${DEV[$d]:-}" ] || fail "PROFILE_DEVICES: unknown device $d (ublk mirrored dm-raid1 rublk)"; done
 echo 0 > /proc/sys/kernel/kptr_restrict 2>/dev/null || true
 echo -1 > /proc/sys/kernel/perf_event_paranoid 2>/dev/null || true
 
@@ -54,10 +71,18 @@ profile() { # NAME DEVICE
     echo "PROFILE $name: top symbols (self time, all CPUs, with the command and DSO)"
     perf report -i "$WORK/$name.data" --stdio --no-children -g none --sort comm,dso,sym \
         --percent-limit 0.7 2> /dev/null | grep -v '^#' | grep -v '^$' | sed "s/^/PROFILE $name   /" | head -n 45
-    [ "$name" = dm-raid1 ] && return   # no daemon: the kernel's mirror runs in fio and kworkers
+    local comm=ublk-mirror
+    case $name in
+        dm-raid1) return ;;   # no daemon: the kernel's mirror runs in fio and kworkers
+        rublk) comm=rublk ;;
+    esac
     echo "PROFILE $name: the daemon's own samples, inclusive (callers fold in their callees)"
-    perf report -i "$WORK/$name.data" --stdio --children -g none --comm ublk-mirror --sort sym \
+    perf report -i "$WORK/$name.data" --stdio --children -g none --comm "$comm" --sort sym \
         --percent-limit 3 2> /dev/null | grep -v '^#' | grep -v '^$' | sed "s/^/PROFILE $name   /" | head -n 60
+    echo "PROFILE $name: the daemon's user-space code, self time (share of all samples)"
+    perf report -i "$WORK/$name.data" --stdio --no-children -g none --comm "$comm" --sort dso,sym \
+        --percent-limit 0.15 2> /dev/null | grep -v '^#' | grep -v '^$' | grep -v '\[k\]' \
+        | sed "s/^/PROFILE $name   /" | head -n 25
 }
 # switches NAME DEVICE: context switches and CPU migrations per I/O, whole VM, the same fio job.
 switches() {
@@ -67,11 +92,18 @@ switches() {
         || { cat "$WORK/$name.serr"; fail "perf stat or fio failed on $name"; }
     ios=$(awk -F';' '$1 == 3 {print ($8 + $49) * s}' s="$SECS" "$WORK/$name.sfio")
     echo "PROFILE $name: $(switches_per_io "$WORK/$name.stat" "$ios") ($ios I/Os)"
+    # io_uring_enter calls per I/O by command (how well each side batches), where the kernel
+    # has the syscall tracepoints.
+    if perf stat --per-thread -a -x, -e syscalls:sys_enter_io_uring_enter -o "$WORK/$name.enters" \
+        -- fio --filename="$dev" "${JOB[@]}" > "$WORK/$name.efio" 2> "$WORK/$name.eerr"; then
+        ios=$(awk -F';' '$1 == 3 {print ($8 + $49) * s}' s="$SECS" "$WORK/$name.efio")
+        echo "PROFILE $name: io_uring_enter calls per I/O: $(awk -F, -v ios="$ios" '
+            NF > 2 && $2 + 0 > 0 {c = $1; sub(/-[0-9]+$/, "", c); n[c] += $2}
+            END {for (c in n) printf "%s %.2f  ", c, n[c] / ios}' "$WORK/$name.enters")"
+    else
+        echo "PROFILE $name: io_uring_enter calls per I/O: not counted ($(tail -n 1 "$WORK/$name.eerr"))"
+    fi
 }
-profile ublk "$ublk_dev"
-profile mirrored "$mir_dev"
-profile dm-raid1 "$DM"
-switches ublk "$ublk_dev"
-switches mirrored "$mir_dev"
-switches dm-raid1 "$DM"
+for d in "${DEVICES[@]}"; do profile "$d" "${DEV[$d]}"; done
+for d in "${DEVICES[@]}"; do switches "$d" "${DEV[$d]}"; done
 [ "$(ctl_get stats mirror.state)" = active ] || fail "the mirror did not stay active while profiled"
