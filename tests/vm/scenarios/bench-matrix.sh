@@ -2,7 +2,8 @@
 # Benchmark (run by bench/run, not by the test command): the fio matrix of issues 7 and 13.
 #
 # Devices, each on its own identical image (zeros) on the same storage: ext4 on a memory-backed
-# null_blk device (BENCH_STORAGE=tmpfs: the guest's tmpfs; lib-bench.sh bench_store says why not):
+# null_blk device completing from a timer interrupt (BENCH_STORAGE: ext4 completes inline, tmpfs
+# is the guest's tmpfs; lib-bench.sh bench_store says why neither is the default):
 #   loop        kernel loop, --direct-io=on (the reference)
 #   loop2       a second kernel loop device: loop against itself is the noise floor
 #   ublk        ublk-mirror, 1 queue, unmirrored
@@ -298,7 +299,7 @@ cat > "$OUT/machine.json" <<EOF
 {"kernel": "$(uname -r)", "cpus": $(nproc), "mem_kb": $(awk '/MemTotal/{print $2}' /proc/meminfo),
  "cpu_model": "$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)",
  "reps": $REPS, "secs": $SECS, "size_mib": $SIZE, "fio": "$(fio --version)",
- "nullb_completion_nsec": $NULLB_NSEC, "scale_devices": $SCALE_N, "storage": "${BENCH_STORAGE:-ext4}",
+ "nullb_completion_nsec": $NULLB_NSEC, "scale_devices": $SCALE_N, "storage": "${BENCH_STORAGE:-ext4-irq}",
  "rublk": "$(rublk --version 2>/dev/null | head -n 1)", "ublk_mirror": "$(ublk-mirror --version)"}
 EOF
 sum=$(tar czf - -C "$OUT" . | tee "$WORK/results.tgz" | sha256sum | cut -d' ' -f1)

@@ -6,8 +6,8 @@
 #   fio job per queue on its own CPU), dm-raid1 (loop + kernel nbd, 1 connection), and the
 #   target alone through fio's nbd engine (QD1 only);
 # jobs: 4k randwrite QD1 and QD32, 4k randread QD32. The devices' images are on ext4 on a
-# memory-backed null_blk device (BENCH_STORAGE=tmpfs: on tmpfs; lib-bench.sh), the target's
-# exports on tmpfs. Prints one QUICK line per job and device
+# memory-backed null_blk device completing from a timer interrupt (BENCH_STORAGE: lib-bench.sh),
+# the target's exports on tmpfs. Prints one QUICK line per job and device
 # (IOPS, mean latency, and where the CPU went: microseconds of CPU per I/O in the device's
 # daemon, in the NBD server, and in the whole VM, with the VM's busy share of its CPUs) and the
 # ratios issue 13 sets targets for.

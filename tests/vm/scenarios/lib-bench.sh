@@ -14,32 +14,34 @@ declare -A MATRIX_JOBS=(
 # scenario's EXIT trap runs it in reverse), so none is called in a command substitution.
 
 # bench_store NAME MIB: sets STORE to the directory of the devices' local images.
-# BENCH_STORAGE=ext4 (the default): ext4 on a memory-backed null_blk device NAME of MIB MiB that
-# completes every I/O inline (a RAM disk), as a host keeps images on a disk filesystem.
+# BENCH_STORAGE=ext4-irq (the default since 2026-12-08): ext4 on a memory-backed null_blk
+# device NAME of MIB MiB that completes every I/O from a timer interrupt 20 µs after it was
+# issued, as a host keeps images on a disk filesystem and a disk completes from its interrupt.
+# BENCH_STORAGE=ext4 (the default from 2026-12-02 to 12-08): the same device completing every
+# I/O inside submit_bio (a RAM disk). Why it is no longer the default: it favours the kernel's
+# loop on writes in a way no disk does. An unplugged O_DIRECT write to ext4 then finishes inside
+# the write call, as the loop worker's do, while io_uring plugs every batch of more than 2
+# SQEs, so the daemon's writes complete when the plug is flushed, after the write call, and so
+# through ext4's dio workqueue: a kworker wake-up and 2 context switches per write that loop
+# does not pay there. From an interrupt, every write of loop and of the daemon takes that hop.
+# (Issue 13, stop 30: a daemon built to issue each write alone in its io_uring_enter ran 1.30x
+# and 1.43x the 4k randwrite QD32 IOPS on the inline store in two VM runs, with 0.12 context
+# switches per write instead of 1.9, and 0.64x on ext4-irq (there with both builds on fio's
+# CPU): not a change to make for disks.)
 # BENCH_STORAGE=tmpfs: the guest's tmpfs ($WORK), as before 2026-12-02. Why not tmpfs: shmem
 # files have no FMODE_NOWAIT, so io_uring hands every read and write on them to an io-wq
 # worker (a wake-up and two context switches per I/O that no host pays), while the kernel's
-# loop does its I/O from its own worker either way. The targets' images stay on tmpfs: every
-# device of a pair mirrors to the same kind of export, and the target alone is measured there.
-# BENCH_STORAGE=ext4-irq: the same, but the null_blk device completes every I/O from a timer
-# interrupt 20 µs later, as a disk completes from its interrupt. Why it matters for writes: a
-# device that completes inside submit_bio lets an unplugged O_DIRECT write to ext4 finish
-# inside the write call, as the loop worker's do, while io_uring plugs every batch of more
-# than 2 SQEs, so the daemon's writes complete when the plug is flushed, after the write call,
-# and so through ext4's dio workqueue: a kworker wake-up and 2 context switches per write that
-# loop does not pay here. (Issue 13, stop 30: a daemon built to issue each write alone in its
-# io_uring_enter ran 1.30x and 1.43x the 4k randwrite QD32 IOPS on this store in two VM runs,
-# with 0.12 context switches per write instead of 1.9, and 0.64x on ext4-irq (there with both
-# builds on fio's CPU): not a change to make for disks.) From an interrupt, every write of
-# loop and of the daemon takes that hop.
+# loop does its I/O from its own worker either way.
+# The targets' images stay on tmpfs on every store: every device of a pair mirrors to the same
+# kind of export, and the target alone is measured there.
 bench_store() {
-    case ${BENCH_STORAGE:-ext4} in
+    case ${BENCH_STORAGE:-ext4-irq} in
         tmpfs) STORE=$WORK ;;
         ext4) nullb_ext4 "$1" "$2" "$WORK/$1" 0; STORE=$WORK/$1 ;;
         ext4-irq) nullb_ext4 "$1" "$2" "$WORK/$1" 20000 0; STORE=$WORK/$1 ;;
-        *) fail "BENCH_STORAGE=${BENCH_STORAGE}: expected ext4, ext4-irq or tmpfs" ;;
+        *) fail "BENCH_STORAGE=${BENCH_STORAGE}: expected ext4-irq, ext4 or tmpfs" ;;
     esac
-    log "  local images in $STORE (BENCH_STORAGE=${BENCH_STORAGE:-ext4})"
+    log "  local images in $STORE (BENCH_STORAGE=${BENCH_STORAGE:-ext4-irq})"
 }
 
 # store_image NAME MIB: creates $STORE/NAME.img of MIB MiB and sets IMG to its path. On ext4
