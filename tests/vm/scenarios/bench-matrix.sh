@@ -98,22 +98,8 @@ DEVS[ublk]=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
 store_image ublk-q2 "$SIZE"; start_daemon "$IMG" --queues 2 --label bench-ublk-q2
 DEVS[ublk-q2]=$DEV; CLEANUP+=("kill $DAEMON_PID; wait $DAEMON_PID")
 
-# --foreground: rublk's own daemonizing fails in this initramfs ("not recieved device id").
-store_image rublk "$SIZE"
-rublk add loop -n 40 -f "$IMG" --quiet --foreground > "$WORK/rublk.out" 2>&1 &
-RUBLK_PID=$!
-CLEANUP+=("rublk del -n 40; wait $RUBLK_PID")
-for _ in $(seq 100); do [ -b /dev/ublkb40 ] && break; kill -0 $RUBLK_PID 2>/dev/null || break; sleep 0.1; done
-[ -b /dev/ublkb40 ] || { cat "$WORK/rublk.out"; fail "rublk did not create /dev/ublkb40"; }
-DEVS[rublk]=/dev/ublkb40
-# libublk pins rublk's queue thread to a CPU picked at random from the queue's mask (all CPUs
-# for 1 queue), so from one matrix to the next it served on fio's CPU 0 or away from it, and
-# rublk / loop swung from 0.53 to 1.11 on 4k randread. Its threads go where ublk-mirror's
-# 1-queue devices serve (device 0: the last CPU), so ublk / rublk compares the two servers.
-rublk_cpu=$(( $(nproc) - 1 ))
-taskset -a -p -c "$rublk_cpu" "$RUBLK_PID" > "$WORK/rublk-taskset.out" 2>&1 \
-    || { cat "$WORK/rublk-taskset.out"; fail "cannot move rublk's threads to CPU $rublk_cpu"; }
-log "  rublk's threads: $(for t in /proc/$RUBLK_PID/task/*; do printf '%s ' "$(taskset -c -p "${t##*/}" | sed 's/.*: //')"; done)(CPUs)"
+# rublk, its threads on the last CPU beside ublk's (lib-bench.sh says why).
+start_rublk "$SIZE"; DEVS[rublk]=$RUBLK_DEV
 
 # One nbd-proxy serve (it advertises CAN_MULTI_CONN) with an export per mirror on identical
 # images: "disk" (mirrored), "dmr" (dm-raid1), "mq2" (mirrored-q2), "dmr2" (dm-raid1-c2), "bm"

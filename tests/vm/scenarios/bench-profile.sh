@@ -10,9 +10,10 @@
 # with their callers folded in) of the daemon's queue thread and of the target; then, from a
 # second run of PROFILE_SECS under `perf stat -a`, context switches and CPU migrations per I/O
 # (a switch between processes changes the page tables; a switch to a kernel thread keeps the
-# last mm). PROFILE_DEVICES names the devices profiled, in order and comma-separated (default
-# ublk,mirrored,dm-raid1); rublk adds rublk's loop target (needs rublk in the guest, as bench/profile
-# adds it) with its threads on the CPU where ublk serves, as in bench-matrix.
+# last mm); from a third run, io_uring_enter calls per I/O of each thread alive when perf
+# starts (the servers' threads, not fio's). PROFILE_DEVICES names the devices profiled, in
+# order and comma-separated (default ublk,mirrored,dm-raid1); rublk adds rublk's loop target
+# (lib-bench.sh start_rublk; bench/profile puts rublk in the guest).
 . /scenarios/lib.sh 2>/dev/null || . "$(dirname "$0")/lib.sh"
 . /scenarios/lib-bench.sh 2>/dev/null || . "$(dirname "$0")/lib-bench.sh"
 command -v perf > /dev/null || fail "perf is not in the guest: run this through bench/profile"
@@ -34,18 +35,7 @@ nbd_attach /dev/nbd0 dmr 1
 dm_mirror profile-raid1 "$LOOP" /dev/nbd0
 IFS=, read -r -a DEVICES <<< "${PROFILE_DEVICES:-ublk,mirrored,dm-raid1}"
 declare -A DEV=([ublk]=$ublk_dev [mirrored]=$mir_dev [dm-raid1]=$DM)
-if [[ " ${DEVICES[*]} " == *" rublk "* ]]; then
-    command -v rublk > /dev/null || fail "PROFILE_DEVICES names rublk, which is not in the guest: run this through bench/profile"
-    store_image rublk 256
-    rublk add loop -n 40 -f "$IMG" --quiet --foreground > "$WORK/rublk.out" 2>&1 &
-    RUBLK_PID=$!
-    CLEANUP+=("rublk del -n 40; wait $RUBLK_PID")
-    for _ in $(seq 100); do [ -b /dev/ublkb40 ] && break; kill -0 $RUBLK_PID 2>/dev/null || break; sleep 0.1; done
-    [ -b /dev/ublkb40 ] || { cat "$WORK/rublk.out"; fail "rublk did not create /dev/ublkb40"; }
-    # ublk's device 0 serves on the last CPU (placement.rs); rublk's threads go there too.
-    taskset -a -p -c $(($(nproc) - 1)) "$RUBLK_PID" > /dev/null || fail "cannot move rublk's threads"
-    DEV[rublk]=/dev/ublkb40
-fi
+if [[ " ${DEVICES[*]} " == *" rublk "* ]]; then start_rublk 256; DEV[rublk]=$RUBLK_DEV; fi
 for d in "${DEVICES[@]}"; do [ -n "${DEV[$d]:-}" ] || fail "PROFILE_DEVICES: unknown device $d (ublk mirrored dm-raid1 rublk)"; done
 echo 0 > /proc/sys/kernel/kptr_restrict 2>/dev/null || true
 echo -1 > /proc/sys/kernel/perf_event_paranoid 2>/dev/null || true
@@ -92,8 +82,9 @@ switches() {
         || { cat "$WORK/$name.serr"; fail "perf stat or fio failed on $name"; }
     ios=$(awk -F';' '$1 == 3 {print ($8 + $49) * s}' s="$SECS" "$WORK/$name.sfio")
     echo "PROFILE $name: $(switches_per_io "$WORK/$name.stat" "$ios") ($ios I/Os)"
-    # io_uring_enter calls per I/O by command (how well each side batches), where the kernel
-    # has the syscall tracepoints.
+    # io_uring_enter calls per I/O (how well the server batches), per command of the threads
+    # alive when perf starts (fio's start later and are not listed), where the kernel has the
+    # syscall tracepoints.
     if perf stat --per-thread -a -x, -e syscalls:sys_enter_io_uring_enter -o "$WORK/$name.enters" \
         -- fio --filename="$dev" "${JOB[@]}" > "$WORK/$name.efio" 2> "$WORK/$name.eerr"; then
         ios=$(awk -F';' '$1 == 3 {print ($8 + $49) * s}' s="$SECS" "$WORK/$name.efio")

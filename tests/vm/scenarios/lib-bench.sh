@@ -128,3 +128,27 @@ switches_per_io() {
         END {printf "%.2f context switches and %.3f CPU migrations per I/O", cs / ios, mg / ios}
     ' "$1"
 }
+
+# start_rublk MIB: rublk's loop target (device 40) on a new image of MIB MiB in $STORE, its
+# threads on the last CPU; sets RUBLK_DEV and appends its undo to CLEANUP. Needs rublk in the
+# guest (bench/run and bench/profile put it there). --foreground: rublk's own daemonizing
+# fails in this initramfs ("not recieved device id").
+# Why the CPU: libublk pins rublk's queue thread to a CPU picked at random from the queue's mask
+# (all CPUs for 1 queue), so from one matrix to the next it served on fio's CPU 0 or away from
+# it, and rublk / loop swung from 0.53 to 1.11 on 4k randread. Its threads go where
+# ublk-mirror's 1-queue devices serve (device 0: the last CPU), so ublk / rublk compares the
+# two servers.
+start_rublk() {
+    local pid cpu=$(($(nproc) - 1))
+    command -v rublk > /dev/null || fail "rublk is not in the guest (bench/run and bench/profile add it)"
+    store_image rublk "$1"
+    rublk add loop -n 40 -f "$IMG" --quiet --foreground > "$WORK/rublk.out" 2>&1 &
+    pid=$!
+    CLEANUP+=("rublk del -n 40; wait $pid")
+    for _ in $(seq 100); do [ -b /dev/ublkb40 ] && break; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+    [ -b /dev/ublkb40 ] || { cat "$WORK/rublk.out"; fail "rublk did not create /dev/ublkb40"; }
+    taskset -a -p -c "$cpu" "$pid" > "$WORK/rublk-taskset.out" 2>&1 \
+        || { cat "$WORK/rublk-taskset.out"; fail "cannot move rublk's threads to CPU $cpu"; }
+    log "  rublk's threads: $(for t in /proc/$pid/task/*; do printf '%s ' "$(taskset -c -p "${t##*/}" | sed 's/.*: //')"; done)(CPUs)"
+    RUBLK_DEV=/dev/ublkb40
+}
