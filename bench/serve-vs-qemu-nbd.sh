@@ -35,8 +35,10 @@ for s in "${servers[@]}"; do
     img=$work/$s.img port=${PORT[$s]}
     dd if=/dev/zero of="$img" bs=1M count="$size_mib" status=none
     case $s in
-        serve) "$proxy" serve --listen "tcp:127.0.0.1:$port" --export "disk=$img" > "$work/$s.log" 2>&1 & ;;
-        base) "$SERVE_BASE" serve --listen "tcp:127.0.0.1:$port" --export "disk=$img" > "$work/$s.log" 2>&1 & ;;
+        serve | base)
+            bin=$proxy; [ "$s" = base ] && bin=$SERVE_BASE
+            "$bin" serve --listen "tcp:127.0.0.1:$port" --export "disk=$img" > "$work/$s.log" 2>&1 &
+            ;;
         qemu-nbd) qemu-nbd -f raw -t -e 8 -x disk -b 127.0.0.1 -p "$port" "$img" > "$work/$s.log" 2>&1 & ;;
     esac
     pids+=($!)
@@ -61,7 +63,7 @@ run() { # SERVER JOB: appends IOPS and mean latency (µs) of one run
     IOPS[$s.$j]+="$iops " LAT[$s.$j]+="$lat "
 }
 median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
-for j in "${ORDER[@]}"; do run serve "$j"; run qemu-nbd "$j"; done   # warm-up, not counted
+for j in "${ORDER[@]}"; do for s in "${servers[@]}"; do run "$s" "$j"; done; done   # warm-up, not counted
 IOPS=() LAT=()
 n=${#servers[@]}
 for r in $(seq "$reps"); do
